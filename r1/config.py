@@ -1,0 +1,193 @@
+"""Model configuration: the Qwen2 shapes, read from an HF config.json or from GGUF metadata.
+
+Owns the numbers that define the architecture and the arithmetic that follows from them alone
+(parameter count, weight bytes). It does not own engine settings (scheduler limits live with the
+engine) or memory planning (memory.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class UnsupportedModelError(ValueError):
+    """The files describe a model this engine does not implement."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Qwen2 decoder shapes. The defaults are DeepSeek-R1-Distill-Qwen-1.5B's config.json."""
+
+    architecture: str = "Qwen2ForCausalLM"
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    dtype: str = "bf16"  # the dtype the weights were published in
+    bos_token_id: int | None = 151646
+    eos_token_id: int | None = 151643
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.architecture!r}: r1 runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from an HF config.json dict; unknown keys are ignored."""
+        archs = d.get("architectures") or [d.get("architecture", "Qwen2ForCausalLM")]
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        kwargs["architecture"] = archs[0]
+        if "head_dim" not in kwargs:
+            kwargs["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        kwargs.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_attention_heads))
+        hf_dtype = d.get("torch_dtype") or d.get("dtype")
+        kwargs["dtype"] = _HF_DTYPE_NAMES.get(str(hf_dtype), "bf16")
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        # transformers 5 nests rope settings in rope_parameters; older files use rope_theta/rope_scaling.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise UnsupportedModelError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        if d.get("use_sliding_window"):
+            raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_gguf_metadata(cls, md: dict, tensor_shapes: dict[str, tuple] | None = None) -> "ModelConfig":
+        """Build from GGUF metadata (llama.cpp key names); tensor shapes fill what keys omit."""
+        arch = md.get("general.architecture")
+        if arch != "qwen2":
+            raise UnsupportedModelError(
+                f"unsupported GGUF architecture {arch!r}: r1 runs qwen2 (Qwen2ForCausalLM) models")
+        tensor_shapes = tensor_shapes or {}
+        p = "qwen2."
+        hidden, heads = md[p + "embedding_length"], md[p + "attention.head_count"]
+        vocab = len(md["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in md else None
+        if "token_embd.weight" in tensor_shapes:
+            vocab = tensor_shapes["token_embd.weight"][0]
+        return cls(
+            vocab_size=vocab or cls.vocab_size,
+            hidden_size=hidden,
+            intermediate_size=md[p + "feed_forward_length"],
+            num_hidden_layers=md[p + "block_count"],
+            num_attention_heads=heads,
+            num_key_value_heads=md.get(p + "attention.head_count_kv", heads),
+            head_dim=md.get(p + "attention.key_length", hidden // heads),
+            # stored as float32 (9.99999997e-07); round back to the decimal the config.json had
+            rms_norm_eps=float(f'{md.get(p + "attention.layer_norm_rms_epsilon", 1e-6):.6g}'),
+            rope_theta=float(md.get(p + "rope.freq_base", 10000.0)),
+            max_position_embeddings=md.get(p + "context_length", 32768),
+            # A GGUF without an output tensor reuses the embedding as the head.
+            tie_word_embeddings=bool(tensor_shapes) and "output.weight" not in tensor_shapes,
+            dtype="bf16",
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+        )
+
+    # ---- arithmetic ---------------------------------------------------------------------------
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def layer_parameters(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        attention = h * self.q_size + self.q_size + 2 * (h * self.kv_size + self.kv_size) + self.q_size * h
+        return attention + 3 * h * i + 2 * h  # + MLP + the two norms
+
+    def num_parameters(self) -> int:
+        embedding = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embedding
+        return embedding + head + self.num_hidden_layers * self.layer_parameters() + self.hidden_size
+
+    def weight_bytes(self, dtype: str | None = None) -> int:
+        return self.num_parameters() * DTYPES[dtype or self.dtype].itemsize
+
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype = torch.bfloat16) -> int:
+        return 2 * self.num_hidden_layers * self.kv_size * kv_dtype.itemsize
+
+
+R1_1_5B = ModelConfig()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model: device, precision, KV pool and batching limits."""
+
+    dtype: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slower)
+    device: str = "auto"  # cpu | cuda | auto
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_tokens: int | None = None  # size of the KV pool; None: from the memory budget
+    max_model_len: int | None = None  # None: the model's context, capped by the KV pool
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    threads: int | None = None  # CPU threads; None: torch's default
+
+    def __post_init__(self):
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype must be one of fp32, bf16, fp16, auto; got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
+        for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

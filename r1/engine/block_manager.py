@@ -1,0 +1,139 @@
+"""BlockManager: the paged KV cache's bookkeeping, with automatic prefix caching.
+
+Owns which of the pool's fixed-size blocks each sequence holds (its block table), reference counts
+for blocks shared by several sequences, and the prefix cache: full blocks are found again by a hash
+chain over their tokens, and blocks no sequence holds stay findable until reused, the least
+recently freed reused first. It does not own the KV tensors (the model runner), nor decide who
+runs or how many tokens (the scheduler).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from r1.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    # Set once the block is full and its KV computed: hash((parent block's hash, token_ids)).
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks no sequence holds, oldest freed first: allocation takes (and evicts) from the
+        # front, so cached blocks freed recently survive longest.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found cached
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest run of seq's leading full blocks; takes no references.
+
+        The run stops short of seq's last token, so at least one token is always computed: its
+        logits are what the next token is sampled from.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent = None
+        for start in range(0, seq.num_tokens - self.block_size, self.block_size):
+            tokens = tuple(seq.token_ids[start:start + self.block_size])
+            parent = hash((parent, tokens))
+            block_id = self._cached.get(parent)
+            # Comparing the tokens too keeps a hash collision from serving another prompt's KV.
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def admit(self, seq: Sequence, cached_blocks: list[int], num_new_tokens: int) -> bool:
+        """Give a sequence holding no blocks the cached prefix plus room for num_new_tokens more.
+
+        All or nothing: on False nothing changed. The scheduler then sets num_computed_tokens to
+        the prefix's length.
+        """
+        assert not seq.block_table, f"{seq} already holds blocks"
+        num_cached_tokens = len(cached_blocks) * self.block_size
+        num_new_blocks = self.blocks_needed(num_cached_tokens + num_new_tokens) - len(cached_blocks)
+        # A cached block nobody holds sits in the free queue: reviving it uses up a free block too.
+        num_revived = sum(self.blocks[b].ref_count == 0 for b in cached_blocks)
+        if num_new_blocks + num_revived > len(self._free):
+            return False
+        # Take the hits before allocating, so that allocation cannot evict them.
+        for block_id in cached_blocks:
+            if self.blocks[block_id].ref_count == 0:
+                del self._free[block_id]
+            self.blocks[block_id].ref_count += 1
+        seq.block_table = list(cached_blocks)
+        seq.block_table.extend(self._take_free_block() for _ in range(num_new_blocks))
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += num_cached_tokens
+        return True
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow seq's block table to cover num_computed_tokens + num_new_tokens; all or nothing."""
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed > len(self._free):
+            return False
+        seq.block_table.extend(self._take_free_block() for _ in range(needed))
+        return True
+
+    def cache_full_blocks(self, seq: Sequence, num_computed_before: int) -> None:
+        """Register the blocks that became full since seq had num_computed_before tokens computed.
+
+        Only computed blocks are registered: a block is findable once its KV is really there.
+        """
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        first, end = num_computed_before // bs, seq.num_computed_tokens // bs
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        for i in range(first, end):
+            block = self.blocks[seq.block_table[i]]
+            block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block.hash = parent = hash((parent, block.token_ids))
+            # Two sequences may compute the same block side by side; the first one stays findable.
+            self._cached.setdefault(block.hash, block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's references; blocks left unreferenced stay cached until reused."""
+        # Freed tail first, so a sequence's tail is evicted before its head, which other prompts
+        # are likelier to share and without which the tail can never be hit anyway.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        seq.block_table = []
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict it from the prefix cache
+            if self._cached.get(block.hash) == block_id:
+                del self._cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block_id

@@ -1,0 +1,203 @@
+"""The engine: requests in, incremental outputs out, one `step()` at a time.
+
+Owns the life of a request: its sequence, resolved sampling parameters, random generator,
+streaming detokenizer, stop conditions and timing. A step is: schedule, run the model, sample,
+postprocess (append, detokenize, check stops), collect the finished. It does not own the batching
+policy (scheduler.py), the tensors (model_runner.py) or the HTTP or CLI surface.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from r1.engine.model_runner import ModelRunner
+from r1.engine.scheduler import Scheduler, SchedulerConfig
+from r1.engine.sequence import Sequence
+from r1.reasoning import ReasoningStream
+from r1.sampling import compute_logprobs, make_generator, sample_next
+from r1.sampling_params import SamplingParams
+from r1.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the context: never silently truncated."""
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; the final one has finished=True."""
+
+    request_id: str
+    new_token_ids: list[int]
+    delta_text: str
+    delta_reasoning: str
+    delta_answer: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    time_to_first_token: float  # seconds from arrival to the first token (the prefill)
+    decode_seconds: float  # seconds since the first token
+    new_logprobs: list[dict] = field(default_factory=list)  # per new token, when asked for
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    reasoning: ReasoningStream
+    text: str = ""  # everything detokenized so far; the tail may be held back for stop strings
+    num_emitted_chars: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler_config: SchedulerConfig,
+                 sampling_defaults: dict, eos_token_ids: set[int]):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.scheduler = Scheduler(scheduler_config)
+        self.sampling_defaults = sampling_defaults
+        self.max_model_len = scheduler_config.max_model_len
+        self.requests: dict[int, _Request] = {}  # by seq_id
+        self.by_request_id: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._pending: list[RequestOutput] = []  # outputs made outside step() (aborts)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt_opens_reasoning: bool = False) -> None:
+        if request_id in self.by_request_id:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {n} tokens but the context holds {self.max_model_len} "
+                                     f"(max_model_len), leaving no room to generate")
+        if max(prompt_token_ids) >= self.runner.model.config.vocab_size or min(prompt_token_ids) < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.runner.model.config.vocab_size})")
+        params = params.with_defaults(self.sampling_defaults)
+        room = self.max_model_len - n
+        max_tokens = min(params.max_tokens or room, room)
+        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), max_tokens)
+        req = _Request(request_id, seq, params, make_generator(params.seed, self.runner.device),
+                       IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+                       ReasoningStream(prompt_opened_think=prompt_opens_reasoning))
+        self.requests[seq.seq_id] = req
+        self.by_request_id[request_id] = req
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        req = self.by_request_id.get(request_id)
+        if req is None or req.seq.is_finished:
+            return
+        self.scheduler.finish(req.seq, "abort")
+        self._pending.append(self._finish(req, "", []))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        logits = self.runner.run(scheduled)
+        self.scheduler.update_after_step(scheduled)
+        reqs = [self.requests[s.seq.seq_id] for s in scheduled if s.samples]
+        if not reqs:
+            return outputs
+        token_ids = sample_next(logits, [r.params for r in reqs], [r.seq.prompt_token_ids for r in reqs],
+                                [r.seq.output_token_ids for r in reqs], [r.generator for r in reqs]).tolist()
+        logprobs = self._logprobs(logits, token_ids, reqs)
+        for req, token_id, lp in zip(reqs, token_ids, logprobs):
+            outputs.append(self._append_token(req, token_id, lp))
+        return outputs
+
+    def _logprobs(self, logits, token_ids, reqs) -> list[list[dict]]:
+        wanted = [r.params.logprobs for r in reqs]
+        if all(w is None for w in wanted):
+            return [[] for _ in reqs]
+        top_n = max(w or 0 for w in wanted)
+        chosen, top_ids, top_lps = compute_logprobs(logits, torch.tensor(token_ids, device=logits.device), top_n)
+        out = []
+        for i, w in enumerate(wanted):
+            if w is None:
+                out.append([])
+                continue
+            top = list(zip(top_ids[i, :w].tolist(), top_lps[i, :w].tolist()))
+            out.append([{"token_id": token_ids[i], "logprob": chosen[i].item(), "top": top}])
+        return out
+
+    def _append_token(self, req: _Request, token_id: int, logprobs: list[dict]) -> RequestOutput:
+        seq, params = req.seq, req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        seq.append_token(token_id)
+        req.text += req.detokenizer.add([token_id])
+        reason = None
+        if self._cut_at_stop_string(req):
+            reason = "stop"
+        else:
+            if token_id in self.eos_token_ids and not params.ignore_eos or token_id in params.stop_token_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:  # bytes held back for an unfinished character come out now
+                req.text += req.detokenizer.flush()
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            return self._finish(req, reason, [token_id], logprobs)
+        # Hold back a tail that could still grow into a stop string.
+        holdback = max((len(s) - 1 for s in params.stop), default=0)
+        visible = len(req.text) - holdback
+        delta = req.text[req.num_emitted_chars:visible] if visible > req.num_emitted_chars else ""
+        req.num_emitted_chars += len(delta)
+        return self._output(req, [token_id], delta, False, None, logprobs)
+
+    def _cut_at_stop_string(self, req: _Request) -> bool:
+        """Cut the text at the first stop string that appeared; True if one did."""
+        stops = req.params.stop
+        if not stops:
+            return False
+        search_from = max(0, req.num_emitted_chars - max(len(s) for s in stops) + 1)
+        hits = [(i, s) for s in stops if (i := req.text.find(s, search_from)) >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        req.text = req.text[:i + len(s)] if req.params.include_stop_str_in_output else req.text[:i]
+        return True
+
+    def _finish(self, req: _Request, reason: str, new_ids: list[int], logprobs=()) -> RequestOutput:
+        req.finish_time = time.perf_counter()
+        delta = req.text[req.num_emitted_chars:]
+        req.num_emitted_chars = len(req.text)
+        out = self._output(req, new_ids, delta, True, reason, list(logprobs))
+        del self.requests[req.seq.seq_id]
+        del self.by_request_id[req.request_id]
+        return out
+
+    def _output(self, req, new_ids, delta, finished, reason, logprobs) -> RequestOutput:
+        reasoning, answer = req.reasoning.feed(delta)
+        if finished:
+            tail_reasoning, tail_answer = req.reasoning.finish()
+            reasoning, answer = reasoning + tail_reasoning, answer + tail_answer
+        seq, now = req.seq, time.perf_counter()
+        first = req.first_token_time or now
+        return RequestOutput(req.request_id, new_ids, delta, reasoning, answer, finished, reason,
+                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens,
+                             first - req.arrival, now - first, logprobs)

@@ -1,0 +1,211 @@
+"""The front door: `LLM` loads a model and answers prompts and chats, streamed or collected.
+
+Owns the choices a user makes once (model source, tokenizer override, device, dtype, pool size)
+and the shapes users get back (`Completion`). The CLI, the server and the evaluation all call
+this; none of them reach into the engine's parts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from r1.config import EngineConfig
+from r1.engine.llm_engine import LLMEngine, RequestOutput
+from r1.engine.model_runner import ModelRunner
+from r1.engine.scheduler import SchedulerConfig
+from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files, resolve_path
+from r1.sampling_params import SamplingParams
+from r1.tokenizer import Tokenizer
+
+# Without a stated pool size the CPU gets this much KV cache; CUDA gets most of what is free.
+CPU_KV_BUDGET_BYTES = 4 << 30
+CUDA_MEMORY_FRACTION = 0.9
+
+# Tokens that end a turn in the Qwen2 family besides the declared eos (llama.cpp treats them so).
+END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<｜end▁of▁sentence｜>")
+
+Prompt = str | list[int]
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass
+class Completion:
+    """One finished request: the text, split into reasoning and answer, and its accounting."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    reasoning: str
+    answer: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: dict  # prompt_tokens, completion_tokens, cached_tokens
+    timing: dict  # prefill_seconds, decode_seconds
+    logprobs: list[dict] = field(default_factory=list)
+
+
+def load_tokenizer(source: str | None, files: ModelFiles) -> Tokenizer:
+    """The model's own tokenizer, or another one (an HF folder, hub id, GGUF file or demo name)."""
+    if source is None:
+        if files.format == "gguf":
+            return Tokenizer.from_gguf_metadata(files.gguf_header.metadata)
+        return Tokenizer.from_hf_folder(files.path)
+    if source in hub.DEMO_ASSETS:
+        path = hub.demo_path(source)
+    elif Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+    elif hub.looks_like_hub_id(source):
+        path = hub.hub_snapshot(source, tokenizer_only=True)
+    else:
+        raise FileNotFoundError(f"tokenizer not found: {source!r}")
+    if path.is_file():
+        return Tokenizer.from_gguf_metadata(gguf.read_header(path).metadata)
+    return Tokenizer.from_hf_folder(path)
+
+
+class LLM:
+    def __init__(self, model: str = hub.DEFAULT_MODEL, *, tokenizer: str | None = None, progress: bool = True,
+                 **engine_options):
+        self.engine_config = EngineConfig(**engine_options)
+        if self.engine_config.threads:
+            torch.set_num_threads(self.engine_config.threads)
+        self.files = open_model_files(model)
+        self.config = self.files.config
+        self.device = self.engine_config.resolved_device()
+        self.dtype = self.engine_config.resolved_dtype(self.device)
+        self.tokenizer = load_tokenizer(tokenizer, self.files)
+        start = time.perf_counter()
+        self.model = load_model(self.files, self.dtype, self.device, progress=progress)
+        self.load_seconds = time.perf_counter() - start
+        self.engine = LLMEngine(ModelRunner(self.model, *self._kv_pool()), self.tokenizer, self._scheduler_config(),
+                                self.files.sampling_defaults, self._end_of_turn_ids())
+        self._ids = itertools.count()
+
+    # ---- sizing ------------------------------------------------------------------------------
+
+    def _kv_pool(self) -> tuple[int, int, torch.dtype]:
+        ec, kv_dtype = self.engine_config, self.dtype
+        per_token = self.config.kv_bytes_per_token(kv_dtype)
+        if ec.kv_cache_tokens:
+            tokens = ec.kv_cache_tokens
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            tokens = int(free * CUDA_MEMORY_FRACTION) // per_token
+        else:
+            tokens = CPU_KV_BUDGET_BYTES // per_token
+        tokens = min(tokens, self.config.max_position_embeddings * 2)
+        num_blocks = max(1, tokens // ec.block_size)
+        self.kv_pool_tokens = num_blocks * ec.block_size
+        return num_blocks, ec.block_size, kv_dtype
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        ec = self.engine_config
+        max_len = min(ec.max_model_len or self.config.max_position_embeddings, self.kv_pool_tokens)
+        if ec.max_model_len and ec.max_model_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's context "
+                             f"({self.config.max_position_embeddings})")
+        return SchedulerConfig(num_blocks=self.kv_pool_tokens // ec.block_size, block_size=ec.block_size,
+                               max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
+                               max_model_len=max_len, enable_prefix_caching=ec.enable_prefix_caching)
+
+    def _end_of_turn_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for text in END_OF_TURN_TOKENS:
+            token_id = self.tokenizer.token_to_id(text)
+            if token_id is not None:
+                ids.add(token_id)
+        return ids
+
+    # ---- prompts -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt | list[Message], chat: bool) -> tuple[list[int], bool]:
+        """Token ids of a prompt, and whether they leave a <think> block open."""
+        if chat:
+            if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
+                raise TypeError("a chat is a list of {'role': ..., 'content': ...} messages")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            ids = self.tokenizer.encode_chat(prompt)
+        elif isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            text, ids = self.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)
+        else:
+            raise TypeError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+        return ids, text.rfind("<think>") > text.rfind("</think>")
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def stream(self, prompt: Prompt | list[Message], params: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[RequestOutput]:
+        """Run one request alone, yielding its incremental outputs."""
+        request_id = self._add(prompt, params or SamplingParams(), chat)
+        while True:
+            for out in self.engine.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finished:
+                        return
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Plain completions (no chat template) of one prompt or many, batched."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run_all(list(prompts), params, chat=False)
+
+    def chat(self, conversations: list[Message] | Seq[list[Message]],
+             params: SamplingParams | Seq[SamplingParams] | None = None) -> list[Completion]:
+        """Answers to one conversation or many, rendered with the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self._run_all(list(conversations), params, chat=True)
+
+    def _add(self, prompt, params: SamplingParams, chat: bool) -> str:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
+        ids, opens_reasoning = self.encode_prompt(prompt, chat)
+        request_id = f"req-{next(self._ids)}"
+        self.engine.add_request(request_id, ids, params, opens_reasoning)
+        return request_id
+
+    def _run_all(self, prompts: list, params, chat: bool) -> list[Completion]:
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids, prompt_ids = [], {}
+        for prompt, p in zip(prompts, params):
+            ids.append(self._add(prompt, p, chat))
+        for rid in ids:
+            prompt_ids[rid] = self.engine.by_request_id[rid].seq.prompt_token_ids
+        parts: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        remaining = set(ids)
+        while remaining:
+            for out in self.engine.step():
+                parts[out.request_id].append(out)
+                if out.finished:
+                    remaining.discard(out.request_id)
+        return [_collect(rid, prompt_ids[rid], parts[rid]) for rid in ids]
+
+
+def _collect(request_id: str, prompt_ids: list[int], outputs: list[RequestOutput]) -> Completion:
+    last = outputs[-1]
+    return Completion(
+        request_id=request_id,
+        prompt_token_ids=prompt_ids,
+        text="".join(o.delta_text for o in outputs),
+        reasoning="".join(o.delta_reasoning for o in outputs),
+        answer="".join(o.delta_answer for o in outputs),
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        finish_reason=last.finish_reason,
+        usage={"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens,
+               "cached_tokens": last.num_cached_tokens},
+        timing={"prefill_seconds": last.time_to_first_token, "decode_seconds": last.decode_seconds},
+        logprobs=[lp for o in outputs for lp in o.new_logprobs],
+    )

@@ -1,0 +1,117 @@
+"""From a model name to a model in memory: resolve the source, then stream weights into it.
+
+A source is an HF folder, an HF hub id, a `.gguf` file, or `demo` / `demo-small`. Each resolves
+to `ModelFiles`: the config, sampling defaults, where the tokenizer comes from, and a stream of
+(hf_name, tensor). `load_model` builds the model empty on the meta device and moves each tensor
+in as it arrives, so two full copies of the weights never exist at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from r1.config import ModelConfig
+from r1.loaders import gguf, hub, safetensors
+from r1.model.qwen2 import Qwen2ForCausalLM
+
+# DeepSeek's recommended sampling, used when the files carry no generation_config.json.
+R1_SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}
+
+
+@dataclass
+class ModelFiles:
+    source: str  # what the user asked for
+    path: Path  # the folder or .gguf file it resolved to
+    format: str  # "hf" or "gguf"
+    config: ModelConfig
+    sampling_defaults: dict
+    num_tensors: int
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    gguf_header: gguf.GGUFHeader | None = field(default=None, repr=False)
+
+
+def resolve_path(source: str) -> Path:
+    """The local folder or .gguf file a model name stands for (downloading or assembling it)."""
+    if source in hub.DEMO_ASSETS:
+        return hub.demo_path(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if hub.looks_like_hub_id(source):
+        return hub.hub_snapshot(source)
+    raise FileNotFoundError(f"model not found: {source!r} is neither a local folder or .gguf file, "
+                            f"a Hugging Face hub id (owner/name), nor one of {', '.join(hub.DEMO_ASSETS)}")
+
+
+def _sampling_defaults(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return dict(R1_SAMPLING_DEFAULTS)
+    gen = json.loads(path.read_text())
+    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def open_model_files(source: str) -> ModelFiles:
+    path = resolve_path(source)
+    if path.is_file():
+        header = gguf.read_header(path)
+        shapes = {t.name: t.shape for t in header.tensors}
+        config = ModelConfig.from_gguf_metadata(header.metadata, shapes)
+        return ModelFiles(source, path, "gguf", config, dict(R1_SAMPLING_DEFAULTS), len(header.tensors),
+                          lambda: gguf.iter_tensors(header), header)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    config = ModelConfig.from_json_file(config_path)
+    safetensors.checkpoint_files(path)  # fail now, not after the model is built
+    return ModelFiles(source, path, "hf", config, _sampling_defaults(path), safetensors.num_tensors(path),
+                      lambda: safetensors.iter_tensors(path))
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str,
+               progress: bool = True) -> Qwen2ForCausalLM:
+    """Build the model on meta and stream the checkpoint's tensors into it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(files.config)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    loaded = set()
+    bar = Progress(TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress)
+    with bar:
+        task = bar.add_task(files.path.name, total=files.num_tensors)
+        for name, tensor in files.tensors():
+            bar.advance(task)
+            if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store it; we compute it
+                continue
+            if name not in expected:
+                raise ValueError(f"{files.path}: unexpected tensor {name!r} for a Qwen2 model")
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise ValueError(f"{files.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"the config implies {tuple(expected[name])}")
+            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            loaded.add(name)
+    if files.config.tie_word_embeddings and "lm_head.weight" not in loaded:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise ValueError(f"{files.path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()

@@ -1,0 +1,205 @@
+"""GGUF files: the header (metadata and tensor infos) and the tensor stream.
+
+Owns reading a `.gguf` file: a metadata-only parse that also works on a file whose tensor data
+is cut off (the R1 tokenizer header asset), the map from llama.cpp tensor names to HF names, and
+dequantization into torch tensors. It does not own the model config (config.py reads the
+metadata dict this returns) or the tokenizer (tokenizer.py builds one from the same dict).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# GGUF metadata value types (gguf.GGUFValueType) and their struct formats.
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read: not GGUF, corrupt, truncated or of an unsupported type."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (outermost first): GGUF stores dims innermost first
+    ggml_type: int
+    offset: int  # from the start of the data section
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: Path
+    version: int
+    metadata: dict
+    tensors: list[TensorInfo]
+    data_offset: int  # absolute byte offset of the tensor data section
+    file_size: int
+
+
+class _Cursor:
+    """Reads little-endian values from a memory map, failing clearly at the end of the file."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise GGUFError(f"{self.path}: truncated GGUF header (needed {n} bytes at offset {self.pos}, file has {len(self.buf)})")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def expect(self, n_bytes: int, what: str) -> None:
+        """Refuse a length field that points past the end: a cut-off file or a corrupt one."""
+        remaining = len(self.buf) - self.pos
+        if n_bytes > remaining:
+            raise GGUFError(f"{self.path}: truncated or corrupt GGUF header ({what} at offset {self.pos} "
+                            f"needs {n_bytes} bytes; {remaining} remain)")
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        self.expect(n, f"a string of {n} bytes")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            elem_type, n = self.scalar("<I"), self.scalar("<Q")
+            min_size = struct.calcsize(_SCALAR_FORMATS[elem_type]) if elem_type in _SCALAR_FORMATS else 8
+            self.expect(n * min_size, f"an array of {n} items")
+            if elem_type in _SCALAR_FORMATS:  # read numeric arrays in one go
+                fmt = _SCALAR_FORMATS[elem_type]
+                size = struct.calcsize(fmt)
+                return np.frombuffer(bytes(self.take(size * n)), dtype=np.dtype(fmt)).tolist()
+            return [self.value(elem_type) for _ in range(n)]
+        raise GGUFError(f"{self.path}: corrupt GGUF header (unknown value type {vtype} at offset {self.pos})")
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse metadata and tensor infos without touching tensor data (works on truncated files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    file_size = path.stat().st_size
+    if file_size < 24:
+        raise GGUFError(f"{path}: too small to be a GGUF file ({file_size} bytes)")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(buf), path)
+    if bytes(cur.take(4)) != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (bad magic bytes)")
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: unsupported GGUF version {version}")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("<I")
+        dims = [cur.scalar("<Q") for _ in range(n_dims)]
+        ggml_type, offset = cur.scalar("<I"), cur.scalar("<Q")
+        tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, offset))
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_offset = -(-cur.pos // alignment) * alignment
+    return GGUFHeader(path, version, metadata, tensors, data_offset, file_size)
+
+
+# ---- tensors ----------------------------------------------------------------------------------
+
+# The types we dequantize: every type in the project's assets and the common llama.cpp ones.
+import gguf as _gguf  # noqa: E402  (the library owns the block layouts and dequantizers)
+
+_Q = _gguf.GGMLQuantizationType
+SUPPORTED_TYPES = {_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
+                   _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def hf_name(gguf_name: str) -> str:
+    """The HF parameter name of a llama.cpp tensor name (blk.3.attn_q.weight -> model.layers.3...)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    raise GGUFError(f"unexpected tensor {gguf_name!r} for a qwen2 model")
+
+
+def type_name(ggml_type: int) -> str:
+    try:
+        return _Q(ggml_type).name
+    except ValueError:
+        return f"unknown type {ggml_type}"
+
+
+def tensor_nbytes(info: TensorInfo) -> int:
+    block, block_bytes = _gguf.GGML_QUANT_SIZES[_Q(info.ggml_type)]
+    return int(np.prod(info.shape)) // block * block_bytes
+
+
+def check_tensors(header: GGUFHeader) -> None:
+    """Fail before loading anything if a tensor is of an unsupported type or lies past the end."""
+    for t in header.tensors:
+        if t.ggml_type not in SUPPORTED_TYPES:
+            raise GGUFError(f"{header.path}: tensor {t.name} has quantization type {type_name(t.ggml_type)}, "
+                            f"which r1 cannot load (supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})")
+        end = header.data_offset + t.offset + tensor_nbytes(t)
+        if end > header.file_size:
+            raise GGUFError(f"{header.path}: truncated GGUF file: tensor {t.name} ends at byte {end} but the file "
+                            f"has {header.file_size} bytes (an interrupted download?)")
+
+
+def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
+    """One tensor's bytes as a float tensor of its shape (fp32, or the stored float type)."""
+    qtype = _Q(info.ggml_type)
+    if qtype == _Q.F32:  # copied: a tensor must not alias the read-only map
+        arr = raw.view(np.float32).copy()
+    elif qtype == _Q.F16:
+        arr = raw.view(np.float16).copy()
+    elif qtype == _Q.BF16:  # numpy has no bfloat16: reinterpret the bits in torch
+        return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).reshape(info.shape)
+    else:
+        rows = int(np.prod(info.shape[:-1]))
+        arr = _gguf.quants.dequantize(raw.reshape(rows, -1), qtype)
+    return torch.from_numpy(arr).reshape(info.shape)
+
+
+def iter_tensors(header: GGUFHeader) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, float tensor) for every tensor, reading the file through a memory map."""
+    check_tensors(header)
+    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_offset)
+    for t in header.tensors:
+        yield hf_name(t.name), dequantize(data[t.offset:t.offset + tensor_nbytes(t)], t)

