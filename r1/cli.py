@@ -141,6 +141,138 @@ def cmd_info(a: argparse.Namespace) -> None:
         out.print(f"{key:<{width}}  {value}", markup=False)
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    import os
+
+    from r1.llm import LLM
+    from r1.server.app import ServerConfig, serve
+    err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
+    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
+              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+    err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, context {llm.engine.max_model_len} tokens[/dim]")
+    # The environment keeps the key out of the process list.
+    config = ServerConfig(served_model_name=a.served_model_name or a.model,
+                          api_key=a.api_key or os.environ.get("R1_API_KEY"), max_requests=a.max_requests)
+    serve(llm, config, host=a.host, port=a.port)
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import re
+    from pathlib import Path
+
+    from r1.eval.data import TASKS, find_data, read_problems
+    from r1.eval.report import EvalProgress, summary_table
+    from r1.eval.runner import EvalSettings, check_out_dir, run_eval
+    from r1.llm import LLM
+    if a.task is None:
+        raise ValueError(f"r1 eval needs --task ({', '.join(TASKS)}); to print a finished run: r1 eval report DIR")
+    for name in ("samples", "limit", "max_tokens"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    settings = EvalSettings(a.task, a.samples or TASKS[a.task].samples, a.max_tokens, a.temperature, a.top_p, a.seed)
+    model_name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(a.model).name)
+    out_dir = Path(a.out or f"r1-eval/{a.task}-{model_name}")
+    check_out_dir(out_dir, a.resume)
+    data_path = find_data(a.task, a.data)
+    problems = read_problems(data_path)[:a.limit]
+    err.print(f"[dim]{a.task}: {len(problems)} problems x {settings.samples} samples from {escape(str(data_path))}; "
+              f"loading {escape(a.model)} ...[/dim]")
+    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
+              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+    if llm.engine.max_model_len < settings.max_tokens + 2048:
+        err.print(f"[yellow]the context holds {llm.engine.max_model_len} tokens: a sample whose prompt plus "
+                  f"{settings.max_tokens} new tokens exceeds it stops early and counts as cut off[/yellow]")
+    try:
+        with EvalProgress(err, a.task) as progress:
+            summary = run_eval(llm, problems, settings, out_dir, data_path=data_path, resume=a.resume,
+                               tokenizer=a.tokenizer, progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"[dim]finished samples are saved in {escape(str(out_dir))}; rerun with --resume to go on[/dim]")
+        raise
+    out.print(summary_table(summary, json.loads((out_dir / "manifest.json").read_text())))
+    err.print(f"[dim]wrote {escape(str(out_dir))}/: samples.jsonl, manifest.json, summary.json[/dim]")
+
+
+def cmd_eval_report(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from r1.eval.report import compare_table, load_run, summary_table
+    runs = [(Path(d).name or str(d), *load_run(d)) for d in a.dirs]
+    if len(runs) == 1:
+        out.print(summary_table(runs[0][1], runs[0][2]))
+    else:
+        out.print(compare_table(runs))
+
+
+def cmd_memory(a: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from r1 import memory
+
+    source = memory.model_source(a.model)
+    options = dict(batch=a.batch, device=a.device, kv_dtype=a.kv_dtype)
+    quants = a.quant or ([memory.compute_dtype("", a.device)] if a.context is not None else list(memory.SWEEP_QUANTS))
+    note = f" ({source.note})" if source.note else ""
+    if a.fit:
+        budget = memory.parse_size(a.fit)
+        fits = {q: memory.fit_context(source, q, budget, **options) for q in quants}
+        if a.json:
+            print(json.dumps({"model": a.model, "device": a.device, "batch": a.batch, "fit_bytes": budget,
+                              "max_context": fits}))
+            return
+        out.print(f"largest context per sequence that fits {budget / memory.GiB:.2f} GiB on {a.device}, "
+                  f"batch {a.batch}, {escape(a.model)}{note}:")
+        for q, n in fits.items():
+            out.print(f"  {q:<8} {f'{n:,} tokens' if n else 'does not fit'}")
+        return
+    if a.context is not None:
+        plans = [memory.plan(source, q, a.context, **options) for q in quants]
+        if a.json:
+            print(json.dumps(plans[0].to_dict() if len(plans) == 1 else [p.to_dict() for p in plans]))
+            return
+        for p in plans:
+            t = Table(title=f"{escape(a.model)}{note}: {p.quant}, context {p.context:,} x batch {p.batch}, "
+                            f"KV {p.kv_dtype}, {p.device}", title_justify="left")
+            t.add_column("")
+            t.add_column("GiB", justify="right")
+            t.add_column("formula", overflow="fold")
+            for line in [*p.lines, *([p.loading] if p.loading else [])]:
+                t.add_row(line.name, f"{line.gib:.3f}", escape(line.formula))
+            t.add_row("total", f"[bold]{p.total / memory.GiB:.3f}[/bold]",
+                      "max(serving, loading - reclaimable pages)" if p.loading else "sum of the lines")
+            if p.loading:
+                t.add_row("peak RSS", f"{p.peak_rss / memory.GiB:.3f}", "what getrusage reports: max(serving, loading)")
+            out.print(t)
+        return
+    table = memory.sweep(source, quants, **options)
+    if a.plot:
+        memory.plot_sweep(table, a.plot, f"{a.model} on {a.device}, batch {a.batch}")
+    if a.json:
+        print(json.dumps({"model": a.model, "device": a.device, "batch": a.batch, "contexts": memory.SWEEP_CONTEXTS,
+                          "total_gib": {q: [round(p.total / memory.GiB, 3) if p else None for p in plans]
+                                        for q, plans in table.items()}}))
+        return
+    t = Table(title=f"total GiB, {escape(a.model)}{note}, {a.device}, batch {a.batch}", title_justify="left")
+    t.add_column("context")
+    for q in table:
+        t.add_column(q, justify="right")
+    for i, c in enumerate(memory.SWEEP_CONTEXTS):
+        cells = (f"{plans[i].total / memory.GiB:.2f}" if plans[i] else "-" for plans in table.values())
+        t.add_row(f"{c // 1024}K", *cells)
+    out.print(t)
+    if a.device == "cuda":
+        g = Table(title="largest context that fits each GPU (nominal memory)", title_justify="left")
+        g.add_column("GPU")
+        for q in table:
+            g.add_column(q, justify="right")
+        for name, size in memory.GPUS.items():
+            fits = (memory.fit_context(source, q, size, **options) for q in table)
+            g.add_row(name, *(f"{n:,}" if n else "no" for n in fits))
+        out.print(g)
+    if a.plot:
+        err.print(f"[dim]plot written to {escape(a.plot)}[/dim]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1", description="Run DeepSeek-R1-Distill-Qwen-1.5B locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +294,61 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server with a chat page")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $R1_API_KEY, else no key)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
+    s.add_argument("--max-requests", type=int, default=256,
+                   help="unfinished requests (running and queued) before new ones get a 503")
+    s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from memory)")
+    s.set_defaults(func=cmd_serve)
+
+    from r1.eval.data import TASKS
+    default_samples = ", ".join(f"{t.samples} for {t.name}" for t in TASKS.values())
+    e = sub.add_parser("eval", help="score the model on a math set (pass@1, cons@K, pass@k), resumable",
+                       description="Defaults are the published settings: temperature 0.6, top-p 0.95, "
+                                   "32,768 new tokens, the problem then 'Please reason step by step, and put your "
+                                   "final answer within \\boxed{}.' with no system prompt, and K samples per "
+                                   f"problem: {default_samples}. 'r1 eval report DIR [DIR2]' prints runs again.")
+    e.add_argument("--task", choices=list(TASKS), default=None)
+    _model_args(e)
+    e.add_argument("--samples", type=int, default=None, help=f"samples per problem, K (default: {default_samples})")
+    e.add_argument("--max-tokens", type=int, default=32768, help="new tokens per sample (default 32768)")
+    e.add_argument("--temperature", type=float, default=0.6)
+    e.add_argument("--top-p", type=float, default=0.95)
+    e.add_argument("--seed", type=int, default=0, help="sample j of problem i uses seed + i * K + j (default 0)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    e.add_argument("--data", default=None,
+                   help="a JSON Lines file of {id, problem, answer} (default: the r1 cache, else a download "
+                        "from Hugging Face)")
+    e.add_argument("--out", default=None, help="run directory (default: r1-eval/TASK-MODEL)")
+    e.add_argument("--resume", action="store_true", help="continue the run in --out, keeping its finished samples")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="samples decoded together")
+    e.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from memory)")
+    e.set_defaults(func=cmd_eval)
+    eval_sub = e.add_subparsers(dest="eval_command")
+    er = eval_sub.add_parser("report", help="print a run's summary again, or compare runs side by side")
+    er.add_argument("dirs", nargs="+", metavar="DIR")
+    er.set_defaults(func=cmd_eval_report)
+
+    m = sub.add_parser("memory", help="memory needed at a quantization, context and batch (no weights loaded)")
+    m.add_argument("--model", default=hub.DEFAULT_MODEL, help="HF folder, hub id, .gguf file, or demo / demo-small")
+    m.add_argument("--quant", type=lambda s: s.split(","), default=None,
+                   help="fp32, bf16, fp16, int8, int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (comma-separated for "
+                        "several; default: the device's dtype, or a set for the sweep)")
+    m.add_argument("--context", type=int, default=None, help="tokens per sequence (default: a sweep from 1K to 128K)")
+    m.add_argument("--batch", type=int, default=1, help="sequences held at once")
+    m.add_argument("--kv-dtype", default="auto", help="auto (the compute dtype), fp32, bf16, fp16, fp8, int8")
+    m.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    m.add_argument("--fit", default=None, metavar="SIZE", help="the largest context that fits SIZE (e.g. 8GiB)")
+    m.add_argument("--plot", default=None, metavar="PNG", help="plot the sweep (needs matplotlib)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_memory)
     return parser
 
 

@@ -7,6 +7,7 @@ this; none of them reach into the engine's parts.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ class Completion:
     """One finished request: the text, split into reasoning and answer, and its accounting."""
 
     request_id: str
+    prompt_index: int  # which prompt of the call this answers
+    sample_index: int  # which of its n samples (SamplingParams.n) this is
     prompt_token_ids: list[int]
     text: str
     reasoning: str
@@ -144,7 +147,10 @@ class LLM:
     def stream(self, prompt: Prompt | list[Message], params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[RequestOutput]:
         """Run one request alone, yielding its incremental outputs."""
-        request_id = self._add(prompt, params or SamplingParams(), chat)
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
+        request_id = self._add(prompt, params, chat)
         while True:
             for out in self.engine.step():
                 if out.request_id == request_id:
@@ -167,37 +173,56 @@ class LLM:
         return self._run_all(list(conversations), params, chat=True)
 
     def _add(self, prompt, params: SamplingParams, chat: bool) -> str:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
         ids, opens_reasoning = self.encode_prompt(prompt, chat)
         request_id = f"req-{next(self._ids)}"
         self.engine.add_request(request_id, ids, params, opens_reasoning)
         return request_id
 
     def _run_all(self, prompts: list, params, chat: bool) -> list[Completion]:
+        """Run every prompt's n samples as one batch; completions come back in prompt order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        ids, prompt_ids = [], {}
-        for prompt, p in zip(prompts, params):
-            ids.append(self._add(prompt, p, chat))
-        for rid in ids:
-            prompt_ids[rid] = self.engine.by_request_id[rid].seq.prompt_token_ids
-        parts: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
-        remaining = set(ids)
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling params must be SamplingParams, not {type(p).__name__}")
+        added = []  # (request id, prompt index, sample index, prompt ids)
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                for j, sample_params in enumerate(expand_samples(p)):
+                    rid = self._add(prompt, sample_params, chat)
+                    added.append((rid, i, j, self.engine.by_request_id[rid].seq.prompt_token_ids))
+        except Exception:  # one bad prompt fails the call: take back the ones already queued
+            for rid, *_ in added:
+                self.engine.abort(rid)
+            self.engine.step()
+            raise
+        parts: dict[str, list[RequestOutput]] = {rid: [] for rid, *_ in added}
+        remaining = set(parts)
         while remaining:
             for out in self.engine.step():
                 parts[out.request_id].append(out)
                 if out.finished:
                     remaining.discard(out.request_id)
-        return [_collect(rid, prompt_ids[rid], parts[rid]) for rid in ids]
+        return [_collect(rid, i, j, ids, parts[rid]) for rid, i, j, ids in added]
 
 
-def _collect(request_id: str, prompt_ids: list[int], outputs: list[RequestOutput]) -> Completion:
+def expand_samples(params: SamplingParams) -> list[SamplingParams]:
+    """n samples as n requests; a seed becomes seed, seed + 1, ... so the samples differ."""
+    if params.n == 1:
+        return [params]
+    seeds = [None] * params.n if params.seed is None else [params.seed + i for i in range(params.n)]
+    return [dataclasses.replace(params, n=1, seed=seed) for seed in seeds]
+
+
+def _collect(request_id: str, prompt_index: int, sample_index: int, prompt_ids: list[int],
+             outputs: list[RequestOutput]) -> Completion:
     last = outputs[-1]
     return Completion(
         request_id=request_id,
+        prompt_index=prompt_index,
+        sample_index=sample_index,
         prompt_token_ids=prompt_ids,
         text="".join(o.delta_text for o in outputs),
         reasoning="".join(o.delta_reasoning for o in outputs),

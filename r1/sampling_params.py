@@ -39,6 +39,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # how many top logprobs to return per token, 0..20
+    max_reasoning_tokens: int | None = None  # after this many thinking tokens, </think> is forced
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -62,6 +63,8 @@ class SamplingParams:
             _check_int("max_tokens", self.max_tokens, low=1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.max_reasoning_tokens is not None:
+            _check_int("max_reasoning_tokens", self.max_reasoning_tokens, low=0)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

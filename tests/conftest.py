@@ -106,3 +106,22 @@ def save_tiny_gguf(path, hf_model, qtype=None, arch: str = "qwen2", raw_type_of:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tiny_hf, tmp_path_factory):
+    """The tiny random model with a real tokenizer.json (Qwen2's), so the whole engine runs on it."""
+    import shutil
+
+    from r1.loaders.gguf import read_header
+    from r1.loaders.hub import demo_path
+    from r1.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-engine")
+    for f in tiny_hf[0].iterdir():
+        shutil.copy(f, folder / f.name)
+    tok = Tokenizer.from_gguf_metadata(read_header(demo_path("r1-tokenizer")).metadata)
+    tok.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
+    return folder

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -21,6 +22,16 @@ from r1.reasoning import ReasoningStream
 from r1.sampling import compute_logprobs, make_generator, sample_next
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class TokenConstraint(Protocol):
+    """Limits which tokens the answer may use (a JSON grammar, say); applied after the reasoning."""
+
+    def allowed_tokens(self) -> torch.Tensor: ...  # bool (vocab,) of the tokens allowed next
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_done(self) -> bool: ...
 
 
 class PromptTooLongError(ValueError):
@@ -54,6 +65,9 @@ class _Request:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     reasoning: ReasoningStream
+    in_reasoning: bool  # inside <think> ... </think>, by the token ids seen so far
+    constraint: TokenConstraint | None  # restricts the answer's tokens (structured output)
+    num_reasoning_tokens: int = 0
     text: str = ""  # everything detokenized so far; the tail may be held back for stop strings
     num_emitted_chars: int = 0
     arrival: float = field(default_factory=time.perf_counter)
@@ -66,6 +80,8 @@ class LLMEngine:
                  sampling_defaults: dict, eos_token_ids: set[int]):
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_token_ids = eos_token_ids
+        self.think_start_id = tokenizer.token_to_id("<think>")
+        self.think_end_id = tokenizer.token_to_id("</think>")
         self.scheduler = Scheduler(scheduler_config)
         self.sampling_defaults = sampling_defaults
         self.max_model_len = scheduler_config.max_model_len
@@ -77,7 +93,7 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt_opens_reasoning: bool = False) -> None:
+                    prompt_opens_reasoning: bool = False, constraint: TokenConstraint | None = None) -> None:
         if request_id in self.by_request_id:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -94,7 +110,9 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), list(prompt_token_ids), max_tokens)
         req = _Request(request_id, seq, params, make_generator(params.seed, self.runner.device),
                        IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
-                       ReasoningStream(prompt_opened_think=prompt_opens_reasoning))
+                       ReasoningStream(prompt_opened_think=prompt_opens_reasoning), prompt_opens_reasoning, constraint)
+        if params.max_reasoning_tokens is not None and self.think_end_id is None:
+            raise ValueError("max_reasoning_tokens needs a tokenizer with a </think> token")
         self.requests[seq.seq_id] = req
         self.by_request_id[request_id] = req
         self.scheduler.add(seq)
@@ -104,7 +122,7 @@ class LLMEngine:
         if req is None or req.seq.is_finished:
             return
         self.scheduler.finish(req.seq, "abort")
-        self._pending.append(self._finish(req, "", []))
+        self._pending.append(self._finish(req, "abort", []))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
@@ -121,12 +139,36 @@ class LLMEngine:
         reqs = [self.requests[s.seq.seq_id] for s in scheduled if s.samples]
         if not reqs:
             return outputs
+        raw_logits = logits
+        constrained = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.in_reasoning]
+        if constrained:
+            logits = logits.clone()
+            for i in constrained:
+                allowed = reqs[i].constraint.allowed_tokens().to(logits.device)
+                logits[i, :allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+                logits[i, allowed.shape[0]:] = float("-inf")  # the model's padding rows
         token_ids = sample_next(logits, [r.params for r in reqs], [r.seq.prompt_token_ids for r in reqs],
                                 [r.seq.output_token_ids for r in reqs], [r.generator for r in reqs]).tolist()
-        logprobs = self._logprobs(logits, token_ids, reqs)
+        for i, req in enumerate(reqs):
+            cap = req.params.max_reasoning_tokens
+            if req.in_reasoning and cap is not None and req.num_reasoning_tokens >= cap:
+                token_ids[i] = self.think_end_id  # thinking budget spent: close it, the answer follows
+        logprobs = self._logprobs(raw_logits, token_ids, reqs)
         for req, token_id, lp in zip(reqs, token_ids, logprobs):
             outputs.append(self._append_token(req, token_id, lp))
         return outputs
+
+    def _track_reasoning(self, req: _Request, token_id: int) -> bool:
+        """Follow <think> ... </think> by token id; True if the constraint governs this token."""
+        if req.in_reasoning:
+            req.num_reasoning_tokens += 1
+            if token_id == self.think_end_id:
+                req.in_reasoning = False
+            return False
+        if token_id == self.think_start_id and req.seq.num_output_tokens == 1:
+            req.in_reasoning = True  # the model opened its own reasoning block
+            return False
+        return req.constraint is not None
 
     def _logprobs(self, logits, token_ids, reqs) -> list[list[dict]]:
         wanted = [r.params.logprobs for r in reqs]
@@ -149,8 +191,11 @@ class LLMEngine:
             req.first_token_time = time.perf_counter()
         seq.append_token(token_id)
         req.text += req.detokenizer.add([token_id])
+        constrained = self._track_reasoning(req, token_id)
+        if constrained:
+            req.constraint.accept(token_id)
         reason = None
-        if self._cut_at_stop_string(req):
+        if self._cut_at_stop_string(req) or (constrained and req.constraint.is_done()):
             reason = "stop"
         else:
             if token_id in self.eos_token_ids and not params.ignore_eos or token_id in params.stop_token_ids:

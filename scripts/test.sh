@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment with the test extras and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# torch is pinned here (a CPU build); nothing else may pull another one.
+.venv/bin/pip install -q torch==2.13.0 -e '.[test]'
+.venv/bin/python -m pytest -q "$@"

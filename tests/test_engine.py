@@ -1,0 +1,119 @@
+"""The serving engine on a tiny random model: continuous batching, chunked prefill, preemption,
+prefix caching, aborts and seeds, each checked against the same requests run alone (fp32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from r1 import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _prompts(n, seed=0, lo=3, hi=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _llm(folder, **kw):
+    kw = {"dtype": "fp32", "device": "cpu", "kv_cache_tokens": 4096, "block_size": 4, **kw}
+    return LLM(str(folder), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model_folder):
+    """Each prompt's greedy tokens with the engine running nothing else."""
+    llm = _llm(tiny_model_folder)
+    return {tuple(p): llm.generate(p, GREEDY)[0].token_ids for p in _prompts(6)}
+
+
+def _assert_no_leaks(llm):
+    bm = llm.engine.scheduler.block_manager
+    assert not llm.engine.has_unfinished()
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_batch_with_chunked_prefill_equals_alone(tiny_model_folder, alone):
+    llm = _llm(tiny_model_folder, max_num_batched_tokens=16)  # 40-token prompts take 3+ steps
+    prompts = _prompts(6)
+    got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert got == [alone[tuple(p)] for p in prompts]
+    _assert_no_leaks(llm)
+
+
+def test_requests_joining_mid_flight_equal_alone(tiny_model_folder, alone):
+    llm = _llm(tiny_model_folder)
+    engine, prompts = llm.engine, _prompts(6)
+    tokens = {i: [] for i in range(6)}
+    done = set()
+    for i, p in enumerate(prompts):  # one new request every two steps
+        engine.add_request(str(i), p, GREEDY)
+        for _ in range(2):
+            for out in engine.step():
+                tokens[int(out.request_id)] += out.new_token_ids
+                done |= {int(out.request_id)} if out.finished else set()
+    while len(done) < 6:
+        for out in engine.step():
+            tokens[int(out.request_id)] += out.new_token_ids
+            done |= {int(out.request_id)} if out.finished else set()
+    assert [tokens[i] for i in range(6)] == [alone[tuple(p)] for p in prompts]
+    _assert_no_leaks(llm)
+
+
+def test_preemption_recomputes_and_changes_nothing(tiny_model_folder, alone):
+    # 20 blocks of 4 tokens cannot hold six sequences of up to 52 tokens at once.
+    llm = _llm(tiny_model_folder, kv_cache_tokens=80, max_model_len=80)
+    prompts = _prompts(6)
+    got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert got == [alone[tuple(p)] for p in prompts]
+    _assert_no_leaks(llm)
+
+
+def test_prefix_cache_computes_a_shared_prompt_once(tiny_model_folder):
+    shared = _prompts(1, seed=5, lo=33, hi=33)[0]  # 8 full blocks + 1 token
+    prompts = [shared + [7, 8, 9], shared + [100, 200], shared + [1]]
+    cold = _llm(tiny_model_folder, enable_prefix_caching=False)
+    expected = [c.token_ids for c in cold.generate(prompts, GREEDY)]
+    llm = _llm(tiny_model_folder)
+    first = llm.generate(prompts[0], GREEDY)[0]
+    assert first.usage["cached_tokens"] == 0
+    rest = llm.generate(prompts[1:], GREEDY)
+    assert [c.usage["cached_tokens"] for c in rest] == [32, 32]
+    bm = llm.engine.scheduler.block_manager
+    assert bm.prefix_hits == 64
+    assert [first.token_ids] + [c.token_ids for c in rest] == expected
+    _assert_no_leaks(llm)
+
+
+def test_aborts_free_every_block(tiny_model_folder):
+    llm = _llm(tiny_model_folder)
+    engine = llm.engine
+    for i, p in enumerate(_prompts(4)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.abort("0")  # running
+    engine.abort("3")
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert finished == {"0": "abort", "3": "abort", "1": "length", "2": "length"}
+    _assert_no_leaks(llm)
+
+
+def test_seeded_samples_are_the_same_batched_or_alone(tiny_model_folder):
+    llm = _llm(tiny_model_folder)
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
+    prompts = _prompts(3, seed=9)
+    solo = llm.generate(prompts[1], p)[0].token_ids
+    batched = llm.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True), p,
+                                     SamplingParams(temperature=0.7, max_tokens=10, seed=5, ignore_eos=True)])
+    assert batched[1].token_ids == solo
+    n = llm.generate(prompts[1], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, n=3,
+                                                ignore_eos=True))
+    assert n[0].token_ids == solo and len({tuple(c.token_ids) for c in n}) == 3
