@@ -41,7 +41,7 @@ def _special_tokens(tokenizer) -> dict:
     for name, text in (("user", "<｜User｜>"), ("assistant", "<｜Assistant｜>"), ("think", "<think>"),
                        ("end_think", "</think>"), ("im_start", "<|im_start|>"), ("im_end", "<|im_end|>")):
         names[name] = tokenizer.token_to_id(text)
-    return {k: [v, tokenizer.id_to_token(v)] for k, v in names.items() if v is not None}
+    return {k: [v, tokenizer.backend.id_to_token(v)] for k, v in names.items() if v is not None}
 
 
 def model_info(source: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
+from r1 import memory
 from r1.config import EngineConfig
 from r1.engine.llm_engine import LLMEngine, RequestOutput
 from r1.engine.model_runner import ModelRunner
@@ -23,10 +24,6 @@ from r1.engine.scheduler import SchedulerConfig
 from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files, resolve_path
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import Tokenizer
-
-# Without a stated pool size the CPU gets this much KV cache; CUDA gets most of what is free.
-CPU_KV_BUDGET_BYTES = 4 << 30
-CUDA_MEMORY_FRACTION = 0.9
 
 # Tokens that end a turn in the Qwen2 family besides the declared eos (llama.cpp treats them so).
 END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<｜end▁of▁sentence｜>")
@@ -93,19 +90,9 @@ class LLM:
     # ---- sizing ------------------------------------------------------------------------------
 
     def _kv_pool(self) -> tuple[int, int, torch.dtype]:
-        ec, kv_dtype = self.engine_config, self.dtype
-        per_token = self.config.kv_bytes_per_token(kv_dtype)
-        if ec.kv_cache_tokens:
-            tokens = ec.kv_cache_tokens
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            tokens = int(free * CUDA_MEMORY_FRACTION) // per_token
-        else:
-            tokens = CPU_KV_BUDGET_BYTES // per_token
-        tokens = min(tokens, self.config.max_position_embeddings * 2)
-        num_blocks = max(1, tokens // ec.block_size)
-        self.kv_pool_tokens = num_blocks * ec.block_size
-        return num_blocks, ec.block_size, kv_dtype
+        """(num_blocks, block_size, dtype) of the paged KV cache, sized by the memory calculator."""
+        self.kv_pool_tokens = memory.kv_pool_tokens(self.config, self.engine_config, self.device, self.dtype)
+        return self.kv_pool_tokens // self.engine_config.block_size, self.engine_config.block_size, self.dtype
 
     def _scheduler_config(self) -> SchedulerConfig:
         ec = self.engine_config

@@ -73,8 +73,10 @@ def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionM
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
             causal = False
-        o = F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                           enable_gqa=True)
+        # 4-D inputs (a batch of one) select the fused flash kernel on the CPU; 3-D ones fall back
+        # to the math kernel, which materializes heads x q_len x seq_len scores.
+        o = F.scaled_dot_product_attention(q_i[None], k[None], v[None], attn_mask=mask, is_causal=causal,
+                                           scale=scale, enable_gqa=True)[0]
         out[start:start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
