@@ -168,10 +168,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     threads: int | None = None  # CPU threads; None: torch's default
+    quant: str = "none"  # weight-only quantization of the linears: none | int8 | int4 (r1/quant.py)
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be one of fp32, bf16, fp16, auto; got {self.dtype!r}")
+        if self.quant not in ("none", "int8", "int4"):
+            raise ValueError(f"quant must be one of none, int8, int4; got {self.quant!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
         for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "threads"):

@@ -81,7 +81,7 @@ class LLM:
         self.dtype = self.engine_config.resolved_dtype(self.device)
         self.tokenizer = load_tokenizer(tokenizer, self.files)
         start = time.perf_counter()
-        self.model = load_model(self.files, self.dtype, self.device, progress=progress)
+        self.model = load_model(self.files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
         self.load_seconds = time.perf_counter() - start
         self.engine = LLMEngine(ModelRunner(self.model, *self._kv_pool()), self.tokenizer, self._scheduler_config(),
                                 self.files.sampling_defaults, self._end_of_turn_ids())

@@ -23,7 +23,7 @@ from r1.config import DTYPES, EngineConfig, ModelConfig
 
 GiB = 1 << 30
 
-# What r1 holds in memory: floats, and weight-only int8 (per-row scale) / int4 (group-128).
+# What r1 holds in memory: floats, and weight-only int8 (per-row scale) / int4 (group-32, as r1/quant.py).
 FLOAT_QUANTS = ("fp32", "bf16", "fp16")
 R1_QUANTS = ("int8", "int4")
 # llama.cpp presets by their per-tensor types (llama_tensor_get_type): (default, bigger type for
@@ -36,7 +36,7 @@ QUANTS = FLOAT_QUANTS + R1_QUANTS + tuple(GGUF_PRESETS)
 GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 32: "bf16", 7: "q8_0", 18: "q6_k", 17: "q5_k_m", 15: "q4_k_m", 2: "q4_0"}
 # K-quants need rows of 256; llama.cpp falls back to these for other widths.
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-INT4_GROUP = 128
+INT4_GROUP = 32
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
@@ -111,8 +111,8 @@ def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfi
         qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
         return qtype, _ggml_bytes(qtype, numel)
     linear = name.startswith("blk.") and len(shape) == 2
-    if linear and quant == "int4":  # packed nibbles; a bf16 scale and zero per group of 128
-        return "int4 + bf16 scale, zero / 128", numel // 2 + shape[0] * -(-shape[1] // INT4_GROUP) * 4
+    if linear and quant == "int4":  # packed nibbles; a bf16 scale and zero per group of 32
+        return "int4 + bf16 scale, zero / 32", numel // 2 + shape[0] * -(-shape[1] // INT4_GROUP) * 4
     if linear or name == "output.weight":  # int8 with a bf16 scale per output row
         return "int8 + bf16 scale / row", numel + shape[0] * 2
     return f"{compute}: embedding, norms, biases", numel * DTYPES[compute].itemsize

@@ -2,6 +2,10 @@
 # Sets up a virtual environment with the test extras and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The chat page's browser test drives Debian's chromium (Playwright never downloads a browser).
+if ! command -v chromium >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch is pinned here (a CPU build); nothing else may pull another one.

@@ -18,7 +18,7 @@ class ModelRunner:
     def __init__(self, model: Qwen2ForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
         cfg = model.config
         self.model, self.block_size = model, block_size
-        self.device = model.lm_head.weight.device
+        self.device = model.model.embed_tokens.weight.device
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                           cfg.head_dim, kv_dtype, self.device)
 

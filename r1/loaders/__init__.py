@@ -19,6 +19,7 @@ from torch import nn
 from r1.config import ModelConfig
 from r1.loaders import gguf, hub, safetensors
 from r1.model.qwen2 import Qwen2ForCausalLM
+from r1.quant import QuantizedLinear, quantize_linears
 
 # DeepSeek's recommended sampling, used when the files carry no generation_config.json.
 R1_SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}
@@ -77,21 +78,25 @@ def open_model_files(source: str) -> ModelFiles:
                       lambda: safetensors.iter_tensors(path))
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
     module_path, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_path)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+    if isinstance(module, QuantizedLinear) and leaf == "weight":
+        module.set_weight(tensor.to(device))  # quantized from the full-precision values
+    else:
+        setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
 
 
 def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str,
-               progress: bool = True) -> Qwen2ForCausalLM:
-    """Build the model on meta and stream the checkpoint's tensors into it."""
+               progress: bool = True, quant: str = "none") -> Qwen2ForCausalLM:
+    """Build the model on meta and stream the checkpoint's tensors into it (quantizing as they come)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with torch.device("meta"):
         model = Qwen2ForCausalLM(files.config)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+    expected = {name: p.shape for name, p in model.named_parameters()}  # before quantization: HF shapes
+    quantize_linears(model, quant, torch.device(device))
     loaded = set()
     bar = Progress(TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress)
@@ -106,10 +111,13 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise ValueError(f"{files.path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                  f"the config implies {tuple(expected[name])}")
-            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            _set_parameter(model, name, tensor, dtype, device)
             loaded.add(name)
     if files.config.tie_word_embeddings and "lm_head.weight" not in loaded:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if isinstance(model.lm_head, QuantizedLinear):
+            model.lm_head.set_weight(model.model.embed_tokens.weight)
+        else:
+            model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
     missing = sorted(set(expected) - loaded)
     if missing:

@@ -1,0 +1,182 @@
+"""The server's parts that need no model: request validation and its 400s, sampling parameters
+from requests, logprob shapes, grammar constraints over R1's real tokenizer, and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from r1.engine.async_llm import EngineStats
+from r1.engine.llm_engine import RequestOutput
+from r1.server.errors import APIError
+from r1.server.metrics import Metrics
+from r1.server.protocol import ChatCompletionRequest, CompletionRequest, LogprobFormatter, engine_messages
+from r1.server.structured import StructuredOutputs
+from r1.tokenizer import Tokenizer
+
+USER = {"role": "user", "content": "hi"}
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate_json(json.dumps({"messages": [USER], **fields}))
+
+
+def error_of(body: bytes | str, model=ChatCompletionRequest) -> APIError:
+    with pytest.raises(ValidationError) as e:
+        model.model_validate_json(body)
+    return APIError.from_validation(e.value)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(r1_header):
+    return Tokenizer.from_source(r1_header)
+
+
+def test_chat_request_becomes_sampling_params():
+    p = chat(max_tokens=50, max_completion_tokens=20, temperature=0.2, top_p=0.9, top_k=40, n=3, seed=5,
+             stop=["\n\n"], presence_penalty=0.5, logprobs=True, top_logprobs=4, max_reasoning_tokens=64
+             ).to_sampling_params()
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.n, p.seed) == (20, 0.2, 0.9, 40, 3, 5)
+    assert (p.stop, p.presence_penalty, p.logprobs, p.max_reasoning_tokens) == (("\n\n",), 0.5, 4, 64)
+    # Left out, the model's generation config decides (R1: 0.6 / 0.95), and no logprobs are made.
+    p = chat().to_sampling_params()
+    assert (p.temperature, p.top_p, p.max_tokens, p.logprobs, p.max_reasoning_tokens) == (None, None, None, None, None)
+    assert chat(logprobs=True).to_sampling_params().logprobs == 0
+
+
+def test_messages_for_the_template():
+    req = chat(messages=[{"role": "developer", "content": "be brief"},
+                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert engine_messages(req.messages) == [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "ab"}]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"n": "2"}, "n"),  # strict: no string-to-number coercion
+    ({"n": 1000}, "n"),
+    ({"top_p": 0}, "top_p"),
+    ({"stream": 1}, "stream"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content.str"),
+    ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"stop": ["x"] * 17}, None),
+])
+def test_invalid_fields_are_400s_naming_the_field(fields, param):
+    err = error_of(json.dumps({"messages": [USER], **fields}))
+    assert err.status == 400 and err.type == "invalid_request_error"
+    assert err.param == param, err.message
+    assert err.body()["error"]["message"]
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"top_logprobs": 2}, "needs logprobs"),
+    ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "last message"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+])
+def test_inconsistent_requests_say_why(fields, words):
+    assert words in error_of(json.dumps({"messages": [USER], **fields})).message
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',  # invalid UTF-8
+    b"[" * 100_000 + b"]" * 100_000,  # nesting past any sane depth
+    b"",
+])
+def test_malformed_bodies_are_400s(body):
+    err = error_of(body)
+    assert (err.status, err.code) == (400, "invalid_json")
+
+
+def test_required_field_message():
+    assert error_of(b"{}").message == "messages is required"
+
+
+def test_completion_prompts_in_every_form():
+    def prompts(p):
+        return CompletionRequest.model_validate_json(json.dumps({"prompt": p})).prompts()
+    assert prompts("a") == ["a"]
+    assert prompts([1, 2]) == [[1, 2]]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
+    assert CompletionRequest.model_validate_json('{"prompt": "a"}').to_sampling_params().max_tokens == 16
+    for bad in ('{"prompt": ""}', '{"prompt": []}', '{"prompt": ["a", ""]}', '{"prompt": "a", "echo": true}',
+                '{"prompt": [1, "a"]}'):
+        assert error_of(bad, CompletionRequest).status == 400
+
+
+def test_logprobs_spell_tokens_as_their_bytes(tokenizer):
+    fmt = LogprobFormatter(tokenizer)
+    ids = tokenizer.encode("naïve 日本", add_special_tokens=False)
+    assert b"".join(fmt.token_bytes(i) for i in ids) == "naïve 日本".encode()
+    think = tokenizer.token_to_id("<think>")
+    user = tokenizer.token_to_id("<｜User｜>")  # spelled outside the byte alphabet
+    assert (fmt.token_bytes(think), fmt.token_bytes(user)) == (b"<think>", "<｜User｜>".encode())
+    entries = [{"token_id": i, "logprob": -0.5, "top": [(i, -0.5), (think, -2.0)]} for i in ids[:2]]
+    content = fmt.chat(entries)["content"]
+    assert [c["bytes"] for c in content] == [list(fmt.token_bytes(i)) for i in ids[:2]]
+    assert content[0]["top_logprobs"][1] == {"token": "<think>", "logprob": -2.0, "bytes": list(b"<think>")}
+    legacy = fmt.completion(entries)
+    assert legacy["text_offset"] == [0, len(legacy["tokens"][0])]
+    assert legacy["top_logprobs"][0] == {legacy["tokens"][0]: -0.5, "<think>": -2.0}
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_json_schema_constraint_allows_exactly_valid_continuations(tokenizer):
+    structured = StructuredOutputs(tokenizer, vocab_size=151936, eos_token_ids=[tokenizer.eos_token_id])
+    c = structured.constraint({"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+    assert c.allowed_tokens().shape == (151936,)
+    assert not c.is_done()
+    for token_id in tokenizer.encode('{"name":"Ada","age":36}', add_special_tokens=False):
+        mask = c.allowed_tokens()
+        assert mask[token_id] and not mask[tokenizer.token_to_id("<think>")]
+        c.accept(token_id)
+    assert c.is_done()  # the object is closed and nothing may follow
+    assert c.allowed_tokens().nonzero().flatten().tolist() == [tokenizer.eos_token_id]
+    # A second constraint starts from scratch: '{' leads, a bare digit may not.
+    fresh = structured.constraint({"type": "json_object"})
+    assert not fresh.allowed_tokens()[tokenizer.encode("7", add_special_tokens=False)[0]]
+    assert structured.constraint({"type": "text"}) is None
+
+
+def test_bad_schemas_are_value_errors(tokenizer):
+    structured = StructuredOutputs(tokenizer, vocab_size=151936, eos_token_ids=[tokenizer.eos_token_id])
+    for fmt in ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
+                {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/missing"}}}):
+        with pytest.raises(ValueError, match="invalid JSON schema"):
+            structured.constraint(fmt)
+
+
+def output(request_id, n_new, ttft, decode, finished=False, reason=None) -> RequestOutput:
+    return RequestOutput(request_id, [1] * n_new, "", "", "", finished, reason, 10, 0, 0, ttft, decode)
+
+
+def test_metrics_histograms_and_gauges():
+    m = Metrics(lambda: EngineStats(num_running=2, num_waiting=1, num_blocks=100, num_free_blocks=75,
+                                    kv_cache_usage=0.25, prefix_queries=200, prefix_hits=50))
+    seen: dict = {}
+    for out in (output("a", 1, 0.5, 0.0), output("a", 1, 0.5, 0.1), output("a", 2, 0.5, 0.3, True, "length")):
+        m.observe(out, seen)
+    m.count_http("/v1/chat/completions", 200)
+    m.count_http("/wp-admin/../etc/passwd", 404)
+    text = m.render().decode()
+    assert "r1_time_to_first_token_seconds_count 1.0" in text
+    assert "r1_inter_token_latency_seconds_count 3.0" in text  # 0.1, then 0.1 twice (0.2 over 2 tokens)
+    assert "r1_generation_tokens_total 4.0" in text
+    assert 'r1_requests_finished_total{finish_reason="length"} 1.0' in text
+    assert 'r1_http_requests_total{route="other",status="404"} 1.0' in text
+    for line in ("r1_requests_running 2.0", "r1_requests_waiting 1.0", "r1_kv_cache_usage_ratio 0.25",
+                 "r1_prefix_cache_hit_rate 0.25"):
+        assert line in text
+    assert not seen  # finished requests leave no state behind
