@@ -28,6 +28,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the linears (CPU): int8 per channel, int4 group-wise")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +55,7 @@ def _load(a: argparse.Namespace, progress: bool = True):
     if not a.json:
         err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
     llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-              max_model_len=a.max_model_len, progress=progress)
+              max_model_len=a.max_model_len, quant=a.quant, progress=progress)
     if not a.json:
         err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
                   f"context {llm.engine.max_model_len} tokens[/dim]")
@@ -148,7 +150,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from r1.server.app import ServerConfig, serve
     err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
     llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens,
+              quant=a.quant)
     err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, context {llm.engine.max_model_len} tokens[/dim]")
     # The environment keeps the key out of the process list.
     config = ServerConfig(served_model_name=a.served_model_name or a.model,
@@ -178,7 +181,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     err.print(f"[dim]{a.task}: {len(problems)} problems x {settings.samples} samples from {escape(str(data_path))}; "
               f"loading {escape(a.model)} ...[/dim]")
     llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens,
+              quant=a.quant)
     if llm.engine.max_model_len < settings.max_tokens + 2048:
         err.print(f"[yellow]the context holds {llm.engine.max_model_len} tokens: a sample whose prompt plus "
                   f"{settings.max_tokens} new tokens exceeds it stops early and counts as cut off[/yellow]")
@@ -273,6 +277,42 @@ def cmd_memory(a: argparse.Namespace) -> None:
         err.print(f"[dim]plot written to {escape(a.plot)}[/dim]")
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from r1 import bench
+    from r1.llm import LLM
+    machine = bench.machine()  # before loading: its load average is the other work on the machine
+    if not a.json:
+        err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
+    # The latency prompt must be prefilled as one chunk.
+    chunk = max(2048, a.prompt_len if a.bench == "latency" else 0)
+    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads, quant=a.quant,
+              max_model_len=a.max_model_len, max_num_batched_tokens=chunk, progress=not a.json)
+    result = {"bench": a.bench, **bench.engine_settings(llm, a.model), "seed": a.seed}
+    if a.bench == "latency":
+        result |= bench.latency(llm, a.prompt_len, a.output_len, a.repeats, a.seed)
+        summary = (f"prefill {result['prompt_tokens']} tokens: {result['prefill_tok_s']:.1f} tok/s "
+                   f"({result['prefill_seconds']:.2f} s)   decode {result['output_tokens']} tokens at batch 1: "
+                   f"{result['decode_tok_s']:.1f} tok/s")
+    else:
+        prompts, output_lens = bench.throughput_workload(a.num_seqs, (a.min_input, a.max_input),
+                                                         (a.min_output, a.max_output), llm.config.vocab_size, a.seed)
+        result |= {"min_input": a.min_input, "max_input": a.max_input, "min_output": a.min_output,
+                   "max_output": a.max_output}
+        result |= bench.throughput(llm, prompts, output_lens, a.temperature, a.seed)
+        summary = (f"{result['num_seqs']} sequences, {result['total_input_tokens']} prompt tokens, "
+                   f"{result['total_output_tokens']} generated in {result['seconds']:.1f} s: "
+                   f"{result['output_tok_s']:.1f} output tok/s")
+    if a.save:
+        path = bench.save(a.save, result, machine)
+        if not a.json:
+            err.print(f"[dim]saved {escape(str(path))}[/dim]")
+    if a.json:
+        print(json.dumps(result))
+        return
+    out.print(f"{a.bench}: {escape(a.model)}, {result['quant']}, {result['dtype']}, {result['threads']} threads")
+    out.print(summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1", description="Run DeepSeek-R1-Distill-Qwen-1.5B locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +389,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plot", default=None, metavar="PNG", help="plot the sweep (needs matplotlib)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_memory)
+
+    b = sub.add_parser("bench", help="measure latency (prefill, batch-1 decode) or batched throughput",
+                       description="Prompts are random token ids (reproducible by --seed); eos is ignored. "
+                                   "See bench/README.md for what each number means.")
+    bench_sub = b.add_subparsers(dest="bench", required=True)
+    bl = bench_sub.add_parser("latency", help="prefill tok/s of one prompt, then batch-1 decode tok/s")
+    bl.add_argument("--prompt-len", type=int, default=512, help="prompt tokens, prefilled as one chunk (default 512)")
+    bl.add_argument("--output-len", type=int, default=128, help="tokens generated for decode (default 128)")
+    bl.add_argument("--repeats", type=int, default=1, help="runs of each after the warm-up; the median is kept")
+    bt = bench_sub.add_parser("throughput", help="nano-vllm's bench: N random sequences in one batch, output tok/s",
+                              description="Defaults fit a 2-core CPU. nano-vllm's original GPU sizes: --num-seqs 256 "
+                                          "--min-input 100 --max-input 1024 --min-output 100 --max-output 1024.")
+    bt.add_argument("--num-seqs", type=int, default=16)
+    bt.add_argument("--min-input", type=int, default=32)
+    bt.add_argument("--max-input", type=int, default=256)
+    bt.add_argument("--min-output", type=int, default=32)
+    bt.add_argument("--max-output", type=int, default=128)
+    bt.add_argument("--temperature", type=float, default=0.6, help="nano-vllm samples at 0.6; 0 is greedy")
+    for p in (bl, bt):
+        _model_args(p)  # --model, --dtype, --threads, --quant, ...
+        p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")
+        p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+        p.add_argument("--save", default=None, metavar="PATH", help="also write the result, the machine and the "
+                                                                    "command as JSON (e.g. bench/results/NAME.json)")
+        p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -13,13 +13,15 @@ close to the float head at half the bytes of bf16.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
-# Above this many rows (a prefill chunk) dequantizing to bf16 and one GEMM beats the int8 packed
-# kernel, which is written for the few rows of a decode step.
+# Above this many rows (a prefill chunk) dequantizing to bf16 and one GEMM beats the packed
+# kernels, which are written for the few rows of a decode step.
 PACKED_KERNEL_MAX_ROWS = 32
 
 
@@ -71,11 +73,41 @@ class Int4Linear(nn.Module):
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
+    def dequantized_t(self) -> torch.Tensor:
+        """The bf16 weight, transposed (in, out), unpacked from the kernel's layout.
+
+        The CPU kernel stores rows in blocks of 64: byte j of (block, k) holds row j in its low
+        nibble and row j + 32 in its high one. Writing straight into (in, out) order lets the
+        group scales broadcast along contiguous rows and feeds the GEMM without another copy.
+        """
+        n, k, g = self.out_features, self.in_features, self.group_size
+        packed = self.packed.view(n // 64, k, 32).permute(1, 0, 2)  # (in, out/64, 32)
+        wt = torch.empty(k, n // 64, 64, dtype=torch.bfloat16, device=self.packed.device)
+        wt[..., :32].copy_(packed & 15)
+        wt[..., 32:].copy_(packed >> 4)
+        wt = wt.view(k // g, g, n)
+        scale, zero = self.scales_and_zeros[..., 0], self.scales_and_zeros[..., 1]  # (in/g, out)
+        wt.sub_(8).mul_(scale[:, None, :]).add_(zero[:, None, :])
+        return wt.view(k, n)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if x2.shape[0] > PACKED_KERNEL_MAX_ROWS and self.out_features % 64 == 0 and _kernel_layout_is_known():
+            y = x2 @ self.dequantized_t()  # prefill: one bf16 GEMM runs ~2x faster than the packed kernel
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+@functools.cache
+def _kernel_layout_is_known() -> bool:
+    """Whether this torch packs int4 the way dequantized_t reads it (checked once on a sample)."""
+    levels = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0)).float()
+    levels[:, ::INT4_GROUP_SIZE], levels[:, 1::INT4_GROUP_SIZE] = 0, 15  # each group spans all 16 levels: exact
+    probe = Int4Linear(64, 128, bias=False)
+    probe.set_weight(levels)
+    return torch.equal(probe.dequantized_t().float().T, levels)
 
 
 QuantizedLinear = (Int8Linear, Int4Linear)

@@ -56,3 +56,17 @@ def test_two_sequences_in_one_batch_match_each_alone(tiny_hf):
     logits = ours.compute_logits(hidden)
     assert (logits[:11] - hf(a[None]).logits[0]).abs().max() < 1e-4
     assert (logits[11:] - hf(b[None]).logits[0]).abs().max() < 1e-4
+
+
+@torch.inference_mode()
+def test_half_precisions_track_fp32(tiny_hf):
+    folder, hf = tiny_hf
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(4))
+    ref = hf(ids[None]).logits[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        ours = load_model(open_model_files(str(folder)), dtype, "cpu", progress=False)
+        cache = allocate_kv_cache(ours.config.num_hidden_layers, 16, BLOCK, ours.config.num_key_value_heads,
+                                  ours.config.head_dim, dtype, "cpu")
+        logits = ours.compute_logits(ours(ids, torch.arange(20), cache, _meta(list(range(16)), 0, 20)))
+        assert logits.dtype == torch.float32
+        assert ((logits - ref).norm() / ref.norm()) < 2e-2, dtype

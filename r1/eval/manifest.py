@@ -85,7 +85,7 @@ def engine_record(llm) -> dict:
     return {"name": "r1", "version": r1.__version__, "git_commit": _git_commit(Path(r1.__file__).parent),
             "torch": torch.__version__, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
             "max_model_len": llm.engine.max_model_len, "kv_pool_tokens": llm.kv_pool_tokens,
-            "max_num_seqs": llm.engine_config.max_num_seqs}
+            "max_num_seqs": llm.engine_config.max_num_seqs, "quant": llm.engine_config.quant}
 
 
 def _git_commit(folder: Path) -> str | None:
