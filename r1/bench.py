@@ -1,0 +1,150 @@
+"""Benchmarks of the engine through `LLM`: latency and throughput, and the record they leave.
+
+Latency is one prompt's prefill (time to the first token of a `prompt_len` prompt, run as one
+chunk) and batch-1 decode (tokens after the first over the seconds after it). Throughput is
+nano-vllm's bench: N sequences of random prompt and output lengths run as one batch, eos
+ignored, generated tokens over wall seconds (prefill included). Prompts are random token ids,
+reproducible by seed, so bench/compare.py hands the very same ids to llama.cpp and transformers.
+
+Owns the workloads, the timing and the results record (settings, figures, machine, command).
+It does not own argument parsing (cli.py) or the peer engines (bench/compare.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from r1.sampling_params import SamplingParams
+
+# nano-vllm draws prompt ids from [0, 10000): ordinary tokens in every Qwen2 vocabulary.
+PROMPT_VOCAB = 10_000
+WARMUP_TOKENS = 4
+
+
+def random_prompts(lengths: list[int], vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    high = min(vocab_size, PROMPT_VOCAB)
+    return [[rng.randrange(high) for _ in range(n)] for n in lengths]
+
+
+def latency_prompts(prompt_len: int, repeats: int, vocab_size: int, seed: int = 0):
+    """(warm-up, [prefill prompt per repeat], [decode prompt per repeat]), all distinct.
+
+    Distinct prompts keep the prefix cache from serving one run out of another.
+    """
+    prompts = random_prompts([prompt_len] * (1 + 2 * repeats), vocab_size, seed)
+    return prompts[0], prompts[1:1 + repeats], prompts[1 + repeats:]
+
+
+def throughput_workload(num_seqs: int, input_len: tuple[int, int], output_len: tuple[int, int],
+                        vocab_size: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's workload: prompt and output lengths uniform in the inclusive ranges."""
+    if num_seqs < 1:
+        raise ValueError(f"--num-seqs must be at least 1; got {num_seqs}")
+    for name, (low, high) in (("input", input_len), ("output", output_len)):
+        if not 1 <= low <= high:
+            raise ValueError(f"--min-{name} must be at least 1 and at most --max-{name}; got {low}..{high}")
+    rng = random.Random(seed)
+    prompt_lens = [rng.randint(*input_len) for _ in range(num_seqs)]
+    output_lens = [rng.randint(*output_len) for _ in range(num_seqs)]
+    return random_prompts(prompt_lens, vocab_size, seed + 1), output_lens
+
+
+def throughput_warmup(num_seqs: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """A short batch on other ids: first-call paths run, and no prefix is shared with the workload."""
+    return random_prompts([32] * min(4, num_seqs), vocab_size, seed + 2)
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _check_room(llm, tokens: int) -> None:
+    if tokens > llm.engine.max_model_len:
+        raise ValueError(f"the benchmark needs {tokens} tokens per sequence but the context holds "
+                         f"{llm.engine.max_model_len} (raise --max-model-len or the KV pool)")
+
+
+def latency(llm, prompt_len: int = 512, output_len: int = 128, repeats: int = 1, seed: int = 0) -> dict:
+    """Prefill tok/s of a prompt_len prompt and batch-1 decode tok/s over output_len tokens.
+
+    Each figure is the median over `repeats` runs, after one warm-up run of the same shape.
+    """
+    if output_len < 2 or repeats < 1:
+        raise ValueError("latency needs --output-len of at least 2 and --repeats of at least 1")
+    if prompt_len > llm.engine_config.max_num_batched_tokens:
+        raise ValueError(f"a {prompt_len}-token prompt would be prefilled in chunks of "
+                         f"{llm.engine_config.max_num_batched_tokens}: raise max_num_batched_tokens")
+    _check_room(llm, prompt_len + output_len)
+    warm, prefill_prompts, decode_prompts = latency_prompts(prompt_len, repeats, llm.config.vocab_size, seed)
+    llm.generate(warm, _greedy(WARMUP_TOKENS))
+    # max_tokens=1: the time to the first token is one forward of the prompt plus one sample.
+    prefill = [llm.generate(p, _greedy(1))[0].timing["prefill_seconds"] for p in prefill_prompts]
+    decode = [llm.generate(p, _greedy(output_len))[0] for p in decode_prompts]
+    decode_seconds = statistics.median(c.timing["decode_seconds"] for c in decode)
+    output_tokens = len(decode[0].token_ids)
+    prefill_seconds = statistics.median(prefill)
+    return {"prompt_tokens": prompt_len, "output_tokens": output_tokens, "repeats": repeats,
+            "prefill_seconds": prefill_seconds, "prefill_tok_s": prompt_len / prefill_seconds,
+            "decode_seconds": decode_seconds, "decode_tok_s": (output_tokens - 1) / decode_seconds}
+
+
+def throughput(llm, prompts: list[list[int]], output_lens: list[int], temperature: float = 0.6,
+               seed: int = 0) -> dict:
+    """Generated tokens per wall second with every sequence in one continuous batch."""
+    _check_room(llm, max(len(p) + n for p, n in zip(prompts, output_lens)))
+    llm.generate(throughput_warmup(len(prompts), llm.config.vocab_size, seed), _greedy(WARMUP_TOKENS))
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, seed=seed + i)
+              for i, n in enumerate(output_lens)]
+    start = time.perf_counter()
+    completions = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    total_output = sum(len(c.token_ids) for c in completions)
+    return {"num_seqs": len(prompts), "temperature": temperature,
+            "total_input_tokens": sum(len(p) for p in prompts), "total_output_tokens": total_output,
+            "seconds": seconds, "output_tok_s": total_output / seconds}
+
+
+# ---- the record -----------------------------------------------------------------------------
+
+def engine_settings(llm, model: str) -> dict:
+    import torch
+    return {"model": model, "quant": llm.engine_config.quant, "dtype": str(llm.dtype).removeprefix("torch."),
+            "device": llm.device.type, "threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the figures are measured on. Take it before the run: the load average then says how
+    busy the machine was with other work, not with ours."""
+    import torch
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def save(path: str | Path, result: dict, machine_info: dict) -> Path:
+    """Write one result as JSON with the machine (taken before the run) and the command line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine_info, **result}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path

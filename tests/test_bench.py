@@ -1,0 +1,72 @@
+"""`r1 bench latency` and `r1 bench throughput` at tiny sizes: the JSON they print and save, and
+figures that agree with each other (tokens, seconds and rates)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r1 import bench
+from r1.cli import main
+
+
+def _run_json(capsys, *args) -> dict:
+    assert main(["bench", *args]) == 0
+    return json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+
+
+def test_latency_json_and_saved_record(tiny_model_folder, tmp_path, capsys):
+    saved = tmp_path / "results" / "latency.json"
+    out = _run_json(capsys, "latency", "--model", str(tiny_model_folder), "--prompt-len", "24", "--output-len", "5",
+                    "--threads", "1", "--json", "--save", str(saved))
+    assert out["bench"] == "latency" and out["quant"] == "none" and out["dtype"] == "float32"
+    assert out["threads"] == 1 and out["device"] == "cpu" and out["model"] == str(tiny_model_folder)
+    assert (out["prompt_tokens"], out["output_tokens"], out["repeats"]) == (24, 5, 1)
+    assert out["prefill_seconds"] > 0 and out["decode_seconds"] > 0
+    assert out["prefill_tok_s"] == pytest.approx(24 / out["prefill_seconds"])
+    assert out["decode_tok_s"] == pytest.approx(4 / out["decode_seconds"])  # the tokens after the first
+    record = json.loads(saved.read_text())
+    assert {k: record[k] for k in out} == out
+    assert isinstance(record["command"], str) and record["command"]
+    assert set(record["machine"]) == {"cpu", "cores", "torch", "python", "gpu", "load_average_1m"}
+    assert record["machine"]["cores"] >= 1
+
+
+def test_throughput_generates_every_requested_token(tiny_model_folder, capsys):
+    args = ["--num-seqs", "5", "--min-input", "4", "--max-input", "40", "--min-output", "2", "--max-output", "9"]
+    out = _run_json(capsys, "throughput", "--model", str(tiny_model_folder), *args, "--seed", "3", "--json")
+    prompts, output_lens = bench.throughput_workload(5, (4, 40), (2, 9), vocab_size=512, seed=3)
+    assert out["num_seqs"] == 5 and out["seed"] == 3 and out["temperature"] == 0.6
+    assert (out["min_input"], out["max_input"], out["min_output"], out["max_output"]) == (4, 40, 2, 9)
+    assert out["total_input_tokens"] == sum(map(len, prompts))
+    assert out["total_output_tokens"] == sum(output_lens)  # eos ignored: every sequence runs to its length
+    assert out["seconds"] > 0 and out["output_tok_s"] == pytest.approx(out["total_output_tokens"] / out["seconds"])
+
+
+def test_throughput_prints_a_summary(tiny_model_folder, capsys):
+    assert main(["bench", "throughput", "--model", str(tiny_model_folder), "--num-seqs", "2", "--max-input", "8",
+                 "--min-input", "8", "--min-output", "3", "--max-output", "3", "--temperature", "0"]) == 0
+    assert "2 sequences, 16 prompt tokens, 6 generated in" in capsys.readouterr().out
+
+
+def test_workloads_are_reproducible_and_in_range():
+    prompts, outs = bench.throughput_workload(50, (3, 7), (1, 4), vocab_size=151936, seed=0)
+    assert (prompts, outs) == bench.throughput_workload(50, (3, 7), (1, 4), vocab_size=151936, seed=0)
+    assert all(3 <= len(p) <= 7 for p in prompts) and all(1 <= n <= 4 for n in outs)
+    assert all(0 <= t < bench.PROMPT_VOCAB for p in prompts for t in p)
+    assert max(t for p in bench.random_prompts([200], vocab_size=100, seed=0) for t in p) < 100
+    warm, prefill, decode = bench.latency_prompts(16, 2, vocab_size=151936)
+    assert len(prefill) == len(decode) == 2
+    assert len({tuple(p) for p in [warm, *prefill, *decode]}) == 5  # no run can reuse another's prefix
+    with pytest.raises(ValueError, match="min-output"):
+        bench.throughput_workload(2, (1, 4), (5, 4), vocab_size=100)
+
+
+def test_latency_refuses_a_prompt_that_would_be_chunked(tiny_model_folder):
+    from r1 import LLM
+    llm = LLM(str(tiny_model_folder), max_num_batched_tokens=16, progress=False)
+    with pytest.raises(ValueError, match="chunks of 16"):
+        bench.latency(llm, prompt_len=32, output_len=4)
+    with pytest.raises(ValueError, match="context holds"):
+        bench.latency(llm, prompt_len=16, output_len=300)
