@@ -110,10 +110,10 @@ def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfi
     if quant in GGUF_PRESETS:
         qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
         return qtype, _ggml_bytes(qtype, numel)
-    linear = name.startswith("blk.") and len(shape) == 2
+    linear = (name.startswith("blk.") and len(shape) == 2) or name == "output.weight"
     if linear and quant == "int4":  # packed nibbles; a bf16 scale and zero per group of 32
         return "int4 + bf16 scale, zero / 32", numel // 2 + shape[0] * -(-shape[1] // INT4_GROUP) * 4
-    if linear or name == "output.weight":  # int8 with a bf16 scale per output row
+    if linear:  # int8 with a bf16 scale per output row
         return "int8 + bf16 scale / row", numel + shape[0] * 2
     return f"{compute}: embedding, norms, biases", numel * DTYPES[compute].itemsize
 
@@ -143,7 +143,7 @@ def weight_line(cfg: ModelConfig, quant: str, compute: str) -> Line:
         part[0] += math.prod(shape)
         part[1] += nbytes
     layout = (f"llama.cpp {quant.upper()} layout" if quant in GGUF_PRESETS
-              else "r1 weight-only int8" if quant == "int8" else "r1 weight-only int4, lm_head int8")
+              else f"r1 weight-only {quant}")
     terms = " + ".join(f"{n / 1e6:,.1f}M x {b / n:.4g} B ({label})" for label, (n, b) in parts.items())
     return Line("weights", sum(b for _, b in parts.values()), f"{layout}: {terms}")
 

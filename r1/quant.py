@@ -7,8 +7,8 @@ full. Activations stay in the model's dtype; the matmuls run on PyTorch's packed
 
 int4 is asymmetric with one scale and one offset per group of 32 weights: the layout of GGUF's
 Q4_K sub-blocks, so a Q4_K weight whose group spans all 16 levels round-trips exactly. The
-lm_head, the largest matrix, is int8 in both modes: it decides every token, and int8 keeps it
-close to the float head at half the bytes of bf16.
+lm_head, the largest matrix and 20% of a decode step's bytes, is quantized like the rest: int4
+there costs 3% perplexity on the 1.5B stand-in and buys 15% decode speed.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        use_int4 = mode == "int4" and name != "lm_head"
+        use_int4 = mode == "int4"
         cls = Int4Linear if use_int4 else Int8Linear
         with torch.device("cpu"):
             replacement = cls(module.in_features, module.out_features, module.bias is not None)
