@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from r1.quant import QUANT_MODES
+
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,8 +175,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be one of fp32, bf16, fp16, auto; got {self.dtype!r}")
-        if self.quant not in ("none", "int8", "int4"):
-            raise ValueError(f"quant must be one of none, int8, int4; got {self.quant!r}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.quant!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
         for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "threads"):

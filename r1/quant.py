@@ -25,15 +25,34 @@ INT4_GROUP_SIZE = 32
 PACKED_KERNEL_MAX_ROWS = 32
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, with q int8 (out, in) and one scale per output row."""
+class QuantizedLinear(nn.Module):
+    """A linear whose weight is set once (quantized) and multiplied in bf16 on packed kernels."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(rows, in) bf16 -> (rows, out) bf16."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x @ (q * scale).T + bias, with q int8 (out, in) and one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("qweight", torch.empty(0, dtype=torch.int8), persistent=False)
         self.register_buffer("scales", torch.empty(0, dtype=torch.bfloat16), persistent=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def set_weight(self, weight: torch.Tensor) -> None:
         w = weight.float()
@@ -41,27 +60,22 @@ class Int8Linear(nn.Module):
         self.qweight = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         self.scales = scales.to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= PACKED_KERNEL_MAX_ROWS:
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-        else:
-            y = x2 @ (self.qweight.to(torch.bfloat16) * self.scales[:, None]).T
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+            return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        return x2 @ (self.qweight.to(torch.bfloat16) * self.scales[:, None]).T
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """Group-wise asymmetric int4: w = (q - 8) * scale + zero per group of `group_size` inputs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = INT4_GROUP_SIZE):
-        super().__init__()
         if in_features % group_size:
             raise ValueError(f"int4 needs in_features ({in_features}) divisible by the group size ({group_size})")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_and_zeros", torch.empty(0, dtype=torch.bfloat16), persistent=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def set_weight(self, weight: torch.Tensor) -> None:
         n, k, g = self.out_features, self.in_features, self.group_size
@@ -90,14 +104,10 @@ class Int4Linear(nn.Module):
         wt.sub_(8).mul_(scale[:, None, :]).add_(zero[:, None, :])
         return wt.view(k, n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] > PACKED_KERNEL_MAX_ROWS and self.out_features % 64 == 0 and _kernel_layout_is_known():
-            y = x2 @ self.dequantized_t()  # prefill: one bf16 GEMM runs ~2x faster than the packed kernel
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+            return x2 @ self.dequantized_t()  # prefill: one bf16 GEMM runs ~2x faster than the packed kernel
+        return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
 
 
 @functools.cache
@@ -110,9 +120,6 @@ def _kernel_layout_is_known() -> bool:
     return torch.equal(probe.dequantized_t().float().T, levels)
 
 
-QuantizedLinear = (Int8Linear, Int4Linear)
-
-
 def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:
     """Swap the decoder's linears (and the lm_head) for empty quantized ones, before loading."""
     if mode not in QUANT_MODES:
@@ -121,11 +128,10 @@ def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:
         return
     if device.type != "cpu":
         raise ValueError(f"--quant {mode} runs on the CPU's packed kernels; on {device.type} use --quant none")
+    cls = Int4Linear if mode == "int4" else Int8Linear
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        use_int4 = mode == "int4"
-        cls = Int4Linear if use_int4 else Int8Linear
         with torch.device("cpu"):
             replacement = cls(module.in_features, module.out_features, module.bias is not None)
         parent_name, _, leaf = name.rpartition(".")
