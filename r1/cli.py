@@ -50,13 +50,19 @@ def _params(a: argparse.Namespace):
                           stop=a.stop)
 
 
-def _load(a: argparse.Namespace, progress: bool = True):
+def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
+    """The LLM that _model_args describes; subcommands add their own engine options."""
     from r1.llm import LLM
-    if not a.json:
+    return LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
+               max_model_len=a.max_model_len, quant=a.quant, progress=progress, **engine_options)
+
+
+def _load(a: argparse.Namespace, quiet: bool = False, **engine_options):
+    """_build_llm, saying on stderr what is loading and what it became (unless quiet)."""
+    if not quiet:
         err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
-    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-              max_model_len=a.max_model_len, quant=a.quant, progress=progress)
-    if not a.json:
+    llm = _build_llm(a, progress=not quiet, **engine_options)
+    if not quiet:
         err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
                   f"context {llm.engine.max_model_len} tokens[/dim]")
     return llm
@@ -90,7 +96,7 @@ def _stats(o) -> str:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    llm = _load(a, progress=not a.json)
+    llm = _load(a, quiet=a.json)
     params = _params(a)
     prompt = a.prompt if a.raw else [{"role": "user", "content": a.prompt}]
     if a.json:
@@ -107,7 +113,6 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    a.json = False
     llm = _load(a)
     params = _params(a)
     history: list[dict] = []
@@ -146,13 +151,8 @@ def cmd_info(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
-    from r1.llm import LLM
     from r1.server.app import ServerConfig, serve
-    err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
-    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens,
-              quant=a.quant)
-    err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, context {llm.engine.max_model_len} tokens[/dim]")
+    llm = _load(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
     # The environment keeps the key out of the process list.
     config = ServerConfig(served_model_name=a.served_model_name or a.model,
                           api_key=a.api_key or os.environ.get("R1_API_KEY"), max_requests=a.max_requests)
@@ -166,7 +166,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from r1.eval.data import TASKS, find_data, read_problems
     from r1.eval.report import EvalProgress, summary_table
     from r1.eval.runner import EvalSettings, check_out_dir, run_eval
-    from r1.llm import LLM
     if a.task is None:
         raise ValueError(f"r1 eval needs --task ({', '.join(TASKS)}); to print a finished run: r1 eval report DIR")
     for name in ("samples", "limit", "max_tokens"):
@@ -180,9 +179,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     problems = read_problems(data_path)[:a.limit]
     err.print(f"[dim]{a.task}: {len(problems)} problems x {settings.samples} samples from {escape(str(data_path))}; "
               f"loading {escape(a.model)} ...[/dim]")
-    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-              max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens,
-              quant=a.quant)
+    llm = _build_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
     if llm.engine.max_model_len < settings.max_tokens + 2048:
         err.print(f"[yellow]the context holds {llm.engine.max_model_len} tokens: a sample whose prompt plus "
                   f"{settings.max_tokens} new tokens exceeds it stops early and counts as cut off[/yellow]")
@@ -279,14 +276,12 @@ def cmd_memory(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from r1 import bench
-    from r1.llm import LLM
     machine = bench.machine()  # before loading: its load average is the other work on the machine
     if not a.json:
         err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
     # The latency prompt must be prefilled as one chunk.
     chunk = max(2048, a.prompt_len if a.bench == "latency" else 0)
-    llm = LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads, quant=a.quant,
-              max_model_len=a.max_model_len, max_num_batched_tokens=chunk, progress=not a.json)
+    llm = _build_llm(a, progress=not a.json, max_num_batched_tokens=chunk)
     result = {"bench": a.bench, **bench.engine_settings(llm, a.model), "seed": a.seed}
     if a.bench == "latency":
         result |= bench.latency(llm, a.prompt_len, a.output_len, a.repeats, a.seed)

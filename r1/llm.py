@@ -134,10 +134,7 @@ class LLM:
     def stream(self, prompt: Prompt | list[Message], params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[RequestOutput]:
         """Run one request alone, yielding its incremental outputs."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
-        request_id = self._add(prompt, params, chat)
+        request_id = self._add(prompt, _checked(params or SamplingParams()), chat)
         while True:
             for out in self.engine.step():
                 if out.request_id == request_id:
@@ -171,9 +168,7 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        for p in params:
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling params must be SamplingParams, not {type(p).__name__}")
+        params = [_checked(p) for p in params]  # all of them before any request is queued
         added = []  # (request id, prompt index, sample index, prompt ids)
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -193,6 +188,12 @@ class LLM:
                 if out.finished:
                     remaining.discard(out.request_id)
         return [_collect(rid, i, j, ids, parts[rid]) for rid, i, j, ids in added]
+
+
+def _checked(params) -> SamplingParams:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
+    return params
 
 
 def expand_samples(params: SamplingParams) -> list[SamplingParams]:
