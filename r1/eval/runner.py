@@ -234,7 +234,7 @@ def read_samples(path: Path, repair: bool = False) -> list[dict]:
 
 
 # What must match for --resume: anything that changes what a sample is.
-_RESUME_KEYS = ("task", "settings", "prompt", "data_sha256", "model_sha256", "dtype")
+_RESUME_KEYS = ("task", "settings", "prompt", "data_sha256", "model_sha256", "dtype", "quant")
 
 
 def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, resume: bool) -> dict:
@@ -272,7 +272,8 @@ def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, r
 def _identity(m: dict) -> dict:
     model = m["model"]
     return {"task": m["task"], "settings": m["settings"], "prompt": m["prompt"], "data_sha256": m["data"]["sha256"],
-            "model_sha256": model.get("sha256") or model.get("files"), "dtype": m["engine"]["dtype"]}
+            "model_sha256": model.get("sha256") or model.get("files"), "dtype": m["engine"]["dtype"],
+            "quant": m["engine"]["quant"]}
 
 
 def _write_json(path: Path, obj: dict) -> None:
