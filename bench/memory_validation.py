@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -111,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from r1 import bench
+
+    machine = bench.machine()  # before the runs: the load average is the other work on the machine
     results = []
     for point in a.points:
         dtype, context, batch = point.split(":")
@@ -126,16 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         "what": "peak RSS of r1 on the CPU (getrusage ru_maxrss, fresh subprocess per point) against "
                 "r1.memory.plan(device='cpu'); loading and serving peaks measured apart (clear_refs reset)",
         "model": a.model,
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "threads": torch.get_num_threads(),
         "gpu": "none in this session: torch.cuda.max_memory_allocated was not recorded",
         "tolerance": TOLERANCE,
         "worst_error": worst,
         "within_tolerance": worst <= TOLERANCE,
         "points": results,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    bench.save(a.out, report, machine)
     print(f"worst error {worst:.1%} (tolerance {TOLERANCE:.0%}); wrote {a.out}")
     return 0 if worst <= TOLERANCE else 1
 

@@ -46,10 +46,6 @@ CPU_RUNTIME_BYTES = int(0.45 * GiB)
 # Not measured (no GPU this session): a torch CUDA context with cuBLAS, and caching-allocator slack.
 CUDA_CONTEXT_BYTES = GiB // 2
 CUDA_ALLOCATOR_SLACK = 0.05
-# The reference attention runs scaled_dot_product_attention on 3-D tensors, which torch sends to
-# its math kernel: fp32 scores, mask and softmax. Measured peak: ~2.5 score-sized buffers per call.
-# A fused (flash) kernel keeps only tiles: set this to 0 when the engine uses one.
-SCORE_BUFFERS = 2.5
 # Measured: gguf's numpy dequantization peaks at ~16 B per weight of the tensor it is working on.
 GGUF_DEQUANT_BYTES_PER_WEIGHT = 16
 # The engine's KV pool without a stated size: a fixed CPU budget; on CUDA, this share of free memory.
@@ -203,10 +199,11 @@ def activation_bytes(cfg: ModelConfig, step_tokens: int, context: int, act_items
     """Peak temporaries of one forward of `step_tokens` new tokens whose longest sequence attends
     to `context` tokens: the hidden stream plus the larger of attention's and the MLP's buffers."""
     stream = step_tokens * (3 * cfg.hidden_size * 4 + (3 * cfg.q_size + 4 * cfg.kv_size) * act_itemsize)
-    # One scaled_dot_product_attention call per sequence: the longest query chunk sees the whole context.
-    scores = int(SCORE_BUFFERS * cfg.num_attention_heads * min(step_tokens, context) * context * 4)
+    # Attention copies one sequence's keys and values out of the paged cache per call; the fused
+    # (flash) kernel it then runs keeps only tiles of the scores.
+    gathered_kv = 2 * context * cfg.kv_size * act_itemsize
     mlp = 3 * step_tokens * cfg.intermediate_size * act_itemsize
-    return stream + max(scores, mlp)
+    return stream + max(gathered_kv, mlp)
 
 
 def logits_bytes(cfg: ModelConfig, rows: int, act_itemsize: int) -> int:
@@ -287,8 +284,8 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
     step = min(engine.max_num_batched_tokens, batch * context)
     acts = Line("activations", activation_bytes(cfg, step, context, a),
                 f"prefill chunk C={step:,}: C x (3 x {cfg.hidden_size} x 4 + (3 x {cfg.q_size} + 4 x {cfg.kv_size})"
-                f" x {a}) + max(attention {SCORE_BUFFERS} x {cfg.num_attention_heads} heads x min(C, context) x "
-                f"{context:,} x 4 B, MLP 3 x C x {cfg.intermediate_size} x {a})")
+                f" x {a}) + max(attention's gathered K, V 2 x {context:,} x {cfg.kv_size} x {a}, "
+                f"MLP 3 x C x {cfg.intermediate_size} x {a})")
     rows = min(batch, engine.max_num_seqs)
     logits = Line("logits", logits_bytes(cfg, rows, a),
                   f"{rows} rows x {cfg.vocab_size:,} vocab x ({a} + 3 x 4 B) (head output, fp32, sampling copies)")
