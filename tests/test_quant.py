@@ -7,6 +7,7 @@ import torch
 
 from r1.eval.perplexity import perplexity, token_logits
 from r1.loaders import load_model, open_model_files
+from r1 import quant
 from r1.quant import Int4Linear, Int8Linear
 
 # A fixed text: prose, code and numbers, so every kind of token is scored.
@@ -25,13 +26,18 @@ def is_prime(n: int) -> bool:
 The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are 25 primes below 100."""
 
 # Bounds: the perplexity may rise by at most this fraction over the float model's.
-PPL_BOUND = {"int8": 0.02, "int4": 0.10}
+PPL_BOUND = {"int8": 0.02, "int4": 0.10, "int4-portable": 0.10}
 
 
 @pytest.fixture(scope="module")
 def models(small_gguf):
+    """The float model, int8, int4 on the fastest kernel here and int4 on PyTorch's portable one."""
     files = open_model_files(str(small_gguf))
-    return {q: load_model(files, torch.float32, "cpu", progress=False, quant=q) for q in ("none", "int8", "int4")}
+    out = {q: load_model(files, torch.float32, "cpu", progress=False, quant=q) for q in ("none", "int8", "int4")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant, "int4_linear_class", lambda: Int4Linear)
+        out["int4-portable"] = load_model(files, torch.float32, "cpu", progress=False, quant="int4")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +47,33 @@ def token_ids(small_gguf):
 
 
 def test_layers_are_quantized(models):
+    int4 = quant.int4_linear_class()
     layer = models["int4"].model.layers[0]
-    assert isinstance(layer.mlp.down_proj, Int4Linear) and isinstance(layer.self_attn.q_proj, Int4Linear)
-    assert isinstance(models["int4"].lm_head, Int4Linear)
-    assert isinstance(models["int8"].model.layers[0].mlp.up_proj, Int8Linear)
+    assert isinstance(layer.mlp.down_proj, int4) and isinstance(layer.self_attn.qkv_proj, int4)
+    assert isinstance(models["int4"].lm_head, int4)
+    assert isinstance(models["int4-portable"].model.layers[0].mlp.gate_up_proj, Int4Linear)
+    assert isinstance(models["int8"].model.layers[0].mlp.gate_up_proj, Int8Linear)
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_perplexity_stays_close_to_float(models, token_ids, quant):
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-portable"])
+def test_perplexity_stays_close_to_float(models, token_ids, mode):
     base = perplexity(models["none"], token_ids)
-    got = perplexity(models[quant], token_ids)
+    got = perplexity(models[mode], token_ids)
     assert 1.5 < base < 20  # the float model reads the text sensibly
-    assert got < base * (1 + PPL_BOUND[quant]), (quant, base, got)
+    assert got < base * (1 + PPL_BOUND[mode]), (mode, base, got)
 
 
-# Worst position's relative logit error over the first 64 tokens (measured: int8 0.09, int4 0.27)
-# and top-1 agreement with the float model (measured: int8 0.98, int4 0.83).
-@pytest.mark.parametrize("quant, bound", [("int8", 0.15), ("int4", 0.35)])
-def test_logit_error_is_bounded(models, token_ids, quant, bound):
+# Worst position's relative logit error over the first 64 tokens (measured: int8 0.09, int4 on
+# the VNNI kernel 0.32, whose int8 activations add to the weights' error, on the portable one
+# 0.27) and top-1 agreement with the float model (measured: int8 0.98, int4 0.83 on either).
+@pytest.mark.parametrize("mode, bound", [("int8", 0.15), ("int4", 0.35), ("int4-portable", 0.35)])
+def test_logit_error_is_bounded(models, token_ids, mode, bound):
     ref = token_logits(models["none"], token_ids[:64])
-    got = token_logits(models[quant], token_ids[:64])
+    got = token_logits(models[mode], token_ids[:64])
     rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert rel < bound, rel
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree > (0.95 if quant == "int8" else 0.78), agree
+    assert agree > (0.95 if mode == "int8" else 0.78), agree
 
 
 def test_quantizing_on_another_device_is_refused(small_gguf):

@@ -18,7 +18,7 @@ from torch import nn
 
 from r1.config import ModelConfig
 from r1.loaders import gguf, hub, safetensors
-from r1.model.qwen2 import Qwen2ForCausalLM
+from r1.model.qwen2 import Qwen2ForCausalLM, fused_linears
 from r1.quant import QuantizedLinear, quantize_linears
 
 # DeepSeek's recommended sampling, used when the files carry no generation_config.json.
@@ -87,6 +87,21 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, dtype: tor
         setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
 
 
+def _checkpoint_layout(model: Qwen2ForCausalLM) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
+    """checkpoint tensor name -> (its shape, the parameter it fills, its part index, the number of
+    parts): the model's own names, with each fused linear split back into the linears it stacks."""
+    fused = fused_linears(model.config)
+    layout = {}
+    for name, p in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, module = module_path.rpartition(".")
+        parts = fused.get(module, ((module, p.shape[0]),))
+        for i, (part, rows) in enumerate(parts):
+            checkpoint_name = ".".join(filter(None, (parent, part, leaf)))
+            layout[checkpoint_name] = ((rows, *p.shape[1:]), name, i, len(parts))
+    return layout
+
+
 def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str,
                progress: bool = True, quant: str = "none") -> Qwen2ForCausalLM:
     """Build the model on meta and stream the checkpoint's tensors into it (quantizing as they come)."""
@@ -95,9 +110,9 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str
 
     with torch.device("meta"):
         model = Qwen2ForCausalLM(files.config)
-    expected = {name: p.shape for name, p in model.named_parameters()}  # before quantization: HF shapes
+    layout = _checkpoint_layout(model)  # before quantization: float shapes
     quantize_linears(model, quant, torch.device(device))
-    loaded = set()
+    loaded, parts_seen = set(), {}
     bar = Progress(TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress)
     with bar:
@@ -106,20 +121,27 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str
             bar.advance(task)
             if name.endswith("rotary_emb.inv_freq"):  # old checkpoints store it; we compute it
                 continue
-            if name not in expected:
+            if name not in layout:
                 raise ValueError(f"{files.path}: unexpected tensor {name!r} for a Qwen2 model")
-            if tuple(tensor.shape) != tuple(expected[name]):
+            shape, target, part, num_parts = layout[name]
+            if tuple(tensor.shape) != shape:
                 raise ValueError(f"{files.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"the config implies {tuple(expected[name])}")
-            _set_parameter(model, name, tensor, dtype, device)
+                                 f"the config implies {shape}")
             loaded.add(name)
+            if num_parts > 1:  # a part of a fused linear: set it once all its parts are in
+                parts = parts_seen.setdefault(target, {})
+                parts[part] = tensor
+                if len(parts) < num_parts:
+                    continue
+                tensor = torch.cat([parts.pop(i) for i in range(num_parts)])
+            _set_parameter(model, target, tensor, dtype, device)
     if files.config.tie_word_embeddings and "lm_head.weight" not in loaded:
         if isinstance(model.lm_head, QuantizedLinear):
             model.lm_head.set_weight(model.model.embed_tokens.weight)
         else:
             model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(layout) - loaded)
     if missing:
         raise ValueError(f"{files.path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return model.eval()

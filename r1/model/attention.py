@@ -10,10 +10,19 @@ not decide which blocks a sequence gets (the engine's block manager does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class DecodeGroup:
+    """The sequences of a step that decode one token each, attended to in one batched call."""
+
+    rows: torch.Tensor | None  # their query rows in the flat batch; None when they are all the rows
+    block_tables: torch.Tensor  # (D, blocks) the blocks that hold the longest one's tokens
+    mask: torch.Tensor  # (D, 1, blocks * block_size) float: 0 where cached, -inf past each length
 
 
 @dataclass
@@ -24,10 +33,29 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # (B, max_blocks) int64: each sequence's blocks, in order
     query_lens: list[int]  # new tokens per sequence; they sum to N
     seq_lens: list[int]  # cached + new tokens per sequence (what its queries attend to)
+    _decode_group: DecodeGroup | None = field(default=None, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    def decode_group(self, block_size: int) -> DecodeGroup | None:
+        """The sequences that decode one token (None if none); built once per step."""
+        decoding = [i for i, n in enumerate(self.query_lens) if n == 1]
+        if not decoding:
+            return None
+        if self._decode_group is None:
+            device = self.block_tables.device
+            lens = torch.tensor([self.seq_lens[i] for i in decoding], device=device)
+            num_blocks = -(-max(self.seq_lens[i] for i in decoding) // block_size)
+            cached = torch.arange(num_blocks * block_size, device=device)[None, :] < lens[:, None]
+            mask = torch.zeros(cached.shape, device=device).masked_fill_(~cached, float("-inf"))
+            all_rows = len(decoding) == len(self.query_lens)
+            starts = torch.tensor(self.query_lens, device=device).cumsum(0) - 1  # a decode row ends its sequence
+            self._decode_group = DecodeGroup(
+                rows=None if all_rows else starts[decoding],
+                block_tables=self.block_tables[decoding, :num_blocks], mask=mask[:, None, :])
+        return self._decode_group
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -47,27 +75,54 @@ def write_kv(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_m
 def _gather_seq(layer_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
     """A sequence's cached keys and values as two (seq_len, kv_heads, head_dim) tensors."""
     block_size = layer_cache.shape[2]
-    num_blocks = -(-seq_len // block_size)
-    blocks = block_table[:num_blocks]
-    kv = layer_cache[:, blocks]  # (2, num_blocks, block_size, kv_heads, head_dim)
-    kv = kv.flatten(1, 2)[:, :seq_len]
-    return kv[0], kv[1]
+    blocks = block_table[:-(-seq_len // block_size)]
+    # index_select on the leading dim copies whole blocks; indexing dim 1 of the cache is 5x slower
+    k, v = (layer_cache[i].index_select(0, blocks).flatten(0, 1)[:seq_len] for i in (0, 1))
+    return k, v
+
+
+def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, group: DecodeGroup, scale: float) -> torch.Tensor:
+    """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches, batched.
+
+    Their keys and values are gathered to the longest one's length and the rest is masked off:
+    a few large ops in place of a dozen small ones per sequence. Each kv head's keys stay a
+    strided view that the matmul reads in place (a transposing copy costs more than the math),
+    which is also why this forms the scores by hand rather than through SDPA.
+    """
+    d, heads, head_dim = q.shape
+    kv_heads = layer_cache.shape[3]
+    blocks = group.block_tables.flatten()
+    k = layer_cache[0].index_select(0, blocks).view(d, -1, kv_heads, head_dim)  # (D, L, kv_heads, head_dim)
+    v = layer_cache[1].index_select(0, blocks).view(d, -1, kv_heads, head_dim)
+    q = q.view(d, kv_heads, heads // kv_heads, head_dim)  # the query heads that share each kv head
+    out = []
+    for h in range(kv_heads):
+        scores = (q[:, h] @ k[:, :, h].transpose(1, 2)).float() * scale + group.mask  # (D, group, L)
+        out.append(scores.softmax(-1).to(v.dtype) @ v[:, :, h])
+    return torch.stack(out, 1).view(d, heads, head_dim)
 
 
 def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of the new queries (N, heads, head_dim) to each sequence's cache.
 
-    The reference path, for every device: one scaled_dot_product_attention call per sequence.
+    Sequences that decode one token run together (decode_attention); each prefill chunk gets
+    its own scaled_dot_product_attention call.
     """
+    group = meta.decode_group(layer_cache.shape[2])
+    if group is not None and group.rows is None:
+        return decode_attention(q, layer_cache, group, scale)
     out = torch.empty_like(q)
+    if group is not None:
+        out[group.rows] = decode_attention(q[group.rows], layer_cache, group, scale)
     start = 0
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+        if q_len == 1:  # a decode token (it sees everything cached): done above, in the group
+            start += 1
+            continue
         k, v = _gather_seq(layer_cache, meta.block_tables[i], seq_len)
         q_i = q[start:start + q_len].transpose(0, 1)  # (heads, q_len, head_dim)
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, seq_len, head_dim)
-        if q_len == 1:  # a decode token sees everything cached
-            mask, causal = None, False
-        elif q_len == seq_len:  # a whole prompt with nothing cached before it
+        if q_len == seq_len:  # a whole prompt with nothing cached before it
             mask, causal = None, True
         else:  # a prefill chunk after cached tokens: query j sits at position seq_len - q_len + j
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)

@@ -15,22 +15,29 @@ from r1.model.attention import AttentionMetadata, paged_attention, write_kv
 from r1.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
 
 
+def fused_linears(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """The linears the model fuses, each with the checkpoint linears it stacks and their rows.
+
+    Checkpoints store q, k, v and gate, up as separate linears of the same input; one matmul
+    for each group reads the input once and halves the calls of a decode step.
+    """
+    return {"qkv_proj": (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)),
+            "gate_up_proj": (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size))}
+
+
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=True)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=True)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata):
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, heads, head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, kv_heads, head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        n, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
+        heads = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # query, key, value heads
+        rotated = apply_rotary(heads[:, :h + kv], cos, sin)  # queries and keys in one call
+        q, k, v = rotated[:, :h], rotated[:, h:], heads[:, h + kv:]
         write_kv(layer_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, layer_cache, meta, self.scale)  # (N, heads, head_dim)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))

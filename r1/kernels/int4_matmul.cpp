@@ -1,0 +1,159 @@
+// y = x @ W.T for group-wise int4 W on an AVX-512 VNNI CPU, the kernel behind `--quant int4`.
+//
+// Why our own: PyTorch's `_weight_int4pack_mm_for_cpu` widens every weight to float and runs
+// FMAs, so on two cores it tops out near 33 G weights/s, below the memory bus (a decode step
+// reads 1.5 G weights). Here the activations are quantized to int8 per weight group, as
+// llama.cpp does, and `vpdpbusd` multiplies 64 int4 x int8 pairs per instruction, so a decode
+// step is bound by memory, and the weights unpacked once serve up to 8 activation rows.
+//
+// Weight layout (packed by r1/quant.py): rows in tiles of 16, one zmm lane per output row.
+// packed[tile][k / 8] is 64 bytes; byte 4 * r + j holds W[16 tile + r][k + j] (j < 4) in its
+// low nibble and W[16 tile + r][k + 4 + j] in its high one, levels 0..15. scales and mins are
+// (tiles, K / group, 16) bf16: W = scale * level + min within a group.
+//
+// Per group, with x ~ dx * qx (qx int8, dx one float per row and group):
+//   sum_k W x = scale * dx * sum_k level * qx  +  min * sum_k x
+// The first sum is exact in int32; the second uses the float x.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+namespace {
+
+constexpr int64_t kTileRows = 16;  // output rows per tile: one zmm of int32 lanes
+constexpr int kMaxRows = 8;        // activation rows that share one unpacking of a tile's weights
+
+inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Row m of x (K floats) -> qx (K int8), and per group: dx = max|x| / 127 and xsum = sum x.
+void quantize_row(const float* x, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float* xg = x + g * group;
+    __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < group; i += 16) {
+      __m512 v = _mm512_loadu_ps(xg + i);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      sum = _mm512_add_ps(sum, v);
+    }
+    const float d = _mm512_reduce_max_ps(amax) / 127.f;
+    const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    for (int64_t i = 0; i < group; i += 16) {
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), inv));  // round to nearest
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + g * group + i), _mm512_cvtsepi32_epi8(q));
+    }
+    dx[g] = d;
+    xsum[g] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// One tile of 16 output rows for `Rows` activation rows: y[m][0..16) = bias + x[m] . W.
+template <int Rows>
+void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* mins, const float* bias,
+                 const int8_t* qx, const float* dx, const float* xsum, int64_t K, int64_t group, float* y,
+                 int64_t ldy) {
+  const int64_t groups = K / group;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[Rows];
+  for (int m = 0; m < Rows; ++m) acc[m] = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[Rows];
+    for (int m = 0; m < Rows; ++m) dot[m] = _mm512_setzero_si512();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      const __m512i packed = _mm512_loadu_si512(w + k * 8);
+      const __m512i lo = _mm512_and_si512(packed, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      for (int m = 0; m < Rows; ++m) {
+        const int8_t* xm = qx + m * K + k;
+        dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(load_i32(xm)));
+        dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(load_i32(xm + 4)));
+      }
+    }
+    const __m512 scale = bf16x16_to_f32(scales + g * kTileRows), min = bf16x16_to_f32(mins + g * kTileRows);
+    for (int m = 0; m < Rows; ++m) {
+      const __m512 s = _mm512_mul_ps(scale, _mm512_set1_ps(dx[m * groups + g]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), s, acc[m]);
+      acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < Rows; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
+using TileFn = void (*)(const uint8_t*, const at::BFloat16*, const at::BFloat16*, const float*, const int8_t*,
+                        const float*, const float*, int64_t, int64_t, float*, int64_t);
+constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>,
+                                       tile_kernel<5>, tile_kernel<6>, tile_kernel<7>, tile_kernel<8>};
+
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& mins, int64_t group, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous (M, K) float32");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be contiguous (N/16, K/8, 64) uint8");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * kTileRows, groups = K / group;
+  TORCH_CHECK(group % 16 == 0 && K % group == 0 && packed.size(1) * 8 == K, "K must be a multiple of the group size");
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}) && scales.sizes() == mins.sizes() &&
+                  scales.scalar_type() == at::kBFloat16 && mins.scalar_type() == at::kBFloat16 &&
+                  scales.is_contiguous() && mins.is_contiguous(),
+              "scales and mins must be contiguous (N/16, K/group, 16) bf16");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                        bias->is_contiguous()),
+              "bias must be contiguous (N,) float32");
+
+  auto qx = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto dx = at::empty({M, groups}, x.options());
+  auto xsum = at::empty({M, groups}, x.options());
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(x.const_data_ptr<float>() + m * K, K, group, qx.mutable_data_ptr<int8_t>() + m * K,
+                   dx.mutable_data_ptr<float>() + m * groups, xsum.mutable_data_ptr<float>() + m * groups);
+  });
+
+  auto y = at::empty({M, N}, x.options());
+  // Tiles in blocks whose weights stay in L2 while every 8-row slice of x passes over them; a
+  // decode step (M <= 8) reads each tile once, so its blocks are single tiles for load balance.
+  const int64_t tile_bytes = K / 2 * kTileRows;
+  const int64_t block = M <= kMaxRows ? 1 : std::clamp<int64_t>((256 << 10) / tile_bytes, 1, tiles);
+  const auto* w = packed.const_data_ptr<uint8_t>();
+  const auto* sc = scales.const_data_ptr<at::BFloat16>();
+  const auto* mn = mins.const_data_ptr<at::BFloat16>();
+  const auto* q = qx.const_data_ptr<int8_t>();
+  const auto* d = dx.const_data_ptr<float>();
+  const auto* s = xsum.const_data_ptr<float>();
+  const float* bias_ptr = bias ? bias->const_data_ptr<float>() : nullptr;
+  auto* out = y.mutable_data_ptr<float>();
+  at::parallel_for(0, (tiles + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * block, last = std::min(tiles, first + block);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        for (int64_t t = first; t < last; ++t)
+          kTileFns[rows - 1](w + t * tile_bytes, sc + t * groups * kTileRows, mn + t * groups * kTileRows,
+                             bias_ptr ? bias_ptr + t * kTileRows : nullptr, q + m0 * K, d + m0 * groups, s + m0 * groups,
+                             K, group, out + m0 * N + t * kTileRows, N);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(r1, m) {
+  m.def("int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group, Tensor? bias) -> Tensor");
+  m.impl("int4_matmul", c10::DispatchKey::CPU, TORCH_FN(int4_matmul));
+}
