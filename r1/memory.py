@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from r1.config import DTYPES, EngineConfig, ModelConfig
+from r1.model.attention import DECODE_GATHER_TOKENS
 
 GiB = 1 << 30
 
@@ -195,13 +196,22 @@ def model_source(name: str) -> ModelSource:
 
 # ---- one engine step --------------------------------------------------------------------------
 
-def activation_bytes(cfg: ModelConfig, step_tokens: int, context: int, act_itemsize: int) -> int:
+def gathered_tokens(context: int, decode_rows: int) -> int:
+    """The most cached tokens attention copies out of the paged cache at once: a prefill chunk's
+    sequence, or decoding sequences padded to the longest, DECODE_GATHER_TOKENS at a time."""
+    return max(context, min(decode_rows * context, DECODE_GATHER_TOKENS))
+
+
+def activation_bytes(cfg: ModelConfig, step_tokens: int, context: int, act_itemsize: int,
+                     decode_rows: int = 1) -> int:
     """Peak temporaries of one forward of `step_tokens` new tokens whose longest sequence attends
-    to `context` tokens: the hidden stream plus the larger of attention's and the MLP's buffers."""
+    to `context` tokens, `decode_rows` of them decoding: the hidden stream plus the larger of
+    attention's and the MLP's buffers."""
     stream = step_tokens * (3 * cfg.hidden_size * 4 + (3 * cfg.q_size + 4 * cfg.kv_size) * act_itemsize)
-    # Attention copies one sequence's keys and values out of the paged cache per call; the fused
-    # (flash) kernel it then runs keeps only tiles of the scores.
-    gathered_kv = 2 * context * cfg.kv_size * act_itemsize
+    # Attention copies keys and values out of the paged cache (the prefill's fused flash kernel
+    # then keeps only tiles of the scores; decoding rows hold fp32 scores and probabilities).
+    per_token = 2 * cfg.kv_size * act_itemsize + 2 * cfg.num_attention_heads * 4
+    gathered_kv = gathered_tokens(context, decode_rows) * per_token
     mlp = 3 * step_tokens * cfg.intermediate_size * act_itemsize
     return stream + max(gathered_kv, mlp)
 
@@ -282,11 +292,12 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
               f"(2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
               f"{KV_DTYPES[kv_dtype].itemsize} B {kv_dtype})")
     step = min(engine.max_num_batched_tokens, batch * context)
-    acts = Line("activations", activation_bytes(cfg, step, context, a),
-                f"prefill chunk C={step:,}: C x (3 x {cfg.hidden_size} x 4 + (3 x {cfg.q_size} + 4 x {cfg.kv_size})"
-                f" x {a}) + max(attention's gathered K, V 2 x {context:,} x {cfg.kv_size} x {a}, "
-                f"MLP 3 x C x {cfg.intermediate_size} x {a})")
     rows = min(batch, engine.max_num_seqs)
+    gathered = gathered_tokens(context, rows)
+    acts = Line("activations", activation_bytes(cfg, step, context, a, rows),
+                f"prefill chunk C={step:,}: C x (3 x {cfg.hidden_size} x 4 + (3 x {cfg.q_size} + 4 x {cfg.kv_size})"
+                f" x {a}) + max(attention's gathered K, V and scores {gathered:,} tokens x (2 x {cfg.kv_size} x {a}"
+                f" + 2 x {cfg.num_attention_heads} x 4), MLP 3 x C x {cfg.intermediate_size} x {a})")
     logits = Line("logits", logits_bytes(cfg, rows, a),
                   f"{rows} rows x {cfg.vocab_size:,} vocab x ({a} + 3 x 4 B) (head output, fp32, sampling copies)")
     loading, reclaimable = None, 0
@@ -436,7 +447,7 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
         max_len = engine.max_model_len or cfg.max_position_embeddings
 
         def room(context: int) -> int:  # KV bytes left once a step at this context has its activations
-            step = activation_bytes(cfg, engine.max_num_batched_tokens, context, dtype.itemsize)
+            step = activation_bytes(cfg, engine.max_num_batched_tokens, context, dtype.itemsize, engine.max_num_seqs)
             return budget - step - logits_bytes(cfg, engine.max_num_seqs, dtype.itemsize)
 
         if room(max_len) >= max_len * per_token:

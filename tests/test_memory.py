@@ -16,6 +16,7 @@ from r1 import memory
 from r1.cli import main
 from r1.config import R1_1_5B, EngineConfig, ModelConfig
 from r1.loaders import gguf
+from r1.model.attention import DECODE_GATHER_TOKENS
 
 GiB = 1 << 30
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,14 @@ def test_activations_follow_the_prefill_chunk_and_the_context():
     assert short < 16 * 3 * cfg.intermediate_size * a * 2  # a 16-token step needs little
     # A decode step of 1 token attends to the context: scores grow only linearly with it.
     assert memory.activation_bytes(cfg, 1, 65536, a) < 2 * memory.activation_bytes(cfg, 1, 32768, a)
+
+
+def test_decoding_rows_are_gathered_together_up_to_a_bound():
+    assert memory.gathered_tokens(100, 4) == 400  # four short sequences at once
+    assert memory.gathered_tokens(8192, 256) == DECODE_GATHER_TOKENS  # many: a slice at a time
+    assert memory.gathered_tokens(131072, 256) == 131072  # never less than one sequence
+    cfg, a = R1_1_5B, 2
+    assert memory.activation_bytes(cfg, 256, 8192, a, 256) > memory.activation_bytes(cfg, 256, 8192, a, 1)
 
 
 # ---- weight formats -----------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
     per_token = 28_672
 
     def reserve(context):
-        return (memory.activation_bytes(R1_1_5B, engine.max_num_batched_tokens, context, 2)
+        return (memory.activation_bytes(R1_1_5B, engine.max_num_batched_tokens, context, 2, engine.max_num_seqs)
                 + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2))
 
     big = memory.kv_pool_tokens(R1_1_5B, engine, cuda, torch.bfloat16, free_bytes=120 * GiB)

@@ -5,25 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1.eval.perplexity import perplexity, token_logits
+from r1.eval.perplexity import REFERENCE_TEXT, perplexity, token_logits
 from r1.loaders import load_model, open_model_files
 from r1 import quant
 from r1.quant import Int4Linear, Int8Linear
-
-# A fixed text: prose, code and numbers, so every kind of token is scored.
-TEXT = """The history of mathematics is the history of people asking simple questions. Why does a
-circle's circumference divided by its diameter always give the same number? Archimedes bounded pi
-between 3 10/71 and 3 1/7 by drawing polygons with 96 sides.
-
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    for d in range(2, int(n ** 0.5) + 1):
-        if n % d == 0:
-            return False
-    return True
-
-The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are 25 primes below 100."""
 
 # Bounds: the perplexity may rise by at most this fraction over the float model's.
 PPL_BOUND = {"int8": 0.02, "int4": 0.10, "int4-portable": 0.10}
@@ -43,7 +28,7 @@ def models(small_gguf):
 @pytest.fixture(scope="module")
 def token_ids(small_gguf):
     from r1.llm import load_tokenizer
-    return load_tokenizer(None, open_model_files(str(small_gguf))).encode(TEXT)
+    return load_tokenizer(None, open_model_files(str(small_gguf))).encode(REFERENCE_TEXT)
 
 
 def test_layers_are_quantized(models):

@@ -13,6 +13,21 @@ import torch
 from r1.model.attention import AttentionMetadata, allocate_kv_cache
 from r1.model.qwen2 import Qwen2ForCausalLM
 
+# The fixed text quantized weights are scored on: prose, code and numbers, so every kind of token counts.
+REFERENCE_TEXT = """The history of mathematics is the history of people asking simple questions. Why does a
+circle's circumference divided by its diameter always give the same number? Archimedes bounded pi
+between 3 10/71 and 3 1/7 by drawing polygons with 96 sides.
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    for d in range(2, int(n ** 0.5) + 1):
+        if n % d == 0:
+            return False
+    return True
+
+The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are 25 primes below 100."""
+
 
 @torch.inference_mode()
 def token_logits(model: Qwen2ForCausalLM, token_ids: list[int]) -> torch.Tensor:

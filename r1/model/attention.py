@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 
+# The most cached tokens decode_attention gathers at once (sequences x the longest one's length).
+DECODE_GATHER_TOKENS = 32768
+
+
 @dataclass
 class DecodeGroup:
     """The sequences of a step that decode one token each, attended to in one batched call."""
@@ -84,22 +88,29 @@ def _gather_seq(layer_cache: torch.Tensor, block_table: torch.Tensor, seq_len: i
 def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, group: DecodeGroup, scale: float) -> torch.Tensor:
     """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches, batched.
 
-    Their keys and values are gathered to the longest one's length and the rest is masked off:
-    a few large ops in place of a dozen small ones per sequence. Each kv head's keys stay a
-    strided view that the matmul reads in place (a transposing copy costs more than the math),
-    which is also why this forms the scores by hand rather than through SDPA.
+    Their keys and values are gathered to the longest one's length L and the rest is masked off:
+    a few large ops in place of a dozen small ones per sequence. The sequences go in slices of
+    at most DECODE_GATHER_TOKENS gathered tokens (at least one sequence), which bounds the copy
+    (r1/memory.py counts it). Each kv head's keys stay a strided view that the matmul reads in
+    place (a transposing copy costs more than the math), which is also why this forms the
+    scores by hand rather than through SDPA.
     """
     d, heads, head_dim = q.shape
-    kv_heads = layer_cache.shape[3]
-    blocks = group.block_tables.flatten()
-    k = layer_cache[0].index_select(0, blocks).view(d, -1, kv_heads, head_dim)  # (D, L, kv_heads, head_dim)
-    v = layer_cache[1].index_select(0, blocks).view(d, -1, kv_heads, head_dim)
+    kv_heads, length = layer_cache.shape[3], group.mask.shape[-1]
     q = q.view(d, kv_heads, heads // kv_heads, head_dim)  # the query heads that share each kv head
+    per_slice = max(1, DECODE_GATHER_TOKENS // length)
     out = []
-    for h in range(kv_heads):
-        scores = (q[:, h] @ k[:, :, h].transpose(1, 2)).float() * scale + group.mask  # (D, group, L)
-        out.append(scores.softmax(-1).to(v.dtype) @ v[:, :, h])
-    return torch.stack(out, 1).view(d, heads, head_dim)
+    for first in range(0, d, per_slice):
+        rows = slice(first, first + per_slice)
+        blocks = group.block_tables[rows].flatten()
+        k = layer_cache[0].index_select(0, blocks).view(-1, length, kv_heads, head_dim)  # (rows, L, kv_heads, head_dim)
+        v = layer_cache[1].index_select(0, blocks).view(-1, length, kv_heads, head_dim)
+        per_head = []
+        for h in range(kv_heads):
+            scores = (q[rows, h] @ k[:, :, h].transpose(1, 2)).float() * scale + group.mask[rows]  # (rows, group, L)
+            per_head.append(scores.softmax(-1).to(v.dtype) @ v[:, :, h])
+        out.append(torch.stack(per_head, 1))  # (rows, kv_heads, group, head_dim)
+    return (out[0] if len(out) == 1 else torch.cat(out)).view(d, heads, head_dim)
 
 
 def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

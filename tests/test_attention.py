@@ -1,0 +1,62 @@
+"""Paged attention against plain per-sequence attention on contiguous keys and values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1.model import attention
+from r1.model.attention import AttentionMetadata, paged_attention, write_kv
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 16, 4
+
+
+def reference(q, keys, values, q_len):
+    """Causal attention of a sequence's last q_len queries to its keys and values (L, kv_heads, D)."""
+    seq_len = keys.shape[0]
+    mask = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - q_len, seq_len)[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                       attn_mask=mask, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def scattered_batch(seq_lens, query_lens, seed=0):
+    """Random keys and values for each sequence, stored in shuffled blocks of one cache."""
+    g = torch.Generator().manual_seed(seed)
+    tables, slots, keys, values = [], [], [], []
+    free = torch.randperm(64, generator=g).tolist()
+    for n in seq_lens:
+        table = [free.pop() for _ in range(-(-n // BLOCK))]
+        tables.append(table + [0] * (8 - len(table)))
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
+        keys.append(torch.randn(n, KV_HEADS, HEAD_DIM, generator=g))
+        values.append(torch.randn(n, KV_HEADS, HEAD_DIM, generator=g))
+    cache = torch.zeros(2, 64, BLOCK, KV_HEADS, HEAD_DIM)
+    write_kv(cache, torch.cat(keys), torch.cat(values), torch.tensor(slots))
+    q = torch.randn(sum(query_lens), HEADS, HEAD_DIM, generator=g)
+    meta = AttentionMetadata(torch.tensor([], dtype=torch.long), torch.tensor(tables), list(query_lens), list(seq_lens))
+    return q, cache, meta, keys, values
+
+
+@pytest.mark.parametrize("gather_tokens", [32768, 40])  # 40: two sequences (of 16 gathered tokens) a slice
+def test_decoding_sequences_attend_together_as_each_alone(monkeypatch, gather_tokens):
+    monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", gather_tokens)
+    seq_lens = [5, 1, 13, 8, 4]
+    q, cache, meta, keys, values = scattered_batch(seq_lens, [1] * 5)
+    got = paged_attention(q, cache, meta, HEAD_DIM ** -0.5)
+    for i in range(5):
+        want = reference(q[i:i + 1], keys[i], values[i], 1)
+        assert torch.allclose(got[i:i + 1], want, atol=1e-5), i
+
+
+def test_decodes_mixed_with_prefill_chunks():
+    # A fresh prompt, a decode, a prefill chunk after cached tokens, another decode.
+    seq_lens, query_lens = [6, 9, 11, 3], [6, 1, 4, 1]
+    q, cache, meta, keys, values = scattered_batch(seq_lens, query_lens, seed=1)
+    got = paged_attention(q, cache, meta, HEAD_DIM ** -0.5)
+    start = 0
+    for i, q_len in enumerate(query_lens):
+        want = reference(q[start:start + q_len], keys[i], values[i], q_len)
+        assert torch.allclose(got[start:start + q_len], want, atol=1e-5), i
+        start += q_len
