@@ -59,7 +59,7 @@ def child(model: str, dtype: str, context: int, batch: int) -> dict:
         "peak_rss_serving": _peak_rss(),
         "rss_after_loading": rss_loaded,
         "engine_param_bytes": sum(params.values()),
-        "engine_kv_bytes": kv.numel() * kv.element_size(),
+        "engine_kv_bytes": kv.nbytes,
         "prompt_tokens": sum(c.usage["prompt_tokens"] for c in out),
         "load_seconds": round(load_seconds, 1),
         "run_seconds": round(time.perf_counter() - start, 1),

@@ -1,4 +1,4 @@
-"""What weight quantization costs in quality: each --quant against bf16 on the same weights.
+"""What quantization costs in quality: each --quant and --kv-dtype against bf16 on the same weights.
 
 For every mode it loads the model (one at a time), scores r1.eval.perplexity.REFERENCE_TEXT and
 generates greedily from a few fixed prompts, then compares with the bf16 run: perplexity, and
@@ -16,8 +16,9 @@ import gc
 import statistics
 from pathlib import Path
 
-# (name, dtype, quant); the first is the reference the others are compared with.
-MODES = (("bf16", "bf16", "none"), ("fp32", "fp32", "none"), ("int8", "fp32", "int8"), ("int4", "fp32", "int4"))
+# (name, dtype, weight quant, KV cache dtype); the first is the reference the others are compared with.
+MODES = (("bf16", "bf16", "none", "auto"), ("fp32", "fp32", "none", "auto"), ("int8", "fp32", "int8", "auto"),
+         ("int4", "fp32", "int4", "auto"), ("kv-int8", "fp32", "none", "int8"), ("int4+kv-int8", "fp32", "int4", "int8"))
 PROMPTS = (
     "Please reason step by step, and put your final answer within \\boxed{}. What is 17 * 23?",
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -27,15 +28,16 @@ PROMPTS = (
 )
 
 
-def run_mode(model: str, dtype: str, quant: str, tokens: int, threads: int | None) -> dict:
+def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, tokens: int, threads: int | None) -> dict:
     from r1 import LLM, SamplingParams
     from r1.eval.perplexity import REFERENCE_TEXT, perplexity
 
-    llm = LLM(model, dtype=dtype, quant=quant, device="cpu", threads=threads, progress=False)
+    llm = LLM(model, dtype=dtype, quant=quant, kv_dtype=kv_dtype, device="cpu", threads=threads, progress=False)
     text_ids = llm.tokenizer.encode(REFERENCE_TEXT)
     out = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
                    SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
-    return {"perplexity": perplexity(llm.model, text_ids), "text_tokens": len(text_ids),
+    kv = llm.engine_config.resolved_kv_dtype(llm.dtype)
+    return {"perplexity": perplexity(llm.model, text_ids, kv), "text_tokens": len(text_ids),
             "greedy": [c.token_ids for c in out]}
 
 
@@ -57,17 +59,17 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = bench.machine()
     runs = {}
-    for name, dtype, mode in MODES:
-        runs[name] = run_mode(a.model, dtype, mode, a.tokens, a.threads)
+    for name, dtype, mode, kv_dtype in MODES:
+        runs[name] = run_mode(a.model, dtype, mode, kv_dtype, a.tokens, a.threads)
         gc.collect()
     ref = runs[MODES[0][0]]
     rows = {}
-    for name, dtype, mode in MODES:
+    for name, dtype, mode, kv_dtype in MODES:
         r = runs[name]
-        rows[name] = {"dtype": dtype, "quant": mode, "perplexity": round(r["perplexity"], 4),
+        rows[name] = {"dtype": dtype, "quant": mode, "kv_dtype": kv_dtype, "perplexity": round(r["perplexity"], 4),
                       "perplexity_vs_bf16": round(r["perplexity"] / ref["perplexity"] - 1, 4),
                       **agreement(ref["greedy"], r["greedy"])}
-        print(f"{name:>5}: perplexity {r['perplexity']:.3f} ({rows[name]['perplexity_vs_bf16']:+.1%} vs bf16), "
+        print(f"{name:>12}: perplexity {r['perplexity']:.3f} ({rows[name]['perplexity_vs_bf16']:+.1%} vs bf16), "
               f"greedy agreement {rows[name]['token_agreement']:.0%}, "
               f"{rows[name]['tokens_before_first_difference']:.1f} tokens before the first difference", flush=True)
     report = {"what": "quantized weights against bf16 on the same checkpoint: perplexity on "

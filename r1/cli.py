@@ -30,6 +30,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the linears (CPU): int8 per channel, int4 group-wise")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+                   help="the KV cache: auto (the model's dtype) or int8 (a scale per token and head: "
+                        "a quarter of fp32's memory)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +57,8 @@ def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
     """The LLM that _model_args describes; subcommands add their own engine options."""
     from r1.llm import LLM
     return LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-               max_model_len=a.max_model_len, quant=a.quant, progress=progress, **engine_options)
+               max_model_len=a.max_model_len, quant=a.quant, kv_dtype=a.kv_dtype, progress=progress,
+               **engine_options)
 
 
 def _load(a: argparse.Namespace, quiet: bool = False, **engine_options):

@@ -151,10 +151,14 @@ class ModelConfig:
         return self.num_parameters() * DTYPES[dtype or self.dtype].itemsize
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype = torch.bfloat16) -> int:
-        return 2 * self.num_hidden_layers * self.kv_size * kv_dtype.itemsize
+        per_token = 2 * self.num_hidden_layers * self.kv_size * kv_dtype.itemsize
+        if kv_dtype == torch.int8:  # r1's int8 cache adds a float32 scale per token and kv head
+            per_token += 2 * self.num_hidden_layers * self.num_key_value_heads * 4
+        return per_token
 
 
 R1_1_5B = ModelConfig()
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -171,12 +175,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     threads: int | None = None  # CPU threads; None: torch's default
     quant: str = "none"  # weight-only quantization of the linears: none | int8 | int4 (r1/quant.py)
+    kv_dtype: str = "auto"  # the KV cache: auto (the model's dtype) | int8 (a scale per token and head)
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be one of fp32, bf16, fp16, auto; got {self.dtype!r}")
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.quant!r}")
+        if self.kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_dtype!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
         for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "threads"):
@@ -196,3 +203,6 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.int8 if self.kv_dtype == "int8" else model_dtype

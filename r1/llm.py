@@ -92,7 +92,8 @@ class LLM:
     def _kv_pool(self) -> tuple[int, int, torch.dtype]:
         """(num_blocks, block_size, dtype) of the paged KV cache, sized by the memory calculator."""
         self.kv_pool_tokens = memory.kv_pool_tokens(self.config, self.engine_config, self.device, self.dtype)
-        return self.kv_pool_tokens // self.engine_config.block_size, self.engine_config.block_size, self.dtype
+        return (self.kv_pool_tokens // self.engine_config.block_size, self.engine_config.block_size,
+                self.engine_config.resolved_kv_dtype(self.dtype))
 
     def _scheduler_config(self) -> SchedulerConfig:
         ec = self.engine_config

@@ -290,7 +290,8 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
     kv = Line("kv cache", tokens * per_token,
               f"{batch} x {tokens // batch:,} tokens (blocks of {engine.block_size}) x {per_token:,} B "
               f"(2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
-              f"{KV_DTYPES[kv_dtype].itemsize} B {kv_dtype})")
+              f"{KV_DTYPES[kv_dtype].itemsize} B {kv_dtype}"
+              + (" + a 4 B scale per kv head" if kv_dtype == "int8" else "") + ")")
     step = min(engine.max_num_batched_tokens, batch * context)
     rows = min(batch, engine.max_num_seqs)
     gathered = gathered_tokens(context, rows)
@@ -431,11 +432,12 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
                    free_bytes: int | None = None) -> int:
     """Tokens of paged KV cache the engine allocates (a multiple of the block size).
 
-    A stated kv_cache_tokens wins. Otherwise the CPU gets a fixed KV budget, and CUDA a share of
-    the memory free after loading, less one step's activations at the longest context the pool
-    can hold (the pool caps the context, so a smaller GPU trades context for room to compute).
+    `dtype` is the model's; the cache's is engine.kv_dtype's. A stated kv_cache_tokens wins.
+    Otherwise the CPU gets a fixed KV budget, and CUDA a share of the memory free after loading,
+    less one step's activations at the longest context the pool can hold (the pool caps the
+    context, so a smaller GPU trades context for room to compute).
     """
-    per_token = cfg.kv_bytes_per_token(dtype)
+    per_token = cfg.kv_bytes_per_token(engine.resolved_kv_dtype(dtype))
     if engine.kv_cache_tokens:
         tokens = engine.kv_cache_tokens
     elif device.type != "cuda":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from r1 import LLM, SamplingParams
 
@@ -117,3 +118,18 @@ def test_seeded_samples_are_the_same_batched_or_alone(tiny_model_folder):
     n = llm.generate(prompts[1], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, n=3,
                                                 ignore_eos=True))
     assert n[0].token_ids == solo and len({tuple(c.token_ids) for c in n}) == 3
+
+
+def test_int8_kv_cache_batches_like_alone_and_frees_everything(tiny_model_folder):
+    # Each token's keys and values are quantized on their own, so batching changes nothing.
+    llm = _llm(tiny_model_folder, kv_dtype="int8")
+    prompts = _prompts(4, seed=3)
+    solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == solo
+    _assert_no_leaks(llm)
+    assert llm.engine.runner.kv_cache.values.dtype == torch.int8
+
+
+def test_unknown_kv_dtype_is_refused(tiny_model_folder):
+    with pytest.raises(ValueError, match="kv_dtype must be one of auto, int8; got 'fp4'"):
+        _llm(tiny_model_folder, kv_dtype="fp4")

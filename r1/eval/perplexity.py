@@ -30,22 +30,23 @@ The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are 25 primes 
 
 
 @torch.inference_mode()
-def token_logits(model: Qwen2ForCausalLM, token_ids: list[int]) -> torch.Tensor:
-    """Float32 logits (T, vocab) at every position of one sequence."""
+def token_logits(model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Float32 logits (T, vocab) at every position of one sequence; the KV cache in kv_dtype
+    (default: the model's dtype)."""
     cfg, n = model.config, len(token_ids)
     device = model.model.embed_tokens.weight.device
     block_size = 16
     num_blocks = -(-n // block_size)
     cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
-                              cfg.head_dim, model.model.embed_tokens.weight.dtype, device)
+                              cfg.head_dim, kv_dtype or model.model.embed_tokens.weight.dtype, device)
     positions = torch.arange(n, device=device)
     meta = AttentionMetadata(positions, torch.arange(num_blocks, device=device)[None], [n], [n])
     hidden = model(torch.tensor(token_ids, device=device), positions, cache, meta)
     return model.compute_logits(hidden)
 
 
-def perplexity(model: Qwen2ForCausalLM, token_ids: list[int]) -> float:
-    logits = token_logits(model, token_ids)[:-1]
+def perplexity(model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.dtype | None = None) -> float:
+    logits = token_logits(model, token_ids, kv_dtype)[:-1]
     targets = torch.tensor(token_ids[1:], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits, targets)
     return math.exp(nll.item())

@@ -2,10 +2,11 @@
 
 A forward pass runs a flat batch of N new tokens that belong to B sequences; each sequence has
 some tokens already in the cache and some new ones (a prefill chunk, or one decode token).
-The cache of one layer is a tensor (2, num_blocks, block_size, kv_heads, head_dim); a sequence's
-tokens live in the blocks its block table lists, in order. This module writes the new keys and
-values to their slots and attends each sequence's new queries to all of its cached keys. It does
-not decide which blocks a sequence gets (the engine's block manager does).
+The cache of one layer is a tensor (2, num_blocks, block_size, kv_heads, head_dim) in the model's
+dtype, or the same in int8 with a scale per token and kv head (Int8KVCache, --kv-dtype int8); a
+sequence's tokens live in the blocks its block table lists, in order. This module writes the new
+keys and values to their slots and attends each sequence's new queries to all of its cached keys.
+It does not decide which blocks a sequence gets (the engine's block manager does).
 """
 
 from __future__ import annotations
@@ -62,30 +63,78 @@ class AttentionMetadata:
         return self._decode_group
 
 
+class Int8KVCache:
+    """Keys and values as int8, each (token, kv head) vector with its own float32 scale.
+
+    A quarter of an fp32 cache's bytes (half of bf16's) for an error of at most half a step of
+    max|x| / 127 per value. Indexing by layer gives that layer's cache, as it does for the float
+    cache tensor; `values` has the float cache's shape and `scales` drops its head_dim.
+    """
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor):
+        self.values, self.scales = values, scales
+
+    def __getitem__(self, layer: int) -> "Int8KVCache":
+        return Int8KVCache(self.values[layer], self.scales[layer])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                      dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """One tensor for the whole cache: (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)."""
-    return torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+                      dtype: torch.dtype, device: torch.device | str) -> torch.Tensor | Int8KVCache:
+    """The whole cache, (num_layers, 2, num_blocks, block_size, kv_heads, head_dim), in `dtype`
+    (torch.int8: an Int8KVCache)."""
+    shape = (num_layers, 2, num_blocks, block_size, kv_heads)
+    if dtype == torch.int8:
+        return Int8KVCache(torch.zeros(*shape, head_dim, dtype=torch.int8, device=device),
+                           torch.zeros(shape, dtype=torch.float32, device=device))
+    return torch.zeros(*shape, head_dim, dtype=dtype, device=device)
 
 
-def write_kv(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(layer_cache: torch.Tensor | Int8KVCache, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
     """Store the new (N, kv_heads, head_dim) keys and values at their slots."""
     _, num_blocks, block_size, kv_heads, head_dim = layer_cache.shape
-    flat = layer_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    slots = num_blocks * block_size
+    if isinstance(layer_cache, Int8KVCache):
+        kv = torch.stack((k, v)).float()  # (2, N, kv_heads, head_dim): both quantized in one pass
+        scale = kv.abs().amax(-1).clamp(min=1e-12) / 127  # (2, N, kv_heads)
+        levels = (kv / scale[..., None]).round_().to(torch.int8)
+        layer_cache.values.view(2, slots, kv_heads, head_dim).index_copy_(1, slot_mapping, levels)
+        layer_cache.scales.view(2, slots, kv_heads).index_copy_(1, slot_mapping, scale)
+        return
+    flat = layer_cache.view(2, slots, kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
 
 
-def _gather_seq(layer_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
+def _gather_blocks(layer_cache: torch.Tensor | Int8KVCache, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The keys and values of the listed blocks, (2, len(blocks), block_size, kv_heads, head_dim)
+    in `dtype`. index_select copies whole blocks; advanced indexing of the cache is 5x slower."""
+    if isinstance(layer_cache, Int8KVCache):
+        values = layer_cache.values.index_select(1, blocks)
+        scales = layer_cache.scales.index_select(1, blocks)
+        return (values.float() * scales[..., None]).to(dtype)
+    return layer_cache.index_select(1, blocks)
+
+
+def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tensor, seq_len: int,
+                dtype: torch.dtype):
     """A sequence's cached keys and values as two (seq_len, kv_heads, head_dim) tensors."""
     block_size = layer_cache.shape[2]
-    blocks = block_table[:-(-seq_len // block_size)]
-    # index_select on the leading dim copies whole blocks; indexing dim 1 of the cache is 5x slower
-    k, v = (layer_cache[i].index_select(0, blocks).flatten(0, 1)[:seq_len] for i in (0, 1))
-    return k, v
+    kv = _gather_blocks(layer_cache, block_table[:-(-seq_len // block_size)], dtype)
+    kv = kv.flatten(1, 2)[:, :seq_len]
+    return kv[0], kv[1]
 
 
-def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, group: DecodeGroup, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
+                     scale: float) -> torch.Tensor:
     """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches, batched.
 
     Their keys and values are gathered to the longest one's length L and the rest is masked off:
@@ -103,8 +152,7 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, group: DecodeGr
     for first in range(0, d, per_slice):
         rows = slice(first, first + per_slice)
         blocks = group.block_tables[rows].flatten()
-        k = layer_cache[0].index_select(0, blocks).view(-1, length, kv_heads, head_dim)  # (rows, L, kv_heads, head_dim)
-        v = layer_cache[1].index_select(0, blocks).view(-1, length, kv_heads, head_dim)
+        k, v = _gather_blocks(layer_cache, blocks, q.dtype).view(2, -1, length, kv_heads, head_dim)  # (rows, L, ...)
         per_head = []
         for h in range(kv_heads):
             scores = (q[rows, h] @ k[:, :, h].transpose(1, 2)).float() * scale + group.mask[rows]  # (rows, group, L)
@@ -113,7 +161,8 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, group: DecodeGr
     return (out[0] if len(out) == 1 else torch.cat(out)).view(d, heads, head_dim)
 
 
-def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
     """Causal attention of the new queries (N, heads, head_dim) to each sequence's cache.
 
     Sequences that decode one token run together (decode_attention); each prefill chunk gets
@@ -130,7 +179,7 @@ def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionM
         if q_len == 1:  # a decode token (it sees everything cached): done above, in the group
             start += 1
             continue
-        k, v = _gather_seq(layer_cache, meta.block_tables[i], seq_len)
+        k, v = _gather_seq(layer_cache, meta.block_tables[i], seq_len, q.dtype)
         q_i = q[start:start + q_len].transpose(0, 1)  # (heads, q_len, head_dim)
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, seq_len, head_dim)
         if q_len == seq_len:  # a whole prompt with nothing cached before it
