@@ -92,8 +92,10 @@ def test_bad_inputs_are_refused_with_a_reason():
     op = kernels.int4_matmul_op()
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         op(torch.randn(2, 64).double(), layer.packed, layer.scales, layer.lows, 32, None)
-    with pytest.raises(RuntimeError, match="multiple of the group size"):
+    with pytest.raises(RuntimeError, match="K must be a multiple of the group size"):
         op(torch.randn(2, 48), layer.packed, layer.scales, layer.lows, 32, None)
+    with pytest.raises(RuntimeError, match="group must be a positive multiple of 16"):
+        op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 0, None)
     with pytest.raises(RuntimeError, match="bias must be"):
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 32, torch.zeros(8))
     with pytest.raises(ValueError, match="out_features"):

@@ -104,8 +104,10 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous (M, K) float32");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be contiguous (N/16, K/8, 64) uint8");
+  TORCH_CHECK(group > 0 && group % 16 == 0, "group must be a positive multiple of 16");
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * kTileRows, groups = K / group;
-  TORCH_CHECK(group % 16 == 0 && K % group == 0 && packed.size(1) * 8 == K, "K must be a multiple of the group size");
+  TORCH_CHECK(K % group == 0 && packed.size(1) * 8 == K,
+              "K must be a multiple of the group size and packed must hold K / 8 chunks");
   TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}) && scales.sizes() == mins.sizes() &&
                   scales.scalar_type() == at::kBFloat16 && mins.scalar_type() == at::kBFloat16 &&
                   scales.is_contiguous() && mins.is_contiguous(),
