@@ -21,6 +21,7 @@ import torch
 
 from r1.config import DTYPES, EngineConfig, ModelConfig
 from r1.model.attention import DECODE_GATHER_TOKENS
+from r1.quant import INT4_GROUP_SIZE
 
 GiB = 1 << 30
 
@@ -37,7 +38,6 @@ QUANTS = FLOAT_QUANTS + R1_QUANTS + tuple(GGUF_PRESETS)
 GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 32: "bf16", 7: "q8_0", 18: "q6_k", 17: "q5_k_m", 15: "q4_k_m", 2: "q4_0"}
 # K-quants need rows of 256; llama.cpp falls back to these for other widths.
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-INT4_GROUP = 32
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
@@ -109,7 +109,7 @@ def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfi
         return qtype, _ggml_bytes(qtype, numel)
     linear = (name.startswith("blk.") and len(shape) == 2) or name == "output.weight"
     if linear and quant == "int4":  # packed nibbles; a bf16 scale and zero per group of 32
-        return "int4 + bf16 scale, zero / 32", numel // 2 + shape[0] * -(-shape[1] // INT4_GROUP) * 4
+        return "int4 + bf16 scale, zero / 32", numel // 2 + shape[0] * -(-shape[1] // INT4_GROUP_SIZE) * 4
     if linear:  # int8 with a bf16 scale per output row
         return "int8 + bf16 scale / row", numel + shape[0] * 2
     return f"{compute}: embedding, norms, biases", numel * DTYPES[compute].itemsize

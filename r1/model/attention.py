@@ -45,11 +45,11 @@ class AttentionMetadata:
         return len(self.query_lens)
 
     def decode_group(self, block_size: int) -> DecodeGroup | None:
-        """The sequences that decode one token (None if none); built once per step."""
-        decoding = [i for i, n in enumerate(self.query_lens) if n == 1]
-        if not decoding:
-            return None
+        """The sequences that decode one token (None if none); built by the first layer to ask."""
         if self._decode_group is None:
+            decoding = [i for i, n in enumerate(self.query_lens) if n == 1]
+            if not decoding:
+                return None
             device = self.block_tables.device
             lens = torch.tensor([self.seq_lens[i] for i in decoding], device=device)
             num_blocks = -(-max(self.seq_lens[i] for i in decoding) // block_size)
