@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import nn
 
-from r1.kernels import int4_matmul_op
+from r1 import kernels
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
@@ -168,12 +168,12 @@ class Int4VnniLinear(QuantizedLinear):
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return int4_matmul_op()(x2.float().contiguous(), self.packed, self.scales, self.lows, self.group_size, bias)
+        return kernels.op("int4_matmul")(x2.float().contiguous(), self.packed, self.scales, self.lows, self.group_size, bias)
 
 
 def int4_linear_class() -> type[QuantizedLinear]:
     """The fastest int4 linear this machine can run."""
-    return Int4VnniLinear if int4_matmul_op() is not None else Int4Linear
+    return Int4VnniLinear if kernels.op("int4_matmul") is not None else Int4Linear
 
 
 def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:

@@ -32,6 +32,17 @@ def save_tiny_hf_model(folder, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(params=["r1 kernels", "pytorch"])
+def kernel_path(request, monkeypatch):
+    """Run a test on r1's CPU kernels (r1/kernels/) and again on the PyTorch paths they replace."""
+    from r1 import kernels
+    if request.param == "r1 kernels" and kernels.op("add_rms_norm") is None:
+        pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "op", lambda name: None)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """(folder, transformers model) of a tiny untied-head, GQA, biased Qwen2."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from r1 import kernels
 from r1.model import attention
 from r1.model.attention import AttentionMetadata, Int8KVCache, allocate_kv_cache, paged_attention, write_kv
 
@@ -21,26 +22,29 @@ def reference(q, keys, values, q_len):
     return o.transpose(0, 1)
 
 
-def scattered_batch(seq_lens, query_lens, seed=0, cache_dtype=torch.float32):
+def scattered_batch(seq_lens, query_lens, seed=0, cache_dtype=torch.float32, heads=HEADS, kv_heads=KV_HEADS,
+                    head_dim=HEAD_DIM, block=BLOCK):
     """Random keys and values for each sequence, stored in shuffled blocks of one cache."""
     g = torch.Generator().manual_seed(seed)
     tables, slots, keys, values = [], [], [], []
-    free = torch.randperm(64, generator=g).tolist()
+    max_blocks = max(-(-n // block) for n in seq_lens)
+    num_blocks = max_blocks * len(seq_lens) + 8
+    free = torch.randperm(num_blocks, generator=g).tolist()
     for n in seq_lens:
-        table = [free.pop() for _ in range(-(-n // BLOCK))]
-        tables.append(table + [0] * (8 - len(table)))
-        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
-        keys.append(torch.randn(n, KV_HEADS, HEAD_DIM, generator=g))
-        values.append(torch.randn(n, KV_HEADS, HEAD_DIM, generator=g))
-    cache = allocate_kv_cache(1, 64, BLOCK, KV_HEADS, HEAD_DIM, cache_dtype, "cpu")[0]
+        table = [free.pop() for _ in range(-(-n // block))]
+        tables.append(table + [0] * (max_blocks - len(table)))
+        slots += [table[p // block] * block + p % block for p in range(n)]
+        keys.append(torch.randn(n, kv_heads, head_dim, generator=g))
+        values.append(torch.randn(n, kv_heads, head_dim, generator=g))
+    cache = allocate_kv_cache(1, num_blocks, block, kv_heads, head_dim, cache_dtype, "cpu")[0]
     write_kv(cache, torch.cat(keys), torch.cat(values), torch.tensor(slots))
-    q = torch.randn(sum(query_lens), HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g)
     meta = AttentionMetadata(torch.tensor([], dtype=torch.long), torch.tensor(tables), list(query_lens), list(seq_lens))
     return q, cache, meta, keys, values
 
 
 @pytest.mark.parametrize("gather_tokens", [32768, 40])  # 40: two sequences (of 16 gathered tokens) a slice
-def test_decoding_sequences_attend_together_as_each_alone(monkeypatch, gather_tokens):
+def test_decoding_sequences_attend_together_as_each_alone(monkeypatch, gather_tokens, kernel_path):
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", gather_tokens)
     seq_lens = [5, 1, 13, 8, 4]
     q, cache, meta, keys, values = scattered_batch(seq_lens, [1] * 5)
@@ -50,7 +54,7 @@ def test_decoding_sequences_attend_together_as_each_alone(monkeypatch, gather_to
         assert torch.allclose(got[i:i + 1], want, atol=1e-5), i
 
 
-def test_decodes_mixed_with_prefill_chunks():
+def test_decodes_mixed_with_prefill_chunks(kernel_path):
     # A fresh prompt, a decode, a prefill chunk after cached tokens, another decode.
     seq_lens, query_lens = [6, 9, 11, 3], [6, 1, 4, 1]
     q, cache, meta, keys, values = scattered_batch(seq_lens, query_lens, seed=1)
@@ -63,7 +67,7 @@ def test_decodes_mixed_with_prefill_chunks():
 
 
 @pytest.mark.parametrize("query_lens", [[1] * 4, [6, 1, 4, 1]])
-def test_int8_cache_stays_within_its_rounding(query_lens):
+def test_int8_cache_stays_within_its_rounding(query_lens, kernel_path):
     seq_lens = [6, 9, 11, 3]
     q, cache, meta, keys, values = scattered_batch(seq_lens, query_lens, seed=2, cache_dtype=torch.int8)
     assert isinstance(cache, Int8KVCache) and cache.values.dtype == torch.int8
@@ -76,3 +80,27 @@ def test_int8_cache_stays_within_its_rounding(query_lens):
     # Each stored value is off by at most half a step, max|x| / 254 (~0.015 for these Gaussians);
     # the attention output, a weighted mean, stays within a few such steps (measured ~0.01).
     assert 0 < worst < 0.05, worst
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+def test_kernel_agrees_with_pytorch_at_the_models_shapes(cache_dtype, monkeypatch):
+    # R1's heads (12 query, 2 kv, head_dim 128) and block size, lengths across many blocks.
+    if kernels.op("decode_attention") is None:
+        pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
+    seq_lens = [1, 15, 16, 17, 300, 1000]
+    q, cache, meta, _, _ = scattered_batch(seq_lens, [1] * 6, seed=3, cache_dtype=cache_dtype, heads=12,
+                                           kv_heads=2, head_dim=128, block=16)
+    got = paged_attention(q, cache, meta, 128 ** -0.5)
+    monkeypatch.setattr(kernels, "op", lambda name: None)
+    want = paged_attention(q, cache, meta, 128 ** -0.5)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_kernel_refuses_a_block_outside_the_cache():
+    if kernels.op("decode_attention") is None:
+        pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
+    q, cache, meta, _, _ = scattered_batch([5, 9], [1, 1])
+    group = meta.decode_group(BLOCK)
+    group.block_tables[1, 2] = cache.shape[1]  # one past the last block
+    with pytest.raises(RuntimeError, match="lists block"):
+        attention.decode_attention(q, cache, group, 1.0)

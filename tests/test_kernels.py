@@ -35,8 +35,9 @@ def vnni_layer(out_features: int, in_features: int, bias: bool, seed: int = 0) -
 def test_this_machine_runs_the_vnni_kernel():
     # CI runs on AVX-512 VNNI machines: a broken build or a missing ninja must fail here, not
     # silently fall back to the 3x slower portable kernel.
-    assert kernels.int4_unavailable_reason() is None
+    assert kernels.unavailable_reason() is None
     assert quant.int4_linear_class() is Int4VnniLinear
+    assert all(kernels.op(name) is not None for name in ("decode_attention", "add_rms_norm", "rotary_"))
 
 
 @needs_vnni
@@ -89,7 +90,7 @@ def test_portable_and_vnni_int4_agree():
 @needs_vnni
 def test_bad_inputs_are_refused_with_a_reason():
     layer = vnni_layer(16, 64, bias=False)
-    op = kernels.int4_matmul_op()
+    op = kernels.op("int4_matmul")
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         op(torch.randn(2, 64).double(), layer.packed, layer.scales, layer.lows, 32, None)
     with pytest.raises(RuntimeError, match="K must be a multiple of the group size"):
@@ -103,10 +104,10 @@ def test_bad_inputs_are_refused_with_a_reason():
 
 
 def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
-    monkeypatch.setattr(quant, "int4_matmul_op", lambda: None)
+    monkeypatch.setattr(kernels, "op", lambda name: None)
     assert quant.int4_linear_class() is Int4Linear
 
 
 def test_a_cpu_without_vnni_is_told_why(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma"})
-    assert kernels.int4_unavailable_reason() == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"
+    assert kernels.unavailable_reason() == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"

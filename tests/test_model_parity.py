@@ -21,7 +21,7 @@ def _meta(block_table, start, n):
 
 
 @torch.inference_mode()
-def test_prefill_and_decode_logits_match_transformers(tiny_hf):
+def test_prefill_and_decode_logits_match_transformers(tiny_hf, kernel_path):
     folder, hf = tiny_hf
     ours = load_model(open_model_files(str(folder)), torch.float32, "cpu", progress=False)
     ids = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(1))
@@ -43,7 +43,7 @@ def test_prefill_and_decode_logits_match_transformers(tiny_hf):
 
 
 @torch.inference_mode()
-def test_two_sequences_in_one_batch_match_each_alone(tiny_hf):
+def test_two_sequences_in_one_batch_match_each_alone(tiny_hf, kernel_path):
     folder, hf = tiny_hf
     ours = load_model(open_model_files(str(folder)), torch.float32, "cpu", progress=False)
     a = torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(2))

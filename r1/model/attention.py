@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from r1 import kernels
+
 
 # The most cached tokens decode_attention gathers at once (sequences x the longest one's length).
 DECODE_GATHER_TOKENS = 32768
@@ -27,6 +29,7 @@ class DecodeGroup:
 
     rows: torch.Tensor | None  # their query rows in the flat batch; None when they are all the rows
     block_tables: torch.Tensor  # (D, blocks) the blocks that hold the longest one's tokens
+    seq_lens: torch.Tensor  # (D,) int64: the cached tokens each attends to, its new one included
     mask: torch.Tensor  # (D, 1, blocks * block_size) float: 0 where cached, -inf past each length
 
 
@@ -59,7 +62,8 @@ class AttentionMetadata:
             starts = torch.tensor(self.query_lens, device=device).cumsum(0) - 1  # a decode row ends its sequence
             self._decode_group = DecodeGroup(
                 rows=None if all_rows else starts[decoding],
-                block_tables=self.block_tables[decoding, :num_blocks], mask=mask[:, None, :])
+                block_tables=self.block_tables[decoding, :num_blocks].contiguous(), seq_lens=lens,
+                mask=mask[:, None, :])
         return self._decode_group
 
 
@@ -135,14 +139,32 @@ def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tens
 
 def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
                      scale: float) -> torch.Tensor:
-    """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches, batched.
+    """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches.
 
-    Their keys and values are gathered to the longest one's length L and the rest is masked off:
-    a few large ops in place of a dozen small ones per sequence. The sequences go in slices of
-    at most DECODE_GATHER_TOKENS gathered tokens (at least one sequence), which bounds the copy
-    (r1/memory.py counts it). Each kv head's keys stay a strided view that the matmul reads in
-    place (a transposing copy costs more than the math), which is also why this forms the
-    scores by hand rather than through SDPA.
+    On r1's CPU kernel (r1/kernels/decode_attention.cpp) when it runs here and the cache is
+    float32 or int8: it reads each sequence's blocks in place. Otherwise gathered, in PyTorch.
+    """
+    op = kernels.op("decode_attention") if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype == torch.float32):
+        return _gathered_decode_attention(q, layer_cache, group, scale)
+    if isinstance(layer_cache, Int8KVCache):
+        keys, values = layer_cache.values
+        key_scales, value_scales = layer_cache.scales
+    else:
+        (keys, values), key_scales, value_scales = layer_cache, None, None
+    return op(q.contiguous(), keys, values, key_scales, value_scales, group.block_tables, group.seq_lens, scale)
+
+
+def _gathered_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
+                               scale: float) -> torch.Tensor:
+    """decode_attention in PyTorch, batched: the sequences' keys and values are gathered to the
+    longest one's length L and the rest is masked off, a few large ops in place of a dozen small
+    ones per sequence.
+
+    The sequences go in slices of at most DECODE_GATHER_TOKENS gathered tokens (at least one
+    sequence), which bounds the copy (r1/memory.py counts it). Each kv head's keys stay a strided
+    view that the matmul reads in place (a transposing copy costs more than the math), which is
+    also why this forms the scores by hand rather than through SDPA.
     """
     d, heads, head_dim = q.shape
     kv_heads, length = layer_cache.shape[3], group.mask.shape[-1]

@@ -1,6 +1,8 @@
 """The small building blocks of the Qwen2 decoder: RMSNorm, rotary embedding, SwiGLU MLP.
 
-Each matches HF transformers' Qwen2 numerics (the parity tests hold us to 1e-4 in fp32).
+Each matches HF transformers' Qwen2 numerics (the parity tests hold us to 1e-4 in fp32). On a
+CPU in float32, norms and rotations run on r1's kernels (r1/kernels/layer_ops.cpp), one call each
+where PyTorch takes 5-7 small ops; elsewhere, in PyTorch.
 """
 
 from __future__ import annotations
@@ -9,6 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1 import kernels
+
+
+def _kernel(name: str, x: torch.Tensor):
+    """r1's kernel `name` when it can take x (float32 on the CPU), else None."""
+    return kernels.op(name) if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -16,9 +25,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, sum) for (N, hidden) x: sum = x + residual (x without one), normed its RMSNorm.
+
+        The residual stream's add comes into the norm that follows it, as in vLLM, so that both
+        are one pass.
+        """
+        fused = _kernel("add_rms_norm", x) if self.weight.dtype == torch.float32 else None
+        if fused is not None:
+            return fused(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
         # Normalize in fp32 whatever the weight dtype, as HF does, then scale in the model dtype.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype), x
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -29,12 +48,16 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (N, heads, head_dim) by the half-split (NeoX) convention that Qwen2 uses."""
+def apply_rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate the first `heads` heads of x (N, all heads, head_dim) in place, by the half-split
+    (NeoX) convention that Qwen2 uses."""
+    fused = _kernel("rotary_", x)
+    if fused is not None:
+        return fused(x, heads, cos, sin)
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = x[:, :heads, :half], x[:, :heads, half:]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x[:, :heads] = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class SwiGLU(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from r1.config import ModelConfig
 from r1.model.attention import AttentionMetadata, paged_attention, write_kv
-from r1.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
+from r1.model.layers import RMSNorm, SwiGLU, apply_rotary_, rotary_cos_sin
 
 
 def fused_linears(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
@@ -36,8 +36,8 @@ class Qwen2Attention(nn.Module):
     def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata):
         n, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
         heads = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # query, key, value heads
-        rotated = apply_rotary(heads[:, :h + kv], cos, sin)  # queries and keys in one call
-        q, k, v = rotated[:, :h], rotated[:, h:], heads[:, h + kv:]
+        apply_rotary_(heads, h + kv, cos, sin)  # queries and keys in one call
+        q, k, v = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
         write_kv(layer_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, layer_cache, meta, self.scale)  # (N, heads, head_dim)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -51,9 +51,12 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, layer_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, layer_cache, meta):
+        """(output, residual): this layer's output is added to the residual stream by the next
+        norm (the next layer's, or the model's last), which takes both."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, layer_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class Qwen2Model(nn.Module):
@@ -78,11 +81,11 @@ class Qwen2ForCausalLM(nn.Module):
         kv_cache is (num_layers, 2, num_blocks, block_size, kv_heads, head_dim); the new tokens'
         keys and values are written into it.
         """
-        x = self.model.embed_tokens(input_ids)  # (N, hidden)
+        x, residual = self.model.embed_tokens(input_ids), None  # (N, hidden)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_cache[i], meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache[i], meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits (M, vocab) for the rows of hidden that need them."""

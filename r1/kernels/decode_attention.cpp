@@ -1,0 +1,221 @@
+// Attention of one-token queries to their sequences' paged KV caches, read where they lie: the
+// kernel behind a decode step's attention on the CPU.
+//
+// Why our own: in PyTorch the cached keys and values must first be gathered out of their
+// blocks into one tensor (a copy of the whole context per layer), then go through per-head
+// matmuls, a mask and a softmax; at 500 cached tokens that was ~8 ms of a ~65 ms token on two
+// cores. Here each sequence's blocks are read where they lie, in spans that run on different
+// threads (flash-decoding's split), once for the scores and once for the weighted values, all
+// query heads of a kv head (GQA) sharing each load.
+//
+// Layouts: q (D, heads, head_dim) float32; keys and values (num_blocks, block_size, kv_heads,
+// head_dim), float32, or int8 with float32 scales (num_blocks, block_size, kv_heads) that
+// multiply each (token, kv head) vector; block_tables (D, max_blocks) int64, seq_lens (D,) int64.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMinSpanBlocks = 4;  // a span shorter than this costs more to merge than it saves
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// e^x to ~1e-7 relative, 16 at a time: 2^n e^r with |r| <= ln 2 / 2 and e^r's Taylor series to
+// r^7 (std::exp, one call per score, was most of a step's attention time).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // below this e^x is no longer a normal float
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: r stays exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// row[i] = e^(row[i] - max row) for i < len; returns that max and the sum of the new values.
+inline std::pair<float, float> exp_shifted(float* row, int64_t len) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 in = len - i >= 16 ? 0xffff : (1u << (len - i)) - 1;
+    top = _mm512_mask_max_ps(top, in, top, _mm512_maskz_loadu_ps(in, row + i));
+  }
+  const float max = _mm512_reduce_max_ps(top);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 in = len - i >= 16 ? 0xffff : (1u << (len - i)) - 1;
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, row + i), _mm512_set1_ps(max)));
+    _mm512_mask_storeu_ps(row + i, in, e);
+    total = _mm512_mask_add_ps(total, in, total, e);
+  }
+  return {max, _mm512_reduce_add_ps(total)};
+}
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t head_dim) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < head_dim; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <typename T>
+inline void add_scaled(float weight, const T* v, float* out, int64_t head_dim) {
+  const __m512 w = _mm512_set1_ps(weight);
+  for (int64_t i = 0; i < head_dim; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(w, load16(v + i), _mm512_loadu_ps(out + i)));
+}
+
+// Scores of all heads for tokens [first, last) of one sequence, attention weights of that
+// span unnormalized: out (heads, head_dim) = sum_t exp(score_t - max) v_t, with the max and
+// the sum of weights per head, for merging with the sequence's other spans. Tokens are read in
+// cache order, every kv head of a token together (contiguous), each key shared by its group of
+// query heads. scores is scratch of heads * (last - first) floats.
+template <typename T>
+void attend_span(const float* q, const T* keys, const T* values, const float* key_scales, const float* value_scales,
+                 const int64_t* table, int64_t first, int64_t last, int64_t block_size, int64_t heads,
+                 int64_t kv_heads, int64_t head_dim, float scale, float* out, float* max, float* sum, float* scores) {
+  const int64_t len = last - first, group = heads / kv_heads;
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t row = slot * kv_heads + h;
+      const float s = key_scales ? key_scales[row] * scale : scale;
+      for (int64_t g = h * group; g < (h + 1) * group; ++g)
+        scores[g * len + t - first] = dot(q + g * head_dim, keys + row * head_dim, head_dim) * s;
+    }
+  }
+  for (int64_t g = 0; g < heads; ++g) std::tie(max[g], sum[g]) = exp_shifted(scores + g * len, len);
+  std::fill(out, out + heads * head_dim, 0.f);
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t row = slot * kv_heads + h;
+      const float s = value_scales ? value_scales[row] : 1.f;
+      for (int64_t g = h * group; g < (h + 1) * group; ++g)
+        add_scaled(scores[g * len + t - first] * s, values + row * head_dim, out + g * head_dim, head_dim);
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be contiguous (D, heads, head_dim) float32");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.scalar_type() == values.scalar_type() &&
+                  keys.is_contiguous() && values.is_contiguous(),
+              "keys and values must be contiguous (num_blocks, block_size, kv_heads, head_dim) of one dtype");
+  const bool int8 = keys.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || keys.scalar_type() == at::kFloat, "the cache must be float32 or int8");
+  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()), "an int8 cache needs its scales, and only it");
+  if (int8)
+    TORCH_CHECK(key_scales->sizes() == keys.sizes().slice(0, 3) && value_scales->sizes() == keys.sizes().slice(0, 3) &&
+                    key_scales->scalar_type() == at::kFloat && value_scales->scalar_type() == at::kFloat &&
+                    key_scales->is_contiguous() && value_scales->is_contiguous(),
+                "scales must be contiguous (num_blocks, block_size, kv_heads) float32");
+  const int64_t D = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = keys.size(0), block_size = keys.size(1), kv_heads = keys.size(2);
+  TORCH_CHECK(keys.size(3) == head_dim && head_dim % 16 == 0, "head_dim must match q's and be a multiple of 16");
+  TORCH_CHECK(heads % kv_heads == 0, "the query heads must be a multiple of the kv heads");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == D && block_tables.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous(),
+              "block_tables must be contiguous (D, max_blocks) int64");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == D && seq_lens.scalar_type() == at::kLong,
+              "seq_lens must be (D,) int64");
+  const auto lens = seq_lens.contiguous();
+  const int64_t* len_ptr = lens.const_data_ptr<int64_t>();
+  const int64_t* tables = block_tables.const_data_ptr<int64_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t len = len_ptr[d];
+    TORCH_CHECK(len >= 1 && len <= max_blocks * block_size, "sequence ", d, " has length ", len,
+                " but its block table holds ", max_blocks * block_size, " tokens");
+    for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[d * max_blocks + b] >= 0 && tables[d * max_blocks + b] < num_blocks,
+                  "sequence ", d, " lists block ", tables[d * max_blocks + b], " of ", num_blocks);
+  }
+
+  // Each sequence's tokens go in spans, so that even one sequence keeps every thread busy; the
+  // spans' partial results are merged below (the log-sum-exp combination of split softmaxes).
+  const int64_t threads = at::get_num_threads();
+  const int64_t spans_per_seq = std::max<int64_t>(1, (2 * threads + D - 1) / D);
+  std::vector<int64_t> seq_of, first_of, last_of;
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t len = len_ptr[d], blocks = (len + block_size - 1) / block_size;
+    const int64_t spans = std::min(spans_per_seq, (blocks + kMinSpanBlocks - 1) / kMinSpanBlocks);
+    const int64_t span_blocks = (blocks + spans - 1) / spans;
+    for (int64_t b = 0; b < blocks; b += span_blocks) {
+      seq_of.push_back(d);
+      first_of.push_back(b * block_size);
+      last_of.push_back(std::min(len, (b + span_blocks) * block_size));
+    }
+  }
+  const int64_t items = static_cast<int64_t>(seq_of.size());
+  auto partial = at::empty({items, heads, head_dim}, q.options());
+  auto maxes = at::empty({items, heads}, q.options()), sums = at::empty({items, heads}, q.options());
+  const float* qp = q.const_data_ptr<float>();
+  float* pp = partial.mutable_data_ptr<float>();
+  float* mp = maxes.mutable_data_ptr<float>();
+  float* sp = sums.mutable_data_ptr<float>();
+  const float* ks = int8 ? key_scales->const_data_ptr<float>() : nullptr;
+  const float* vs = int8 ? value_scales->const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t d = seq_of[i];
+      scores.resize(heads * (last_of[i] - first_of[i]));
+      auto run = [&](const auto* keys, const auto* values) {
+        attend_span(qp + d * heads * head_dim, keys, values, ks, vs, tables + d * max_blocks, first_of[i], last_of[i],
+                    block_size, heads, kv_heads, head_dim, static_cast<float>(scale), pp + i * heads * head_dim,
+                    mp + i * heads, sp + i * heads, scores.data());
+      };
+      if (int8)
+        run(keys.const_data_ptr<int8_t>(), values.const_data_ptr<int8_t>());
+      else
+        run(keys.const_data_ptr<float>(), values.const_data_ptr<float>());
+    }
+  });
+
+  auto out = at::empty_like(q);
+  float* op = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < items;) {  // the spans of sequence seq_of[i] are items [i, j)
+    int64_t j = i;
+    while (j < items && seq_of[j] == seq_of[i]) ++j;
+    for (int64_t g = 0; g < heads; ++g) {
+      float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t k = i; k < j; ++k) top = std::max(top, mp[k * heads + g]);
+      float* o = op + (seq_of[i] * heads + g) * head_dim;
+      std::fill(o, o + head_dim, 0.f);
+      for (int64_t k = i; k < j; ++k) {
+        const float w = std::exp(mp[k * heads + g] - top);
+        total += w * sp[k * heads + g];
+        add_scaled(w, pp + (k * heads + g) * head_dim, o, head_dim);
+      }
+      for (int64_t e = 0; e < head_dim; ++e) o[e] /= total;
+    }
+    i = j;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(r1, m) {
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? key_scales, Tensor? value_scales, "
+        "Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
+}
