@@ -29,6 +29,7 @@ namespace {
 
 constexpr int64_t kTileRows = 16;  // output rows per tile: one zmm of int32 lanes
 constexpr int kMaxRows = 8;        // activation rows that share one unpacking of a tile's weights
+constexpr int64_t kPrefetchBytes = 4096;
 
 inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -75,6 +76,9 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
     __m512i dot[Rows];
     for (int m = 0; m < Rows; ++m) dot[m] = _mm512_setzero_si512();
     for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      // Ask for the weights 4 KB ahead (into the next tile at the end of this one): the hardware
+      // prefetcher alone left 6-20% of a step's time waiting on memory (measured for 1-64 rows).
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
       const __m512i packed = _mm512_loadu_si512(w + k * 8);
       const __m512i lo = _mm512_and_si512(packed, low4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
