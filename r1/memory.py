@@ -198,7 +198,8 @@ def model_source(name: str) -> ModelSource:
 
 def gathered_tokens(context: int, decode_rows: int) -> int:
     """The most cached tokens attention copies out of the paged cache at once: a prefill chunk's
-    sequence, or decoding sequences padded to the longest, DECODE_GATHER_TOKENS at a time."""
+    sequence, or decoding sequences padded to the longest, DECODE_GATHER_TOKENS at a time. (On
+    r1's CPU kernel decodes read the cache in place, and this bounds their scratch from above.)"""
     return max(context, min(decode_rows * context, DECODE_GATHER_TOKENS))
 
 
