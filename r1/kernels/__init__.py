@@ -56,7 +56,8 @@ def unavailable_reason() -> str | None:
 def _kernels_available() -> bool:
     reason = unavailable_reason()
     if reason is not None:
-        log.warning("int4 matmuls and decode attention use PyTorch's slower portable paths because %s", reason)
+        log.warning("r1's CPU kernels are off (int4 matmuls, decode attention, norms and rotary take PyTorch's "
+                    "slower paths) because %s", reason)
     return reason is None
 
 

@@ -144,7 +144,8 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, g
     On r1's CPU kernel (r1/kernels/decode_attention.cpp) when it runs here and the cache is
     float32 or int8: it reads each sequence's blocks in place. Otherwise gathered, in PyTorch.
     """
-    op = kernels.op("decode_attention") if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    on_kernel = q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0  # its vector width
+    op = kernels.op("decode_attention") if on_kernel else None
     if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype == torch.float32):
         return _gathered_decode_attention(q, layer_cache, group, scale)
     if isinstance(layer_cache, Int8KVCache):
