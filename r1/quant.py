@@ -3,10 +3,10 @@
 Owns the quantized linear modules and which of the model's linears become one. Weights are
 quantized one tensor at a time as the loader streams them in, so the float model never exists in
 full. int8 and the portable int4 run on PyTorch's packed CPU kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`), which want bf16 activations. On a CPU with AVX-512 VNNI, int4
-runs on r1's own kernel (r1/kernels/), which quantizes the activations to int8 per group as
-llama.cpp does: a decode step then reads the weights at the memory bus's speed and prefill runs
-~3x faster. Elsewhere int4 runs on the portable kernel.
+`_weight_int4pack_mm_for_cpu`), which want bf16 activations. On a CPU with AVX-512 VNNI or
+AVX2, int4 runs on r1's own kernel (r1/kernels/), which quantizes the activations to int8 per
+group as llama.cpp does: a decode step then reads the weights at the memory bus's speed and
+prefill runs 3-8x faster. Elsewhere int4 runs on the portable kernel.
 
 int4 is asymmetric with one scale and one offset per group of 32 weights: the layout of GGUF's
 Q4_K sub-blocks, so a Q4_K weight whose group spans all 16 levels round-trips exactly. The
@@ -139,9 +139,9 @@ def _kernel_layout_is_known() -> bool:
     return torch.equal(probe.dequantized_t().float().T, levels)
 
 
-class Int4VnniLinear(QuantizedLinear):
-    """The same int4 groups on r1's AVX-512 VNNI kernel (r1/kernels/int4_matmul.cpp, which
-    describes the layout): w = scale * level + low, activations quantized to int8 per group."""
+class Int4KernelLinear(QuantizedLinear):
+    """The same int4 groups on r1's kernel, AVX-512 VNNI or AVX2 (r1/kernels/int4_matmul.cpp,
+    which describes the layout): w = scale * level + low, activations quantized to int8 per group."""
 
     TILE_ROWS = 16  # output rows per tile, one vector lane each
 
@@ -177,7 +177,7 @@ class Int4VnniLinear(QuantizedLinear):
 
 def int4_linear_class() -> type[QuantizedLinear]:
     """The fastest int4 linear this machine can run."""
-    return Int4VnniLinear if kernels.op("int4_matmul") is not None else Int4Linear
+    return Int4KernelLinear if kernels.op("int4_matmul") is not None else Int4Linear
 
 
 def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:

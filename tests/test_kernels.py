@@ -1,4 +1,4 @@
-"""r1's AVX-512 VNNI int4 kernel against float math on the same quantized weights."""
+"""r1's int4 kernel against float math on the same quantized weights, and which build a CPU gets."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from r1 import kernels, quant
-from r1.quant import Int4Linear, Int4VnniLinear
+from r1.quant import Int4Linear, Int4KernelLinear
 
-needs_vnni = pytest.mark.skipif(any(f not in kernels.cpu_flags() for f in kernels.REQUIRED_CPU_FLAGS),
-                                reason="this CPU lacks AVX-512 VNNI")
+needs_kernels = pytest.mark.skipif(kernels.this_cpus_build() is None, reason="this CPU has no build of r1's kernels")
+AVX512_VNNI, AVX2 = kernels.BUILDS
 
 
-def dequantized(layer: Int4VnniLinear) -> torch.Tensor:
+def dequantized(layer: Int4KernelLinear) -> torch.Tensor:
     """The float weight the layer holds, read back through a reference of its documented layout."""
     tiles, k8, _ = layer.packed.shape
     nibbles = layer.packed.view(tiles, k8, 16, 4)  # byte 4 * row + j of each 64-byte chunk
@@ -22,29 +22,30 @@ def dequantized(layer: Int4VnniLinear) -> torch.Tensor:
     return levels * per_row(layer.scales) + per_row(layer.lows)
 
 
-def vnni_layer(out_features: int, in_features: int, bias: bool, seed: int = 0) -> Int4VnniLinear:
+def kernel_layer(out_features: int, in_features: int, bias: bool, seed: int = 0) -> Int4KernelLinear:
     g = torch.Generator().manual_seed(seed)
-    layer = Int4VnniLinear(in_features, out_features, bias=bias)
+    layer = Int4KernelLinear(in_features, out_features, bias=bias)
     layer.set_weight(torch.randn(out_features, in_features, generator=g) * 0.05)
     if bias:
         layer.bias.data = torch.randn(out_features, generator=g)
     return layer
 
 
-@needs_vnni
+@pytest.mark.skipif(any(f not in kernels.cpu_flags() for f in AVX512_VNNI.cpu_flags),
+                    reason="this CPU lacks AVX-512 VNNI")
 def test_this_machine_runs_the_vnni_kernel():
     # CI runs on AVX-512 VNNI machines: a broken build or a missing ninja must fail here, not
     # silently fall back to the 3x slower portable kernel.
-    assert kernels.unavailable_reason() is None
-    assert quant.int4_linear_class() is Int4VnniLinear
+    assert kernels.this_cpus_build() == AVX512_VNNI and kernels.unavailable_reason() is None
+    assert quant.int4_linear_class() is Int4KernelLinear
     assert all(kernels.op(name) is not None for name in ("decode_attention", "add_rms_norm", "rotary_"))
 
 
-@needs_vnni
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 20])  # the kernel takes activation rows 8 at a time
 @pytest.mark.parametrize("bias", [False, True])
 def test_exact_on_activations_that_int8_holds(rows, bias):
-    layer = vnni_layer(48, 256, bias)
+    layer = kernel_layer(48, 256, bias)
     # Integers whose every group of 32 peaks at +-127 quantize to themselves (scale 1): the
     # kernel's integer dot products must then give the float result, up to float rounding.
     x = torch.randint(-100, 101, (rows, 256)).float()
@@ -54,21 +55,21 @@ def test_exact_on_activations_that_int8_holds(rows, bias):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), (got - want).abs().max()
 
 
-@needs_vnni
+@needs_kernels
 def test_unpacked_layout_is_the_quantized_weight():
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
-    layer = Int4VnniLinear(64, 32, bias=False)
+    layer = Int4KernelLinear(64, 32, bias=False)
     layer.set_weight(weight)
     levels, scale, low = quant.int4_groups(weight, quant.INT4_GROUP_SIZE)
     want = levels.float() * scale.bfloat16().float().repeat_interleave(32, 1) + low.bfloat16().float().repeat_interleave(32, 1)
     assert torch.equal(dequantized(layer), want)
 
 
-@needs_vnni
+@needs_kernels
 def test_real_activations_stay_close_to_float():
     # int8 activations per group of 32, as llama.cpp's Q8 ones: measured 0.5-1% relative error
     # on Gaussian activations with an outlier channel 30x the rest.
-    layer = vnni_layer(256, 1536, bias=True)
+    layer = kernel_layer(256, 1536, bias=True)
     x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(2))
     x[:, 7] *= 30
     want = x @ dequantized(layer).T + layer.bias
@@ -76,20 +77,20 @@ def test_real_activations_stay_close_to_float():
     assert rel < 0.02, rel
 
 
-@needs_vnni
-def test_portable_and_vnni_int4_agree():
+@needs_kernels
+def test_portable_and_kernel_int4_agree():
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.05
-    portable, vnni = Int4Linear(128, 64, bias=False), Int4VnniLinear(128, 64, bias=False)
+    portable, ours = Int4Linear(128, 64, bias=False), Int4KernelLinear(128, 64, bias=False)
     portable.set_weight(weight)
-    vnni.set_weight(weight)
+    ours.set_weight(weight)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
-    a, b = portable(x), vnni(x)
+    a, b = portable(x), ours(x)
     assert ((a - b).norm() / a.norm()).item() < 0.02
 
 
-@needs_vnni
+@needs_kernels
 def test_bad_inputs_are_refused_with_a_reason():
-    layer = vnni_layer(16, 64, bias=False)
+    layer = kernel_layer(16, 64, bias=False)
     op = kernels.op("int4_matmul")
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         op(torch.randn(2, 64).double(), layer.packed, layer.scales, layer.lows, 32, None)
@@ -100,7 +101,7 @@ def test_bad_inputs_are_refused_with_a_reason():
     with pytest.raises(RuntimeError, match="bias must be"):
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 32, torch.zeros(8))
     with pytest.raises(ValueError, match="out_features"):
-        Int4VnniLinear(64, 40, bias=False)
+        Int4KernelLinear(64, 40, bias=False)
 
 
 def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
@@ -108,6 +109,60 @@ def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
     assert quant.int4_linear_class() is Int4Linear
 
 
-def test_a_cpu_without_vnni_is_told_why(monkeypatch):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma"})
-    assert kernels.unavailable_reason() == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"
+@pytest.mark.parametrize("flags, build", [({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}, "avx512_vnni"),
+                                          ({"avx512f", "avx2", "fma"}, "avx2"), ({"avx2", "fma"}, "avx2")])
+def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    assert kernels.this_cpus_build().name == build
+
+
+def test_a_cpu_without_either_is_told_why(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
+    assert kernels.unavailable_reason() == ("this CPU has no build of them (avx512_vnni needs avx512f, avx512bw, "
+                                            "avx512vl, avx512_vnni; avx2 needs avx2, fma)")
+
+
+AVX2_CHECK = """
+import json, sys, torch
+from r1 import kernels
+from r1.quant import Int4KernelLinear
+assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
+assert kernels.op("decode_attention") is None  # no AVX2 code for it yet: PyTorch's path
+g = torch.Generator().manual_seed(5)
+out = {}
+for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
+    layer = Int4KernelLinear(256, 48, bias=True)
+    layer.set_weight(torch.randn(48, 256, generator=g) * 0.05)
+    layer.bias.data = torch.randn(48, generator=g)
+    x = torch.randn(rows, 256, generator=g)
+    out[rows] = layer(x).tolist()
+x, res, w = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
+normed, total = kernels.op("add_rms_norm")(x, res, w, 1e-6)
+out["norm"] = (normed - w * torch.nn.functional.rms_norm(x + res, (64,), eps=1e-6)).abs().max().item()
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(any(f not in kernels.cpu_flags() for f in AVX2.cpu_flags + AVX512_VNNI.cpu_flags),
+                    reason="compares the AVX2 build with the AVX-512 VNNI one")
+def test_the_avx2_build_computes_what_the_vnni_one_does():
+    # Laptops without AVX-512 run the AVX2 build; CI's machines have AVX-512, so it is built and
+    # run here in a process of its own (both builds register the same op names).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, kernels.BUILD_ENV: "avx2"}
+    done = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    avx2 = json.loads(done.stdout)
+    assert avx2["norm"] < 1e-5
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, 4, 5, 9):  # the same layers and inputs, drawn in the same order
+        layer = Int4KernelLinear(256, 48, bias=True)
+        layer.set_weight(torch.randn(48, 256, generator=g) * 0.05)
+        layer.bias.data = torch.randn(48, generator=g)
+        x = torch.randn(rows, 256, generator=g)
+        # The same integer dot products; only each group's float sum of x may round differently.
+        assert torch.allclose(torch.tensor(avx2[str(rows)]), layer(x), rtol=1e-5, atol=1e-5), rows

@@ -1,29 +1,51 @@
 """r1's own CPU kernels, compiled on first use with the system C++ compiler and cached.
 
-Built together, each file's top comment saying why it exists and what layout it reads:
-`int4_matmul.cpp`, group-wise int4 weights times int8-quantized activations on AVX-512 VNNI;
-`decode_attention.cpp`, one-token queries attending to a paged KV cache in place; and
-`layer_ops.cpp`, RMSNorm with its residual add and rotary embedding, one call each. `op(name)`
-returns `torch.ops.r1.<name>`, or None when this CPU lacks the instructions or the build fails;
-the model and r1/quant.py then take PyTorch's portable paths, and the reason is logged once.
+Each file's top comment says why it exists and what layout it reads: `int4_matmul.cpp`,
+group-wise int4 weights times int8-quantized activations; `decode_attention.cpp`, one-token
+queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add
+and rotary embedding, one call each. They are compiled together for the widest instruction set
+this CPU has (BUILDS: AVX-512 VNNI, else AVX2, which has no decode attention kernel yet).
+`op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has neither
+instruction set, or the build fails; the model and r1/quant.py then take PyTorch's portable
+paths, and the reason is logged once.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# What the kernel's instructions need from the CPU, as /proc/cpuinfo names them.
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-SOURCES = ("int4_matmul.cpp", "decode_attention.cpp", "layer_ops.cpp")
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
+
+@dataclass(frozen=True)
+class Build:
+    """One way to compile the kernels: what it needs from the CPU (as /proc/cpuinfo names it),
+    the compiler's flags, and the sources that have code for it."""
+
+    name: str
+    cpu_flags: tuple[str, ...]
+    compiler_flags: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+BUILDS = (  # widest first: a CPU takes the first whose flags it has
+    Build("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
+          ("int4_matmul.cpp", "decode_attention.cpp", "layer_ops.cpp")),
+    Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp"), ("int4_matmul.cpp", "layer_ops.cpp")),
+)
+OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
+       "layer_ops.cpp": ("add_rms_norm", "rotary_")}
+# Names one build (e.g. R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there).
+BUILD_ENV = "R1_KERNELS"
 
 
 def cpu_flags() -> set[str]:
@@ -38,13 +60,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def this_cpus_build() -> Build | None:
+    """The build this CPU runs ($R1_KERNELS names one), or None when it has none's flags."""
+    flags, wanted = cpu_flags(), os.environ.get(BUILD_ENV)
+    return next((b for b in BUILDS if wanted in (None, b.name) and all(f in flags for f in b.cpu_flags)), None)
+
+
 def unavailable_reason() -> str | None:
     """Why r1's kernels cannot run here, or None when they can."""
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
+    build = this_cpus_build()
+    if build is None:
+        needs = "; ".join(f"{b.name} needs {', '.join(f for f in b.cpu_flags if f not in cpu_flags())}"
+                          for b in BUILDS if os.environ.get(BUILD_ENV) in (None, b.name))
+        return f"this CPU has no build of them ({needs})"
     try:
-        _build()
+        _build(build)
     except Exception as e:  # no compiler, no ninja, a failed compile: all mean "use the portable kernel"
         lines = str(e).strip().splitlines() or [type(e).__name__]
         first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
@@ -62,17 +92,20 @@ def _kernels_available() -> bool:
 
 
 def op(name: str):
-    """torch.ops.r1.<name>, or None when r1's kernels cannot run here."""
-    return getattr(torch.ops.r1, name) if _kernels_available() else None
+    """torch.ops.r1.<name>, or None when it cannot run here."""
+    if not _kernels_available() or all(name not in OPS[source] for source in this_cpus_build().sources):
+        return None
+    return getattr(torch.ops.r1, name)
 
 
 @functools.cache
-def _build() -> None:
+def _build(build: Build) -> None:
     from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed
 
     started = time.perf_counter()
-    sources = [str(Path(__file__).with_name(name)) for name in SOURCES]
-    print("r1: preparing the CPU kernels (compiled on first use, then cached)", file=sys.stderr, flush=True)
-    load(name="r1_kernels", sources=sources, extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"],
-         is_python_module=False)
+    sources = [str(Path(__file__).with_name(name)) for name in build.sources]
+    print(f"r1: preparing the CPU kernels for {build.name} (compiled on first use, then cached)", file=sys.stderr,
+          flush=True)
+    load(name=f"r1_kernels_{build.name}", sources=sources, extra_cflags=list(build.compiler_flags),
+         extra_ldflags=["-fopenmp"], is_python_module=False)
     log.info("kernels ready in %.1f s", time.perf_counter() - started)

@@ -1,19 +1,22 @@
-// y = x @ W.T for group-wise int4 W on an AVX-512 VNNI CPU, the kernel behind `--quant int4`.
+// y = x @ W.T for group-wise int4 W on an AVX-512 VNNI or an AVX2 CPU, the kernel behind
+// `--quant int4`. r1/kernels/__init__.py compiles this file for the widest of the two this CPU has.
 //
 // Why our own: PyTorch's `_weight_int4pack_mm_for_cpu` widens every weight to float and runs
 // FMAs, so on two cores it tops out near 33 G weights/s, below the memory bus (a decode step
 // reads 1.5 G weights). Here the activations are quantized to int8 per weight group, as
-// llama.cpp does, and `vpdpbusd` multiplies 64 int4 x int8 pairs per instruction, so a decode
-// step is bound by memory, and the weights unpacked once serve up to 8 activation rows.
+// llama.cpp does, and `vpdpbusd` multiplies 64 int4 x int8 pairs per instruction (AVX2:
+// `vpmaddubsw` 32 pairs into int16, widened once per 32 weights), so a decode step is bound by
+// memory, and the weights unpacked once serve up to 8 (AVX2: 4) activation rows.
 //
-// Weight layout (packed by r1/quant.py): rows in tiles of 16, one zmm lane per output row.
-// packed[tile][k / 8] is 64 bytes; byte 4 * r + j holds W[16 tile + r][k + j] (j < 4) in its
-// low nibble and W[16 tile + r][k + 4 + j] in its high one, levels 0..15. scales and mins are
-// (tiles, K / group, 16) bf16: W = scale * level + min within a group.
+// Weight layout (packed by r1/quant.py): rows in tiles of 16, one zmm lane per output row (on
+// AVX2, two ymm of 8). packed[tile][k / 8] is 64 bytes; byte 4 * r + j holds W[16 tile + r][k + j]
+// (j < 4) in its low nibble and W[16 tile + r][k + 4 + j] in its high one, levels 0..15. scales
+// and mins are (tiles, K / group, 16) bf16: W = scale * level + min within a group.
 //
 // Per group, with x ~ dx * qx (qx int8, dx one float per row and group):
 //   sum_k W x = scale * dx * sum_k level * qx  +  min * sum_k x
-// The first sum is exact in int32; the second uses the float x.
+// The first sum is exact in int32; the second uses the float x. Both instruction sets compute
+// the same integers; their outputs differ only in how sum_k x rounds (16 lanes or 8).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,18 +31,20 @@
 namespace {
 
 constexpr int64_t kTileRows = 16;  // output rows per tile: one zmm of int32 lanes
-constexpr int kMaxRows = 8;        // activation rows that share one unpacking of a tile's weights
 constexpr int64_t kPrefetchBytes = 4096;
-
-inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+
+#if defined(__AVX512VNNI__)
+constexpr int kMaxRows = 8;  // activation rows that share one unpacking of a tile's weights
+
+inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 // Row m of x (K floats) -> qx (K int8), and per group: dx = max|x| / 127 and xsum = sum x.
@@ -98,10 +103,109 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
   for (int m = 0; m < Rows; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
+#else  // AVX2 and FMA
+constexpr int kMaxRows = 4;  // two ymm accumulators a row: 8 rows would not fit in 16 registers
+
+inline __m256 bf16x8_to_f32(const at::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// As the AVX-512 quantize_row, 8 floats at a time: the same int8 levels and dx; xsum may differ
+// in its last bits.
+void quantize_row(const float* x, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float* xg = x + g * group;
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < group; i += 8) {
+      __m256 v = _mm256_loadu_ps(xg + i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+      sum = _mm256_add_ps(sum, v);
+    }
+    const float d = max8(amax) / 127.f;
+    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    for (int64_t i = 0; i < group; i += 8) {
+      __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), inv));  // round to nearest
+      __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qx + g * group + i), _mm_packs_epi16(q16, q16));
+    }
+    dx[g] = d;
+    xsum[g] = sum8(sum);
+  }
+}
+
+// One tile of 16 output rows (two halves of 8) for `Rows` activation rows. vpmaddubsw sums two
+// level x qx products into int16 (at most 2 * 15 * 127); 8 of them, 32 weights, still fit in
+// int16, so they are widened to int32 (vpmaddwd by ones) once per 32 weights.
+template <int Rows>
+void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* mins, const float* bias,
+                 const int8_t* qx, const float* dx, const float* xsum, int64_t K, int64_t group, float* y,
+                 int64_t ldy) {
+  const int64_t groups = K / group;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[Rows][2];
+  for (int m = 0; m < Rows; ++m)
+    for (int h = 0; h < 2; ++h) acc[m][h] = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i dot[Rows][2], pairs[Rows][2];
+    for (int m = 0; m < Rows; ++m)
+      for (int h = 0; h < 2; ++h) dot[m][h] = pairs[m][h] = _mm256_setzero_si256();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 8 + 32 * h));
+        const __m256i lo = _mm256_and_si256(packed, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+        for (int m = 0; m < Rows; ++m) {
+          const int8_t* xm = qx + m * K + k;
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xm))),
+                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xm + 4))));
+          pairs[m][h] = _mm256_add_epi16(pairs[m][h], p);
+        }
+      }
+      if ((k + 8 - g * group) % 32 == 0 || k + 8 == (g + 1) * group)
+        for (int m = 0; m < Rows; ++m)
+          for (int h = 0; h < 2; ++h) {
+            dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_madd_epi16(pairs[m][h], ones));
+            pairs[m][h] = _mm256_setzero_si256();
+          }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = bf16x8_to_f32(scales + g * kTileRows + 8 * h);
+      const __m256 min = bf16x8_to_f32(mins + g * kTileRows + 8 * h);
+      for (int m = 0; m < Rows; ++m) {
+        const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(dx[m * groups + g]));
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), s, acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(min, _mm256_set1_ps(xsum[m * groups + g]), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < Rows; ++m)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + m * ldy + 8 * h, acc[m][h]);
+}
+#endif
+
 using TileFn = void (*)(const uint8_t*, const at::BFloat16*, const at::BFloat16*, const float*, const int8_t*,
                         const float*, const float*, int64_t, int64_t, float*, int64_t);
+#if defined(__AVX512VNNI__)
 constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>,
                                        tile_kernel<5>, tile_kernel<6>, tile_kernel<7>, tile_kernel<8>};
+#else
+constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>};
+#endif
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group, const std::optional<at::Tensor>& bias) {
@@ -130,8 +234,9 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   });
 
   auto y = at::empty({M, N}, x.options());
-  // Tiles in blocks whose weights stay in L2 while every 8-row slice of x passes over them; a
-  // decode step (M <= 8) reads each tile once, so its blocks are single tiles for load balance.
+  // Tiles in blocks whose weights stay in L2 while every kMaxRows-row slice of x passes over
+  // them; a decode step (M <= kMaxRows) reads each tile once, so its blocks are single tiles
+  // for load balance.
   const int64_t tile_bytes = K / 2 * kTileRows;
   const int64_t block = M <= kMaxRows ? 1 : std::clamp<int64_t>((256 << 10) / tile_bytes, 1, tiles);
   const auto* w = packed.const_data_ptr<uint8_t>();
