@@ -127,7 +127,7 @@ import json, sys, torch
 from r1 import kernels
 from r1.quant import Int4KernelLinear
 assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
-assert kernels.op("decode_attention") is None  # no AVX2 code for it yet: PyTorch's path
+assert all(kernels.op(name) is not None for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_"))
 g = torch.Generator().manual_seed(5)
 out = {}
 for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
@@ -139,6 +139,20 @@ for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
 x, res, w = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
 normed, total = kernels.op("add_rms_norm")(x, res, w, 1e-6)
 out["norm"] = (normed - w * torch.nn.functional.rms_norm(x + res, (64,), eps=1e-6)).abs().max().item()
+from r1.model.attention import AttentionMetadata, allocate_kv_cache, paged_attention, write_kv
+lens, blocks = [1, 17, 300], [[3], [5, 0], list(range(6, 25))]  # R1's heads, blocks of 16
+for dtype in (torch.float32, torch.int8):
+    cache = allocate_kv_cache(1, 25, 16, 2, 128, dtype, "cpu")[0]
+    slots = torch.tensor([b[p // 16] * 16 + p % 16 for b, n in zip(blocks, lens) for p in range(n)])
+    write_kv(cache, torch.randn(len(slots), 2, 128, generator=g), torch.randn(len(slots), 2, 128, generator=g), slots)
+    tables = torch.tensor([b + [0] * (19 - len(b)) for b in blocks])
+    meta = lambda: AttentionMetadata(torch.tensor([]), tables, [1, 1, 1], lens)
+    q = torch.randn(3, 12, 128, generator=g)
+    got = paged_attention(q, cache, meta(), 128 ** -0.5)
+    kernel_op, kernels.op = kernels.op, lambda name: None
+    want = paged_attention(q, cache, meta(), 128 ** -0.5)  # PyTorch's gathered path
+    kernels.op = kernel_op
+    out[f"attention {dtype}"] = (got - want).abs().max().item()
 json.dump(out, sys.stdout)
 """
 
@@ -158,6 +172,7 @@ def test_the_avx2_build_computes_what_the_vnni_one_does():
     assert done.returncode == 0, done.stderr[-2000:]
     avx2 = json.loads(done.stdout)
     assert avx2["norm"] < 1e-5
+    assert avx2["attention torch.float32"] < 1e-5 and avx2["attention torch.int8"] < 1e-5, avx2
     g = torch.Generator().manual_seed(5)
     for rows in (1, 4, 5, 9):  # the same layers and inputs, drawn in the same order
         layer = Int4KernelLinear(256, 48, bias=True)

@@ -4,7 +4,7 @@ Each file's top comment says why it exists and what layout it reads: `int4_matmu
 group-wise int4 weights times int8-quantized activations; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add
 and rotary embedding, one call each. They are compiled together for the widest instruction set
-this CPU has (BUILDS: AVX-512 VNNI, else AVX2, which has no decode attention kernel yet).
+this CPU has (BUILDS: AVX-512 VNNI, else AVX2).
 `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has neither
 instruction set, or the build fails; the model and r1/quant.py then take PyTorch's portable
 paths, and the reason is logged once.
@@ -40,7 +40,8 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has
     Build("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
           ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
           ("int4_matmul.cpp", "decode_attention.cpp", "layer_ops.cpp")),
-    Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp"), ("int4_matmul.cpp", "layer_ops.cpp")),
+    Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+          ("int4_matmul.cpp", "decode_attention.cpp", "layer_ops.cpp")),
 )
 OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
        "layer_ops.cpp": ("add_rms_norm", "rotary_")}

@@ -29,54 +29,104 @@ namespace {
 
 constexpr int64_t kMinSpanBlocks = 4;  // a span shorter than this costs more to merge than it saves
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const int8_t* p) {
+// The few vector operations below, on AVX-512 (16 floats) or AVX2 (8): the build's compiler
+// flags pick (r1/kernels/__init__.py).
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vtimes_pow2(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline float vmax_lane(Vec v) { return _mm512_reduce_max_ps(v); }
+#else  // AVX2 and FMA
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vtimes_pow2(Vec p, Vec n) {  // 2^n built in the exponent bits: n >= -126 here
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+inline float vsum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float vmax_lane(Vec v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
-// e^x to ~1e-7 relative, 16 at a time: 2^n e^r with |r| <= ln 2 / 2 and e^r's Taylor series to
-// r^7 (std::exp, one call per score, took a quarter of the kernel's time).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // below this e^x is no longer a normal float
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: r stays exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+// e^x to ~1e-7 relative, a vector at a time: 2^n e^r with |r| <= ln 2 / 2 and e^r's Taylor series
+// to r^7 (std::exp, one call per score, took a quarter of the kernel's time).
+inline Vec vexp(Vec x) {
+  x = vmax(x, vset(-87.f));  // below this e^x is no longer a normal float
+  const Vec n = vround(vmul(x, vset(1.44269504f)));
+  Vec r = vfnma(n, vset(0.693145751953125f), x);  // ln 2 in two parts: r stays exact
+  r = vfnma(n, vset(1.4286068203094173e-06f), r);
+  Vec p = vset(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = vfma(p, r, vset(c));
+  return vtimes_pow2(p, n);
 }
 
 // row[i] = e^(row[i] - max row) for i < len; returns that max and the sum of the new values.
+// Whole vectors, then the last len % kLanes one by one.
 inline std::pair<float, float> exp_shifted(float* row, int64_t len) {
-  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < len; i += 16) {
-    const __mmask16 in = len - i >= 16 ? 0xffff : (1u << (len - i)) - 1;
-    top = _mm512_mask_max_ps(top, in, top, _mm512_maskz_loadu_ps(in, row + i));
+  const int64_t whole = len - len % kLanes;
+  float max = -std::numeric_limits<float>::infinity();
+  if (whole) {
+    Vec top = vload(row);
+    for (int64_t i = kLanes; i < whole; i += kLanes) top = vmax(top, vload(row + i));
+    max = vmax_lane(top);
   }
-  const float max = _mm512_reduce_max_ps(top);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t i = 0; i < len; i += 16) {
-    const __mmask16 in = len - i >= 16 ? 0xffff : (1u << (len - i)) - 1;
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, row + i), _mm512_set1_ps(max)));
-    _mm512_mask_storeu_ps(row + i, in, e);
-    total = _mm512_mask_add_ps(total, in, total, e);
+  for (int64_t i = whole; i < len; ++i) max = std::max(max, row[i]);
+  Vec total = vset(0.f);
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    const Vec e = vexp(vsub(vload(row + i), vset(max)));
+    vstore(row + i, e);
+    total = vadd(total, e);
   }
-  return {max, _mm512_reduce_add_ps(total)};
+  float sum = vsum(total);
+  for (int64_t i = whole; i < len; ++i) sum += (row[i] = std::exp(row[i] - max));
+  return {max, sum};
 }
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t head_dim) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < head_dim; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
-  return _mm512_reduce_add_ps(acc);
+  Vec acc = vset(0.f);
+  for (int64_t i = 0; i < head_dim; i += kLanes) acc = vfma(vload(q + i), vload(k + i), acc);
+  return vsum(acc);
 }
 
 template <typename T>
 inline void add_scaled(float weight, const T* v, float* out, int64_t head_dim) {
-  const __m512 w = _mm512_set1_ps(weight);
-  for (int64_t i = 0; i < head_dim; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(w, load16(v + i), _mm512_loadu_ps(out + i)));
+  const Vec w = vset(weight);
+  for (int64_t i = 0; i < head_dim; i += kLanes) vstore(out + i, vfma(w, vload(v + i), vload(out + i)));
 }
 
 // Scores of all heads for tokens [first, last) of one sequence, attention weights of that
