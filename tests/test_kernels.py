@@ -112,14 +112,21 @@ def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
 @pytest.mark.parametrize("flags, build", [({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}, "avx512_vnni"),
                                           ({"avx512f", "avx2", "fma"}, "avx2"), ({"avx2", "fma"}, "avx2")])
 def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
+    monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     assert kernels.this_cpus_build().name == build
 
 
 def test_a_cpu_without_either_is_told_why(monkeypatch):
+    monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
     assert kernels.unavailable_reason() == ("this CPU has no build of them (avx512_vnni needs avx512f, avx512bw, "
                                             "avx512vl, avx512_vnni; avx2 needs avx2, fma)")
+
+
+def test_an_unknown_build_name_is_told_apart(monkeypatch):
+    monkeypatch.setenv(kernels.BUILD_ENV, "sse2")
+    assert kernels.unavailable_reason() == "R1_KERNELS=sse2 names none of their builds (avx512_vnni, avx2)"
 
 
 AVX2_CHECK = """

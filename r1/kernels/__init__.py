@@ -69,10 +69,13 @@ def this_cpus_build() -> Build | None:
 
 def unavailable_reason() -> str | None:
     """Why r1's kernels cannot run here, or None when they can."""
+    wanted = os.environ.get(BUILD_ENV)
+    if wanted is not None and wanted not in (b.name for b in BUILDS):
+        return f"{BUILD_ENV}={wanted} names none of their builds ({', '.join(b.name for b in BUILDS)})"
     build = this_cpus_build()
     if build is None:
         needs = "; ".join(f"{b.name} needs {', '.join(f for f in b.cpu_flags if f not in cpu_flags())}"
-                          for b in BUILDS if os.environ.get(BUILD_ENV) in (None, b.name))
+                          for b in BUILDS if wanted in (None, b.name))
         return f"this CPU has no build of them ({needs})"
     try:
         _build(build)
