@@ -116,8 +116,11 @@ def throughput(llm, prompts: list[list[int]], output_lens: list[int], temperatur
 
 def engine_settings(llm, model: str) -> dict:
     import torch
+
+    from r1 import kernels
+    cpu_kernels = kernels.this_cpus_build().name if kernels.op("add_rms_norm") is not None else None
     return {"model": model, "quant": llm.engine_config.quant, "dtype": str(llm.dtype).removeprefix("torch."),
-            "device": llm.device.type, "threads": torch.get_num_threads()}
+            "device": llm.device.type, "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels}
 
 
 def _cpu_model() -> str:

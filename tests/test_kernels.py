@@ -127,6 +127,8 @@ def test_a_cpu_without_either_is_told_why(monkeypatch):
 def test_an_unknown_build_name_is_told_apart(monkeypatch):
     monkeypatch.setenv(kernels.BUILD_ENV, "sse2")
     assert kernels.unavailable_reason() == "R1_KERNELS=sse2 names none of their builds (avx512_vnni, avx2)"
+    monkeypatch.setenv(kernels.BUILD_ENV, "off")
+    assert kernels.unavailable_reason() == "R1_KERNELS=off"
 
 
 AVX2_CHECK = """

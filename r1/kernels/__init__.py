@@ -45,7 +45,8 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has
 )
 OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
        "layer_ops.cpp": ("add_rms_norm", "rotary_")}
-# Names one build (e.g. R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there).
+# Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
+# "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out).
 BUILD_ENV = "R1_KERNELS"
 
 
@@ -70,6 +71,8 @@ def this_cpus_build() -> Build | None:
 def unavailable_reason() -> str | None:
     """Why r1's kernels cannot run here, or None when they can."""
     wanted = os.environ.get(BUILD_ENV)
+    if wanted == "off":
+        return f"{BUILD_ENV}=off"
     if wanted is not None and wanted not in (b.name for b in BUILDS):
         return f"{BUILD_ENV}={wanted} names none of their builds ({', '.join(b.name for b in BUILDS)})"
     build = this_cpus_build()
