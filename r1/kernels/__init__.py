@@ -90,19 +90,20 @@ def unavailable_reason() -> str | None:
 
 
 @functools.cache
-def _kernels_available() -> bool:
+def _available_ops() -> frozenset[str]:
+    """The ops this CPU's build has (none when it cannot run), worked out once: op() runs ~200
+    times a decode step, and finding the build reads /proc/cpuinfo."""
     reason = unavailable_reason()
     if reason is not None:
         log.warning("r1's CPU kernels are off (int4 matmuls, decode attention, norms and rotary take PyTorch's "
                     "slower paths) because %s", reason)
-    return reason is None
+        return frozenset()
+    return frozenset(name for source in this_cpus_build().sources for name in OPS[source])
 
 
 def op(name: str):
     """torch.ops.r1.<name>, or None when it cannot run here."""
-    if not _kernels_available() or all(name not in OPS[source] for source in this_cpus_build().sources):
-        return None
-    return getattr(torch.ops.r1, name)
+    return getattr(torch.ops.r1, name) if name in _available_ops() else None
 
 
 @functools.cache
