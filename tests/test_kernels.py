@@ -109,6 +109,16 @@ def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
     assert quant.int4_linear_class() is Int4Linear
 
 
+def test_op_does_not_look_for_the_build_again(monkeypatch):
+    # op() runs ~200 times a decode step: finding the build (reading /proc/cpuinfo) each time cost
+    # a third of the decode speed once.
+    kernels.op("int4_matmul")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: pytest.fail("op() read the CPU's flags again"))
+    for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_", "no_such_op"):
+        kernels.op(name)
+    assert kernels.op("no_such_op") is None
+
+
 @pytest.mark.parametrize("flags, build", [({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}, "avx512_vnni"),
                                           ({"avx512f", "avx2", "fma"}, "avx2"), ({"avx2", "fma"}, "avx2")])
 def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
