@@ -106,6 +106,11 @@ def op(name: str):
     return getattr(torch.ops.r1, name) if name in _available_ops() else None
 
 
+def op_for(name: str, x: torch.Tensor):
+    """op(name) when it can take x (the model's kernels take float32 on the CPU), else None."""
+    return op(name) if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
 @functools.cache
 def _build(build: Build) -> None:
     from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed

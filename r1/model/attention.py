@@ -11,6 +11,7 @@ It does not decide which blocks a sequence gets (the engine's block manager does
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,15 @@ class DecodeGroup:
     rows: torch.Tensor | None  # their query rows in the flat batch; None when they are all the rows
     block_tables: torch.Tensor  # (D, blocks) the blocks that hold the longest one's tokens
     seq_lens: torch.Tensor  # (D,) int64: the cached tokens each attends to, its new one included
-    mask: torch.Tensor  # (D, 1, blocks * block_size) float: 0 where cached, -inf past each length
+    block_size: int
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """(D, 1, blocks * block_size) float: 0 where cached, -inf past each length. Only the
+        gathered PyTorch path reads it (r1's kernel stops at each length), once per step."""
+        length = self.block_tables.shape[1] * self.block_size
+        cached = torch.arange(length, device=self.seq_lens.device)[None, :] < self.seq_lens[:, None]
+        return torch.zeros(cached.shape, device=cached.device).masked_fill_(~cached, float("-inf"))[:, None, :]
 
 
 @dataclass
@@ -56,14 +65,12 @@ class AttentionMetadata:
             device = self.block_tables.device
             lens = torch.tensor([self.seq_lens[i] for i in decoding], device=device)
             num_blocks = -(-max(self.seq_lens[i] for i in decoding) // block_size)
-            cached = torch.arange(num_blocks * block_size, device=device)[None, :] < lens[:, None]
-            mask = torch.zeros(cached.shape, device=device).masked_fill_(~cached, float("-inf"))
             all_rows = len(decoding) == len(self.query_lens)
             starts = torch.tensor(self.query_lens, device=device).cumsum(0) - 1  # a decode row ends its sequence
             self._decode_group = DecodeGroup(
                 rows=None if all_rows else starts[decoding],
                 block_tables=self.block_tables[decoding, :num_blocks].contiguous(), seq_lens=lens,
-                mask=mask[:, None, :])
+                block_size=block_size)
         return self._decode_group
 
 
@@ -144,8 +151,7 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, g
     On r1's CPU kernel (r1/kernels/decode_attention.cpp) when it runs here and the cache is
     float32 or int8: it reads each sequence's blocks in place. Otherwise gathered, in PyTorch.
     """
-    on_kernel = q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0  # its vector width
-    op = kernels.op("decode_attention") if on_kernel else None
+    op = kernels.op_for("decode_attention", q) if q.shape[-1] % 16 == 0 else None  # its vector width
     if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype == torch.float32):
         return _gathered_decode_attention(q, layer_cache, group, scale)
     if isinstance(layer_cache, Int8KVCache):

@@ -14,11 +14,6 @@ from torch import nn
 from r1 import kernels
 
 
-def _kernel(name: str, x: torch.Tensor):
-    """r1's kernel `name` when it can take x (float32 on the CPU), else None."""
-    return kernels.op(name) if x.device.type == "cpu" and x.dtype == torch.float32 else None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -31,7 +26,7 @@ class RMSNorm(nn.Module):
         The residual stream's add comes into the norm that follows it, as in vLLM, so that both
         are one pass.
         """
-        fused = _kernel("add_rms_norm", x) if self.weight.dtype == torch.float32 else None
+        fused = kernels.op_for("add_rms_norm", x) if self.weight.dtype == torch.float32 else None
         if fused is not None:
             return fused(x, residual, self.weight, self.eps)
         if residual is not None:
@@ -51,7 +46,7 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
 def apply_rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate the first `heads` heads of x (N, all heads, head_dim) in place, by the half-split
     (NeoX) convention that Qwen2 uses."""
-    fused = _kernel("rotary_", x)
+    fused = kernels.op_for("rotary_", x)
     if fused is not None:
         return fused(x, heads, cos, sin)
     half = x.shape[-1] // 2
