@@ -1,15 +1,18 @@
 """Logits to next tokens for a batch whose rows each have their own SamplingParams.
 
 Owns the logit processors (penalties, temperature, top-k, top-p, min-p), the draw (greedy at
-temperature 0, otherwise seeded per row), per-row generators and OpenAI-style logprobs. Each
-processor is a pure function on float32 logits of shape (B, V) that returns new logits, masks
-with -inf and leaves rows where it is disabled untouched. It does not own which rows are in the
-batch, stopping, or filling model defaults into the params (SamplingParams.with_defaults).
+temperature 0, otherwise seeded per row), per-row generators and OpenAI-style logprobs.
+Penalties and temperature are pure functions on float32 logits of shape (B, V). The three
+filters work on each row's likeliest tokens in descending order (`filter_candidates`), since
+what they keep is always a run of the top of the distribution: sorting a 152k vocabulary costs
+~6 ms a row on CPU, and a sampled token at R1's settings nearly always comes from the top few
+dozen. It does not own which rows are in the batch, stopping, or filling model defaults into
+the params (SamplingParams.with_defaults).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -17,9 +20,10 @@ from r1.sampling_params import SamplingParams
 
 PerRow = float | Sequence[float] | torch.Tensor  # one value for every row, or one per row
 
-# Sorting a 152k vocabulary takes ~50 ms a row on CPU, and the top_p nucleus nearly always lies
-# in the top few hundred tokens: look there first and sort in full only rows that need it.
-NUCLEUS_CANDIDATES = 1024
+# The filters first look at each row's CANDIDATES likeliest tokens, and widen the look by
+# CANDIDATES_GROWTH (then to the whole vocabulary) only for rows whose kept set may reach past it.
+CANDIDATES = 64
+CANDIDATES_GROWTH = 64
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -29,13 +33,30 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     if any(p.temperature is None or p.top_p is None or p.top_k is None for p in params):
         raise ValueError("sample_next needs concrete params: call SamplingParams.with_defaults first")
     logits = apply_penalties(logits.float(), prompt_ids, output_ids, params)
-    # Greedy rows skip the filters: they keep the top token, so cannot change the argmax.
-    sampled = [not p.greedy for p in params]
-    logits = apply_temperature(logits, [p.temperature for p in params])
-    logits = apply_top_k(logits, [p.top_k if s else 0 for p, s in zip(params, sampled)])
-    logits = apply_top_p(logits, [p.top_p if s else 1.0 for p, s in zip(params, sampled)])
-    logits = apply_min_p(logits, [p.min_p if s else 0.0 for p, s in zip(params, sampled)])
-    return sample(logits, params, generators)
+    tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
+
+    def rows(index: list[int]) -> torch.Tensor:  # whole batches, the usual case, are not copied
+        return logits if len(index) == len(params) else logits[index]
+
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        tokens[greedy] = rows(greedy).argmax(dim=1)
+    filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p)]
+    if filtered:
+        ps = [params[i] for i in filtered]
+        scaled = apply_temperature(rows(filtered), [p.temperature for p in ps])
+        kept, ids = filter_candidates(scaled, [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
+        chosen = draw(kept, [generators[i] for i in filtered])
+        tokens[filtered] = ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p)]
+    if unfiltered:
+        scaled = apply_temperature(rows(unfiltered), [params[i].temperature for i in unfiltered])
+        tokens[unfiltered] = draw(scaled.softmax(dim=1), [generators[i] for i in unfiltered])
+    return tokens
+
+
+def _filters(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1 or p.min_p > 0
 
 
 def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
@@ -73,91 +94,94 @@ def apply_temperature(logits: torch.Tensor, temperature: PerRow) -> torch.Tensor
     return logits / t.to(logits.device).unsqueeze(1)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: PerRow) -> torch.Tensor:
-    """Keep each row's k highest logits (ties with the k-th are kept too); k <= 0 or >= V
-    disables the row."""
-    k = _per_row(top_k, logits, torch.int64)
-    enabled = (k > 0) & (k < logits.shape[1])
+def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow,
+                      min_p: PerRow) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens that survive top-k, then top-p over what top-k kept, then min-p.
 
-    def keep_top_k(rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        top = rows.topk(int(k.max()), dim=1).values  # (R, k_max), descending
-        kth = top.gather(1, (k.to(rows.device) - 1).unsqueeze(1))  # (R, 1)
-        return rows.masked_fill(rows < kth, float("-inf"))
-
-    return _on_rows(logits, enabled, keep_top_k, k)
-
-
-def apply_top_p(logits: torch.Tensor, top_p: PerRow) -> torch.Tensor:
-    """Keep the smallest set of highest-probability tokens whose total probability reaches
-    top_p (always at least the top token); top_p >= 1 disables the row."""
-    p = _per_row(top_p, logits, torch.float32)
-
-    def keep_nucleus(rows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        p = p.to(rows.device)
-        out, reached = _nucleus(rows, p, min(NUCLEUS_CANDIDATES, rows.shape[1]))
-        if not bool(reached.all()):
-            short = ~reached
-            out[short] = _nucleus(rows[short], p[short], rows.shape[1])[0]
-        return out
-
-    return _on_rows(logits, p < 1, keep_nucleus, p)
-
-
-def _nucleus(rows: torch.Tensor, p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows with only their top_p nucleus among their k likeliest tokens kept, and whether
-    those k reach top_p (where they do not, the nucleus extends past them)."""
-    probs, order = rows.softmax(dim=1).topk(k, dim=1)  # (R, k), descending
-    cumulative = probs.cumsum(dim=1)
-    # A token is needed while the tokens before it still fall short of top_p.
-    needed = cumulative - probs < p.unsqueeze(1)
-    kept = rows.gather(1, order).masked_fill(~needed, float("-inf"))
-    out = torch.full_like(rows, float("-inf")).scatter_(1, order, kept)
-    return out, cumulative[:, -1] >= p
-
-
-def apply_min_p(logits: torch.Tensor, min_p: PerRow) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the row's top probability;
-    min_p 0 disables the row."""
-    m = _per_row(min_p, logits, torch.float32)
-
-    def keep_likely(rows: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        # p_i / p_max = exp(l_i - l_max), so the test needs no softmax.
-        floor = rows.max(dim=1, keepdim=True).values + m.to(rows.device).log().unsqueeze(1)
-        return rows.masked_fill(rows < floor, float("-inf"))
-
-    return _on_rows(logits, m > 0, keep_likely, m)
-
-
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Token ids (B,): the argmax for greedy rows, a draw from softmax(logits) for the others.
-
-    Each sampled row inverts its cumulative distribution at one uniform number drawn from its
-    own generator (rows without one share a single draw from the global RNG), so a seed gives
-    the same tokens whichever rows share the batch. One number per row rather than V keeps
-    the random number generation negligible next to the softmax.
+    Returns (R, W) probabilities in descending order, 0 past each row's kept tokens, and their
+    token ids. Per row: top_k keeps the k likeliest tokens and any tied with the k-th (0 or >= V
+    disables it); top_p keeps the smallest run of likeliest tokens whose probability reaches
+    top_p, always the top one (1 disables it); min_p drops tokens below min_p times the top
+    token's probability (0 disables it). Every row must enable at least one of them: a row
+    without any keeps all V tokens.
     """
-    tokens = logits.argmax(dim=1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return tokens
-    u = torch.empty(len(rows), device=logits.device)
-    unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
-    seeded = [j for j, i in enumerate(rows) if generators[i] is not None]
+    vocab = logits.shape[1]
+    k, p, m = (_per_row(v, logits, dtype).to(logits.device)
+               for v, dtype in ((top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32)))
+    k = torch.where(k < vocab, k, torch.zeros_like(k))
+    probs = logits.softmax(dim=1)
+    # One past the largest k, so that the candidates show whether the k-th token's ties go on.
+    width = min(vocab, max(CANDIDATES, int(k.max()) + 1))
+    pending = torch.arange(logits.shape[0], device=logits.device)
+    found = []  # (rows, kept probabilities, ids) of the rows settled at each width
+    while len(pending):
+        rows = probs if len(found) == 0 else probs[pending]
+        values, ids = rows.topk(width, dim=1)
+        kept, settled = _filter_sorted(values, k[pending], p[pending], m[pending])
+        settled |= width == vocab
+        found.append((pending[settled], kept[settled], ids[settled]))
+        pending = pending[~settled]
+        width = min(vocab, width * CANDIDATES_GROWTH)
+    widest = found[-1][1].shape[1]
+    out = torch.zeros((logits.shape[0], widest), device=logits.device)
+    out_ids = torch.zeros((logits.shape[0], widest), dtype=torch.int64, device=logits.device)
+    for rows, kept, ids in found:
+        out[rows, :kept.shape[1]], out_ids[rows, :ids.shape[1]] = kept, ids
+    return out, out_ids
+
+
+def _filter_sorted(values: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                   m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three filters on each row's W likeliest tokens' probabilities `values` (descending),
+    and whether the row's kept tokens certainly all lie among them."""
+    has_k, has_p, has_m = (k > 0).unsqueeze(1), (p < 1).unsqueeze(1), (m > 0).unsqueeze(1)
+    keep = values > 0
+    # top-k: settled when the k-th token lies among the candidates and its ties end there too
+    # (or it has probability 0, which no draw takes).
+    kth = values.gather(1, (k.clamp(1, values.shape[1]) - 1).unsqueeze(1))
+    keep &= ~has_k | (values >= kth)
+    k_settled = (values[:, -1:] < kth) | (kth == 0)
+    # top-p: probabilities over what top-k kept (all among the candidates once top-k is
+    # settled); without top-k the softmax already sums to 1 over the vocabulary.
+    kept = values.masked_fill(~keep, 0)
+    kept = torch.where(has_k, kept / kept.sum(dim=1, keepdim=True), kept)
+    cumulative = kept.cumsum(dim=1)
+    # A token is needed while the tokens before it still fall short of top_p.
+    keep &= ~has_p | (cumulative - kept < p.unsqueeze(1))
+    p_settled = cumulative[:, -1:] >= p.unsqueeze(1)
+    # min-p against the top token's probability.
+    floor = m.unsqueeze(1) * values[:, :1]
+    keep &= ~has_m | (values >= floor)
+    m_settled = values[:, -1:] < floor
+    # The kept run is the shortest of the three filters' runs, so one settled filter settles the
+    # row; with top-k on, top-p's probabilities are right only once top-k is settled.
+    settled = torch.where(has_k, k_settled, (has_p & p_settled) | (has_m & m_settled))
+    return values.masked_fill(~keep, 0), settled.squeeze(1)
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Column indices (R,): one draw per row in proportion to `probs` (R, W), which need not
+    sum to 1.
+
+    Each row inverts its cumulative distribution at one uniform number drawn from its own
+    generator (rows without one share a single draw from the global RNG), so a seed gives the
+    same tokens whichever rows share the batch. One number per row rather than W keeps the
+    random number generation negligible.
+    """
+    u = torch.empty(probs.shape[0], device=probs.device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    seeded = [i for i, g in enumerate(generators) if g is not None]
     if unseeded:
-        u[unseeded] = torch.rand(len(unseeded), device=logits.device)
+        u[unseeded] = torch.rand(len(unseeded), device=probs.device)
     if seeded:
         # Drawn where each generator lives: a CPU generator gives the same tokens on any device.
-        draws = [torch.rand(1, generator=generators[rows[j]], device=generators[rows[j]].device)
-                 for j in seeded]
-        u[seeded] = torch.cat(draws).to(logits.device)
-    cdf = logits[rows].softmax(dim=1).cumsum(dim=1)  # (R, V)
-    # 1 - u lies in (0, 1], so the first token to reach it never has probability 0; scaling by
+        draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
+        u[seeded] = torch.cat(draws).to(probs.device)
+    cdf = probs.cumsum(dim=1)
+    # 1 - u lies in (0, 1], so the first column to reach it never has probability 0; scaling by
     # the last entry absorbs the rounding that leaves the total a little off 1.
     target = (1 - u).unsqueeze(1) * cdf[:, -1:]  # (R, 1)
-    drawn = torch.searchsorted(cdf, target).squeeze(1)
-    tokens[rows] = drawn.clamp_max(logits.shape[1] - 1)
-    return tokens
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[1] - 1)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -180,20 +204,6 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     chosen = logprobs.gather(1, token_ids.to(logits.device).long().unsqueeze(1)).squeeze(1)
     top_logprobs, top_ids = logprobs.topk(top_n, dim=1)
     return chosen, top_ids, top_logprobs
-
-
-def _on_rows(logits: torch.Tensor, enabled: torch.Tensor,
-             fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             values: torch.Tensor) -> torch.Tensor:
-    """fn(rows, their values) applied to the enabled rows only; the others pass through."""
-    if not bool(enabled.any()):
-        return logits
-    if bool(enabled.all()):
-        return fn(logits, values)
-    index = enabled.nonzero().squeeze(1)
-    out = logits.clone()
-    out[index.to(logits.device)] = fn(logits[index.to(logits.device)], values[index])
-    return out
 
 
 def _per_row(value: PerRow, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,9 +10,8 @@ import math
 import pytest
 import torch
 
-from r1.sampling import (NUCLEUS_CANDIDATES, apply_min_p, apply_penalties, apply_temperature,
-                         apply_top_k, apply_top_p, compute_logprobs, make_generator, sample,
-                         sample_next)
+from r1.sampling import (CANDIDATES, CANDIDATES_GROWTH, apply_penalties, apply_temperature, compute_logprobs,
+                         draw, filter_candidates, make_generator, sample_next)
 from r1.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -25,8 +24,10 @@ def logits_of(*rows: list[float]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).log()
 
 
-def kept(row: torch.Tensor) -> set[int]:
-    return set(torch.nonzero(row > NEG_INF).flatten().tolist())
+def kept(logits: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> list[set[int]]:
+    """The token ids each row keeps after the filters."""
+    probs, ids = filter_candidates(logits, top_k, top_p, min_p)
+    return [set(row_ids[row > 0].tolist()) for row, row_ids in zip(probs, ids)]
 
 
 def params(**kw) -> SamplingParams:
@@ -46,7 +47,7 @@ def frequencies(logits: torch.Tensor, p: SamplingParams, draws: int = 20_000) ->
 TOL = 0.015
 
 
-# --- processors: the set each keeps -------------------------------------------------------------
+# --- filters: the set each keeps ---------------------------------------------------------------
 
 @pytest.mark.parametrize("top_p, expected", [
     (0.4, {1}),           # 0.4 <= 0.5
@@ -55,54 +56,96 @@ TOL = 0.015
     (0.99, {1, 3, 0, 2, 4}),  # 0.9375 < 0.99
 ])
 def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
-    out = apply_top_p(logits_of(TABLE), top_p)[0]
-    assert kept(out) == expected
-    # Kept logits are unchanged, not renormalized.
-    assert torch.equal(out[list(expected)], logits_of(TABLE)[0, list(expected)])
+    assert kept(logits_of(TABLE), top_p=top_p) == [expected]
+    # Kept probabilities are the model's, in descending order, not renormalized.
+    probs, ids = filter_candidates(logits_of(TABLE), 0, top_p, 0.0)
+    assert probs[0, :len(expected)].tolist() == sorted((TABLE[i] for i in expected), reverse=True)
+    assert set(ids[0, :len(expected)].tolist()) == expected
 
 
 def test_top_p_between_tied_tokens_keeps_one_of_them():
     # 0.875 < 0.9 <= 0.9375: one of the two 1/16 tokens joins, whichever sorts first.
-    out = apply_top_p(logits_of(TABLE), 0.9)[0]
-    assert kept(out) in ({1, 3, 0, 2}, {1, 3, 0, 4})
+    assert kept(logits_of(TABLE), top_p=0.9)[0] in ({1, 3, 0, 2}, {1, 3, 0, 4})
 
 
 @pytest.mark.parametrize("top_p, count", [(0.25, 1), (0.5, 2), (0.75, 3), (0.76, 4)])
 def test_top_p_stops_once_p_is_reached_exactly(top_p, count):
     # Four equal logits: softmax is exactly 1/4 each, so the cumulative sums hit p exactly.
-    assert len(kept(apply_top_p(torch.zeros(1, 4), top_p)[0])) == count
+    assert len(kept(torch.zeros(1, 4), top_p=top_p)[0]) == count
 
 
-@pytest.mark.parametrize("top_p, count", [(0.25, 512), (0.75, 1536)])
-def test_top_p_nucleus_within_and_beyond_the_candidates(top_p, count):
-    # 2048 equal logits, 1/2048 each (exact): 512 tokens fit in the first NUCLEUS_CANDIDATES,
-    # 1536 need the full sort.
-    assert NUCLEUS_CANDIDATES == 1024
-    # A second row, the hand table padded with impossible tokens, always within the candidates.
-    table = torch.cat([logits_of(TABLE)[0], torch.full((2043,), NEG_INF)])
-    out = apply_top_p(torch.stack([torch.zeros(2048), table]), [top_p, 0.7])
-    assert len(kept(out[0])) == count
-    assert kept(out[1]) == {1, 3}
+def test_filters_widen_past_the_candidates_only_when_needed():
+    # 4 * CANDIDATES equal logits (exact binary fractions): a quarter of them are exactly the
+    # first candidates; three quarters need the wider look. Whatever widens, the hand table
+    # padded with impossible tokens keeps its own set.
+    vocab = 4 * CANDIDATES
+    assert CANDIDATES * CANDIDATES_GROWTH > vocab  # the second look is the whole vocabulary
+    table = torch.cat([logits_of(TABLE)[0], torch.full((vocab - 5,), NEG_INF)])
+    flat = torch.zeros(vocab)
+    rows = torch.stack([flat, table])
+    probs, _ = filter_candidates(rows, 0, [0.25, 0.7], 0.0)
+    assert probs.shape[1] == CANDIDATES  # both settled among the first candidates
+    assert [len(s) for s in kept(rows, 0, [0.25, 0.7], 0.0)] == [CANDIDATES, 2]
+    assert [len(s) for s in kept(rows, 0, [0.75, 0.7], 0.0)] == [3 * CANDIDATES, 2]  # ties: any of them
+    # top_k keeps every token tied with its k-th, however far the ties go; min_p on a flat row
+    # keeps all of it.
+    assert kept(rows, [2, 2], 1.0, 0.0) == [set(range(vocab)), {1, 3}]
+    assert kept(rows, 0, 1.0, [0.5, 0.3]) == [set(range(vocab)), {1, 3}]
 
 
 def test_top_p_always_keeps_top_token_and_disables_at_one():
-    assert kept(apply_top_p(logits_of(TABLE), 0.01)[0]) == {1}
-    assert torch.equal(apply_top_p(logits_of(TABLE), 1.0), logits_of(TABLE))
+    assert kept(logits_of(TABLE), top_p=0.01) == [{1}]
+    assert kept(logits_of(TABLE), top_p=1.0, min_p=1e-6) == [{0, 1, 2, 3, 4}]
 
 
 def test_top_k():
-    assert kept(apply_top_k(logits_of(TABLE), 2)[0]) == {1, 3}
-    assert kept(apply_top_k(logits_of(TABLE), 1)[0]) == {1}
-    for disabled in (0, -1, 5, 9):
-        assert torch.equal(apply_top_k(logits_of(TABLE), disabled), logits_of(TABLE))
+    assert kept(logits_of(TABLE), top_k=2) == [{1, 3}]
+    assert kept(logits_of(TABLE), top_k=1) == [{1}]
+    for disabled in (0, 5, 9):  # -1 is stored as 0 by SamplingParams
+        assert kept(logits_of(TABLE), top_k=disabled, top_p=0.8) == [{1, 3, 0}]
+
+
+def test_top_p_applies_to_what_top_k_kept():
+    # top_k=3 leaves 1/2, 1/4, 1/8, renormalized to 4/7, 2/7, 1/7: 4/7 + 2/7 reaches 0.8.
+    # Over the whole table (1/2 + 1/4 = 0.75 < 0.8) top_p alone needs a third token.
+    assert kept(logits_of(TABLE), top_k=3, top_p=0.8) == [{1, 3}]
+    assert kept(logits_of(TABLE), top_p=0.8) == [{1, 3, 0}]
 
 
 def test_min_p():
     # Threshold = min_p * 0.5.
-    assert kept(apply_min_p(logits_of(TABLE), 0.2)[0]) == {1, 3, 0}  # 0.1: drops the 1/16s
-    assert kept(apply_min_p(logits_of(TABLE), 0.3)[0]) == {1, 3}     # 0.15: drops 1/8 too
-    assert kept(apply_min_p(logits_of(TABLE), 1.0)[0]) == {1}
-    assert torch.equal(apply_min_p(logits_of(TABLE), 0.0), logits_of(TABLE))
+    assert kept(logits_of(TABLE), min_p=0.2) == [{1, 3, 0}]  # 0.1: drops the 1/16s
+    assert kept(logits_of(TABLE), min_p=0.3) == [{1, 3}]     # 0.15: drops 1/8 too
+    assert kept(logits_of(TABLE), min_p=1.0) == [{1}]
+
+
+def test_per_row_values_give_each_row_its_own_filters():
+    logits = logits_of(TABLE, TABLE, TABLE)
+    assert kept(logits, [2, 0, 0], [1.0, 0.8, 1.0], [0.0, 0.0, 0.3]) == [{1, 3}, {1, 3, 0}, {1, 3}]
+
+
+def reference_kept(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """The filters by sorting the whole vocabulary (no ties in random logits)."""
+    probs, order = row.softmax(0).sort(descending=True)
+    n = len(order) if top_k == 0 else top_k
+    probs = probs[:n] / probs[:n].sum()
+    needed = (probs.cumsum(0) - probs < top_p) if top_p < 1 else torch.ones(n, dtype=torch.bool)
+    above = probs >= min_p * probs[0]
+    return set(order[:n][needed & above].tolist())
+
+
+def test_filters_match_sorting_the_whole_vocabulary():
+    gen = torch.Generator().manual_seed(3)
+    # Peaked rows settle among the first candidates, flat ones (small spread) need more.
+    spread = torch.tensor([8.0, 4.0, 1.0, 0.1, 8.0, 0.05, 2.0, 0.5])[:, None]
+    logits = torch.randn(8, 5000, generator=gen) * spread
+    settings = [(0, 0.95, 0.0), (40, 0.9, 0.0), (0, 0.5, 0.0), (0, 0.95, 0.0),
+                (0, 1.0, 0.05), (100, 1.0, 0.0), (20, 0.8, 0.1), (0, 0.99, 0.5)]
+    top_k, top_p, min_p = zip(*settings)
+    got = kept(logits, list(top_k), list(top_p), list(min_p))
+    expected = [reference_kept(row, *s) for row, s in zip(logits, settings)]
+    assert got == expected
+    assert max(len(s) for s in got) > CANDIDATES  # some row needed the wider look
 
 
 def test_temperature_reshapes_distribution():
@@ -116,15 +159,8 @@ def test_temperature_reshapes_distribution():
     assert torch.equal(apply_temperature(logits_of(TABLE), 0.0), logits_of(TABLE))
 
 
-def test_per_row_values_leave_disabled_rows_untouched():
+def test_per_row_temperature_leaves_rows_at_0_and_1_untouched():
     logits = logits_of(TABLE, TABLE, TABLE)
-    out = apply_top_k(logits, [2, 0, 1])
-    assert kept(out[0]) == {1, 3} and kept(out[2]) == {1}
-    assert torch.equal(out[1], logits[1])
-    out = apply_top_p(logits, [1.0, 0.8, 1.0])
-    assert kept(out[1]) == {1, 3, 0} and torch.equal(out[[0, 2]], logits[[0, 2]])
-    out = apply_min_p(logits, [0.0, 0.0, 0.3])
-    assert kept(out[2]) == {1, 3} and torch.equal(out[:2], logits[:2])
     out = apply_temperature(logits, [1.0, 0.5, 0.0])
     assert torch.equal(out[[0, 2]], logits[[0, 2]]) and torch.allclose(out[1], logits[1] * 2)
 
@@ -180,8 +216,7 @@ def test_draw_frequencies_match_table(kw, expected):
 
 def test_seeded_row_draws_match_table():
     g = make_generator(1234, "cpu")
-    p = params()
-    tokens = [sample(logits_of(TABLE), [p], [g]).item() for _ in range(4000)]
+    tokens = [draw(logits_of(TABLE).softmax(dim=1), [g]).item() for _ in range(4000)]
     freq = torch.bincount(torch.tensor(tokens), minlength=5).float() / 4000
     assert torch.all((freq - torch.tensor(TABLE)).abs() < 0.03)  # std <= 0.008 at 4,000 draws
 
