@@ -73,8 +73,7 @@ def measure(generate, generate_batch, work: Workload) -> dict:
 
 def run_r1(model: str, args, work: Workload) -> dict:
     from r1 import LLM
-    llm = LLM(model, dtype=args.dtype, device="cpu", threads=args.threads, quant=args.quant,
-              max_num_batched_tokens=max(2048, work.prompt_len), progress=False)
+    llm = LLM(model, dtype=args.dtype, device="cpu", threads=args.threads, quant=args.quant, progress=False)
     lat = bench.latency(llm, work.prompt_len, work.output_len, work.repeats, work.seed)
     thr = bench.throughput(llm, *work.batch(), temperature=0.0, seed=work.seed)
     return {**bench.engine_settings(llm, model), "load_seconds": llm.load_seconds,

@@ -281,9 +281,7 @@ def cmd_memory(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from r1 import bench
     machine = bench.machine()  # before loading: its load average is the other work on the machine
-    # The latency prompt must be prefilled as one chunk.
-    chunk = max(2048, a.prompt_len if a.bench == "latency" else 0)
-    llm = _load(a, quiet=a.json, max_num_batched_tokens=chunk)
+    llm = _load(a, quiet=a.json)
     result = {"bench": a.bench, **bench.engine_settings(llm, a.model), "seed": a.seed}
     if a.bench == "latency":
         result |= bench.latency(llm, a.prompt_len, a.output_len, a.repeats, a.seed)

@@ -171,7 +171,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # size of the KV pool; None: from the memory budget
     max_model_len: int | None = None  # None: the model's context, capped by the KV pool
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # the per-step token budget; None: resolved_max_num_batched_tokens
     enable_prefix_caching: bool = True
     threads: int | None = None  # CPU threads; None: torch's default
     quant: str = "none"  # weight-only quantization of the linears: none | int8 | int4 (r1/quant.py)
@@ -206,3 +206,12 @@ class EngineConfig:
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return torch.int8 if self.kv_dtype == "int8" else model_dtype
+
+    def resolved_max_num_batched_tokens(self, device_type: str) -> int:
+        """The per-step token budget, which is also the longest prefill chunk: 2048 on a GPU, 256
+        on a CPU, where a chunk's activations then stay in cache (on 2 cores, 256 against 2048:
+        a 2048-token prompt prefills ~15% faster, 16 sequences of 128 + 128 tokens ~15%). Never
+        below max_num_seqs, so that every running sequence can decode in each step."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return max(2048 if device_type == "cuda" else 256, self.max_num_seqs)

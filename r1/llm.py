@@ -102,7 +102,8 @@ class LLM:
             raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's context "
                              f"({self.config.max_position_embeddings})")
         return SchedulerConfig(num_blocks=self.kv_pool_tokens // ec.block_size, block_size=ec.block_size,
-                               max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
+                               max_num_seqs=ec.max_num_seqs,
+                               max_num_batched_tokens=ec.resolved_max_num_batched_tokens(self.device.type),
                                max_model_len=max_len, enable_prefix_caching=ec.enable_prefix_caching)
 
     def _end_of_turn_ids(self) -> set[int]:

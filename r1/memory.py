@@ -293,7 +293,7 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
               f"(2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
               f"{KV_DTYPES[kv_dtype].itemsize} B {kv_dtype}"
               + (" + a 4 B scale per kv head" if kv_dtype == "int8" else "") + ")")
-    step = min(engine.max_num_batched_tokens, batch * context)
+    step = min(engine.resolved_max_num_batched_tokens(device), batch * context)
     rows = min(batch, engine.max_num_seqs)
     gathered = gathered_tokens(context, rows)
     acts = Line("activations", activation_bytes(cfg, step, context, a, rows),
@@ -450,7 +450,8 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
         max_len = engine.max_model_len or cfg.max_position_embeddings
 
         def room(context: int) -> int:  # KV bytes left once a step at this context has its activations
-            step = activation_bytes(cfg, engine.max_num_batched_tokens, context, dtype.itemsize, engine.max_num_seqs)
+            step = activation_bytes(cfg, engine.resolved_max_num_batched_tokens(device.type), context,
+                                    dtype.itemsize, engine.max_num_seqs)
             return budget - step - logits_bytes(cfg, engine.max_num_seqs, dtype.itemsize)
 
         if room(max_len) >= max_len * per_token:

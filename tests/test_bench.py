@@ -65,10 +65,15 @@ def test_workloads_are_reproducible_and_in_range():
         bench.throughput_workload(2, (1, 4), (5, 4), vocab_size=100)
 
 
-def test_latency_refuses_a_prompt_that_would_be_chunked(tiny_model_folder):
+def test_latency_times_a_chunked_prefill_to_its_first_token(tiny_model_folder):
     from r1 import LLM
     llm = LLM(str(tiny_model_folder), max_num_batched_tokens=16, progress=False)
-    with pytest.raises(ValueError, match="chunks of 16"):
-        bench.latency(llm, prompt_len=32, output_len=4)
+    steps = []
+    run = llm.engine.runner.run
+    llm.engine.runner.run = lambda scheduled: steps.append(sum(s.num_new_tokens for s in scheduled)) or run(scheduled)
+    result = bench.latency(llm, prompt_len=40, output_len=4)
+    assert result["prompt_tokens"] == 40 and result["prefill_tok_s"] > 0
+    assert max(steps) == 16  # the prompts went in chunks of the budget
+    assert bench.engine_settings(llm, "tiny")["max_num_batched_tokens"] == 16
     with pytest.raises(ValueError, match="context holds"):
         bench.latency(llm, prompt_len=16, output_len=300)

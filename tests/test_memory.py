@@ -239,12 +239,24 @@ def test_pool_honours_a_stated_size_and_the_cpu_budget():
     assert tokens == memory.CPU_KV_BUDGET_BYTES // 28_672 // 16 * 16
 
 
+def test_step_budget_is_smaller_on_a_cpu_and_never_below_max_num_seqs():
+    assert EngineConfig().resolved_max_num_batched_tokens("cpu") == 256
+    assert EngineConfig().resolved_max_num_batched_tokens("cuda") == 2048
+    assert EngineConfig(max_num_seqs=300).resolved_max_num_batched_tokens("cpu") == 300
+    assert EngineConfig(max_num_batched_tokens=64).resolved_max_num_batched_tokens("cuda") == 64
+    # The plan's activations are those of the device's chunk.
+    cpu = memory.plan(R1_1_5B, "fp32", 4096, device="cpu")
+    assert [line.bytes for line in cpu.lines if line.name == "activations"] == [
+        memory.activation_bytes(R1_1_5B, 256, 4096, 4, 1)]
+
+
 def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
     cuda, engine = torch.device("cuda"), EngineConfig()
     per_token = 28_672
 
     def reserve(context):
-        return (memory.activation_bytes(R1_1_5B, engine.max_num_batched_tokens, context, 2, engine.max_num_seqs)
+        return (memory.activation_bytes(R1_1_5B, engine.resolved_max_num_batched_tokens("cuda"), context, 2,
+                                        engine.max_num_seqs)
                 + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2))
 
     big = memory.kv_pool_tokens(R1_1_5B, engine, cuda, torch.bfloat16, free_bytes=120 * GiB)
