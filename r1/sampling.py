@@ -41,22 +41,24 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
         tokens[greedy] = rows(greedy).argmax(dim=1)
-    filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p)]
+    vocab = logits.shape[1]
+    filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
     if filtered:
         ps = [params[i] for i in filtered]
         scaled = apply_temperature(rows(filtered), [p.temperature for p in ps])
         kept, ids = filter_candidates(scaled, [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
         chosen = draw(kept, [generators[i] for i in filtered])
         tokens[filtered] = ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
-    unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p)]
+    unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
     if unfiltered:
         scaled = apply_temperature(rows(unfiltered), [params[i].temperature for i in unfiltered])
         tokens[unfiltered] = draw(scaled.softmax(dim=1), [generators[i] for i in unfiltered])
     return tokens
 
 
-def _filters(p: SamplingParams) -> bool:
-    return p.top_k > 0 or p.top_p < 1 or p.min_p > 0
+def _filters(p: SamplingParams, vocab: int) -> bool:
+    """Whether any of top-k, top-p, min-p can drop a token (a top_k of V or more keeps all)."""
+    return 0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0
 
 
 def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
