@@ -44,8 +44,11 @@ def test_this_machine_runs_the_vnni_kernel():
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 20])  # the kernel takes activation rows 8 at a time
 @pytest.mark.parametrize("bias", [False, True])
-def test_exact_on_activations_that_int8_holds(rows, bias):
-    layer = kernel_layer(48, 256, bias)
+# 320 outputs are 20 tiles: past 8 rows, blocks of several tiles with a short last one (on 2
+# threads, 7 blocks of 3 and 2).
+@pytest.mark.parametrize("outputs", [48, 320])
+def test_exact_on_activations_that_int8_holds(rows, bias, outputs):
+    layer = kernel_layer(outputs, 256, bias)
     # Integers whose every group of 32 peaks at +-127 quantize to themselves (scale 1): the
     # kernel's integer dot products must then give the float result, up to float rounding.
     x = torch.randint(-100, 101, (rows, 256)).float()
