@@ -47,7 +47,9 @@ CPU_RUNTIME_BYTES = int(0.45 * GiB)
 # Not measured (no GPU this session): a torch CUDA context with cuBLAS, and caching-allocator slack.
 CUDA_CONTEXT_BYTES = GiB // 2
 CUDA_ALLOCATOR_SLACK = 0.05
-# Measured: gguf's numpy dequantization peaks at ~16 B per weight of the tensor it is working on.
+# Measured: a GGUF load peaks at ~16 B per weight of its largest tensor above the runtime, while
+# that tensor is dequantized to float32 and regrouped (demo with --quant int4: 3.85 GiB against
+# this estimate's 3.93).
 GGUF_DEQUANT_BYTES_PER_WEIGHT = 16
 # The engine's KV pool without a stated size: a fixed CPU budget; on CUDA, this share of free memory.
 CPU_KV_BUDGET_BYTES = 4 * GiB

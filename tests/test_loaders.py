@@ -85,6 +85,24 @@ def test_real_gguf_metadata_and_types(small_gguf):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 896, 14, 2)
 
 
+def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
+    # r1 calls gguf's per-type decoder on 1024-row slices of a plain view of the map: the floats
+    # must be gguf's own, for a tensor of each quantized type, including one past 1024 rows.
+    import numpy as np
+
+    from r1.loaders.gguf import DEQUANTIZE_ROWS, dequantize, tensor_nbytes
+    header = read_header(small_gguf)
+    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_offset)
+    by_type = {}
+    for t in sorted(header.tensors, key=lambda t: -t.shape[0] if len(t.shape) > 1 else 0):
+        by_type.setdefault(gguf.GGMLQuantizationType(t.ggml_type), t)
+    assert by_type[gguf.GGMLQuantizationType.Q8_0].shape[0] > DEQUANTIZE_ROWS
+    for qtype, t in by_type.items():
+        raw = data[t.offset:t.offset + tensor_nbytes(t)]
+        want = gguf.quants.dequantize(np.array(raw).reshape(int(np.prod(t.shape[:-1])), -1), qtype)
+        assert torch.equal(dequantize(raw, t), torch.from_numpy(np.asarray(want, dtype=np.float32)).reshape(t.shape)), qtype
+
+
 def test_truncated_r1_header_reads_metadata_only(r1_header):
     header = read_header(r1_header)
     assert header.metadata["tokenizer.ggml.pre"] == "deepseek-r1-qwen"

@@ -130,6 +130,7 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
 import gguf as _gguf  # noqa: E402  (the library owns the block layouts and dequantizers)
 
 _Q = _gguf.GGMLQuantizationType
+DEQUANTIZE_ROWS = 1024  # rows per call: bounds the temporaries (a few MB), amortizes numpy's overhead
 SUPPORTED_TYPES = {_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
                    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K}
 
@@ -192,8 +193,13 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
     elif qtype == _Q.BF16:  # numpy has no bfloat16: reinterpret the bits in torch
         return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).reshape(info.shape)
     else:
-        rows = int(np.prod(info.shape[:-1]))
-        arr = _gguf.quants.dequantize(raw.reshape(rows, -1), qtype)
+        # gguf's own dequantize goes 16 rows at a time through np.memmap's Python hooks; its
+        # per-type dequantize_rows on a plain view of the bytes, 1024 rows a call, is 2-3x faster.
+        rows = raw.view(np.ndarray).reshape(int(np.prod(info.shape[:-1])), -1)
+        dequantize_rows = getattr(_gguf.quants, qtype.name).dequantize_rows
+        arr = np.empty((rows.shape[0], info.shape[-1]), dtype=np.float32)
+        for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
+            arr[start:start + DEQUANTIZE_ROWS] = dequantize_rows(rows[start:start + DEQUANTIZE_ROWS])
     return torch.from_numpy(arr).reshape(info.shape)
 
 
