@@ -3,8 +3,8 @@
 Each file's top comment says why it exists and what layout it reads: `int4_matmul.cpp`,
 group-wise int4 weights times int8-quantized activations; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add
-and rotary embedding, one call each. They are compiled together for the widest instruction set
-this CPU has (BUILDS: AVX-512 VNNI, else AVX2).
+and rotary embedding, one call each; `vec.h`, the vector operations they share. They are
+compiled together for the widest instruction set this CPU has (BUILDS: AVX-512 VNNI, else AVX2).
 `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has neither
 instruction set, or the build fails; the model and r1/quant.py then take PyTorch's portable
 paths, and the reason is logged once.
@@ -27,22 +27,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Build:
-    """One way to compile the kernels: what it needs from the CPU (as /proc/cpuinfo names it),
-    the compiler's flags, and the sources that have code for it."""
+    """One way to compile the kernels: what it needs from the CPU (as /proc/cpuinfo names it)
+    and the compiler's flags."""
 
     name: str
     cpu_flags: tuple[str, ...]
     compiler_flags: tuple[str, ...]
-    sources: tuple[str, ...]
 
 
 BUILDS = (  # widest first: a CPU takes the first whose flags it has
     Build("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
-          ("int4_matmul.cpp", "decode_attention.cpp", "layer_ops.cpp")),
-    Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp"),
-          ("int4_matmul.cpp", "decode_attention.cpp", "layer_ops.cpp")),
+          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")),
+    Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp")),
 )
+# Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
 OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
        "layer_ops.cpp": ("add_rms_norm", "rotary_")}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
@@ -98,7 +96,7 @@ def _available_ops() -> frozenset[str]:
         log.warning("r1's CPU kernels are off (int4 matmuls, decode attention, norms and rotary take PyTorch's "
                     "slower paths) because %s", reason)
         return frozenset()
-    return frozenset(name for source in this_cpus_build().sources for name in OPS[source])
+    return frozenset(name for names in OPS.values() for name in names)
 
 
 def op(name: str):
@@ -116,7 +114,7 @@ def _build(build: Build) -> None:
     from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed
 
     started = time.perf_counter()
-    sources = [str(Path(__file__).with_name(name)) for name in build.sources]
+    sources = [str(Path(__file__).with_name(name)) for name in OPS]
     print(f"r1: preparing the CPU kernels for {build.name} (compiled on first use, then cached)", file=sys.stderr,
           flush=True)
     load(name=f"r1_kernels_{build.name}", sources=sources, extra_cflags=list(build.compiler_flags),

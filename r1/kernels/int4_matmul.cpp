@@ -28,6 +28,8 @@
 #include <cstring>
 #include <optional>
 
+#include "vec.h"
+
 namespace {
 
 constexpr int64_t kTileRows = 16;  // output rows per tile: one zmm of int32 lanes
@@ -39,33 +41,32 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
+// Row m of x (K floats) -> qx (K int8), and per group: dx = max|x| / 127 and xsum = sum x. The
+// same int8 levels and dx on both instruction sets; xsum may differ in its last bits (16 lanes
+// summed or 8).
+void quantize_row(const float* x, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float* xg = x + g * group;
+    Vec amax = vset(0.f), sum = vset(0.f);
+    for (int64_t i = 0; i < group; i += kLanes) {
+      const Vec v = vload(xg + i);
+      amax = vmax(amax, vabs(v));
+      sum = vadd(sum, v);
+    }
+    const float d = vmax_lane(amax) / 127.f;
+    const Vec inv = vset(d > 0.f ? 1.f / d : 0.f);
+    for (int64_t i = 0; i < group; i += kLanes) vstore_int8(qx + g * group + i, vmul(vload(xg + i), inv));
+    dx[g] = d;
+    xsum[g] = vsum(sum);
+  }
+}
+
 #if defined(__AVX512VNNI__)
 constexpr int kMaxRows = 8;  // activation rows that share one unpacking of a tile's weights
 
 inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// Row m of x (K floats) -> qx (K int8), and per group: dx = max|x| / 127 and xsum = sum x.
-void quantize_row(const float* x, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
-  for (int64_t g = 0; g < K / group; ++g) {
-    const float* xg = x + g * group;
-    __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < group; i += 16) {
-      __m512 v = _mm512_loadu_ps(xg + i);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-      sum = _mm512_add_ps(sum, v);
-    }
-    const float d = _mm512_reduce_max_ps(amax) / 127.f;
-    const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-    for (int64_t i = 0; i < group; i += 16) {
-      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), inv));  // round to nearest
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + g * group + i), _mm512_cvtsepi32_epi8(q));
-    }
-    dx[g] = d;
-    xsum[g] = _mm512_reduce_add_ps(sum);
-  }
 }
 
 // One tile of 16 output rows for `Rows` activation rows: y[m][0..16) = bias + x[m] . W.
@@ -109,42 +110,6 @@ constexpr int kMaxRows = 4;  // two ymm accumulators a row: 8 rows would not fit
 inline __m256 bf16x8_to_f32(const at::BFloat16* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline float max8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-// As the AVX-512 quantize_row, 8 floats at a time: the same int8 levels and dx; xsum may differ
-// in its last bits.
-void quantize_row(const float* x, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t g = 0; g < K / group; ++g) {
-    const float* xg = x + g * group;
-    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-    for (int64_t i = 0; i < group; i += 8) {
-      __m256 v = _mm256_loadu_ps(xg + i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-      sum = _mm256_add_ps(sum, v);
-    }
-    const float d = max8(amax) / 127.f;
-    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
-    for (int64_t i = 0; i < group; i += 8) {
-      __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), inv));  // round to nearest
-      __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(qx + g * group + i), _mm_packs_epi16(q16, q16));
-    }
-    dx[g] = d;
-    xsum[g] = sum8(sum);
-  }
 }
 
 // One tile of 16 output rows (two halves of 8) for `Rows` activation rows. vpmaddubsw sums two
