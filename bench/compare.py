@@ -13,6 +13,8 @@ Engines run one after another in this process, each freed before the next loads.
 
     python bench/compare.py                                 # the demo stand-in, both peers, 2 threads
     python bench/compare.py --peers llama.cpp --quant int4 --save bench/results/compare_demo_int4.json
+    python bench/compare.py --peers llama.cpp --kv-dtype int8 --prompt-len 8192 --output-len 64 --num-seqs 1 \
+        --batch-prompt-len 16 --batch-output-len 16        # decode deep in a long reasoning trace
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def measure(generate, generate_batch, work: Workload) -> dict:
 
 def run_r1(model: str, args, work: Workload) -> dict:
     from r1 import LLM
-    llm = LLM(model, dtype=args.dtype, device="cpu", threads=args.threads, quant=args.quant, progress=False)
+    llm = LLM(model, dtype=args.dtype, device="cpu", threads=args.threads, quant=args.quant, kv_dtype=args.kv_dtype,
+              progress=False)
     lat = bench.latency(llm, work.prompt_len, work.output_len, work.repeats, work.seed)
     thr = bench.throughput(llm, *work.batch(), temperature=0.0, seed=work.seed)
     return {**bench.engine_settings(llm, model), "load_seconds": llm.load_seconds,
@@ -157,7 +160,9 @@ def run_llama_cpp(path: Path, args, work: Workload) -> dict:
         figures = measure(engine.generate, engine.generate_batch, work)
     finally:
         engine.close()
-    return {"version": llama_cpp.__version__, "threads": args.threads, "load_seconds": load_seconds, **figures}
+    # llama.cpp's default KV cache: f16 keys and values (r1's figure is with --kv-dtype)
+    return {"version": llama_cpp.__version__, "threads": args.threads, "kv_cache": "f16", "load_seconds": load_seconds,
+            **figures}
 
 
 # ---- transformers ------------------------------------------------------------------------------
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quant", default="int4", choices=["none", "int8", "int4"],
                    help="r1's weight-only quantization (default int4: the peer of llama.cpp's Q4_K_M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="r1's dtype")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+                   help="r1's KV cache (llama.cpp keeps its default, f16)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="latency runs after the warm-up; the median is kept")

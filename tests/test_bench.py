@@ -21,6 +21,7 @@ def test_latency_json_and_saved_record(tiny_model_folder, tmp_path, capsys):
     out = _run_json(capsys, "latency", "--model", str(tiny_model_folder), "--prompt-len", "24", "--output-len", "5",
                     "--threads", "1", "--json", "--save", str(saved))
     assert out["bench"] == "latency" and out["quant"] == "none" and out["dtype"] == "float32"
+    assert out["kv_dtype"] == "auto"
     assert out["threads"] == 1 and out["device"] == "cpu" and out["model"] == str(tiny_model_folder)
     from r1 import kernels  # which of r1's CPU kernel builds ran, if any: it changes the figures
     assert out["cpu_kernels"] == (kernels.this_cpus_build().name if kernels.unavailable_reason() is None else None)

@@ -67,8 +67,13 @@ def test_quantizing_on_another_device_is_refused(small_gguf):
         load_model(files, torch.float32, "meta", progress=False, quant="int4")
 
 
-def test_int8_kv_cache_keeps_the_perplexity(models, token_ids):
-    # Keys and values rounded to int8 per token and head: measured -0.2% on this text.
+# Keys and values rounded to int8 per token and head: measured -0.2% on this text in one pass
+# (prefill attention) and -0.1% a token at a time (decode attention: on AVX-512 VNNI, r1's
+# kernel with the queries in two int8 parts; in one part it was +0.6%, which this bound refuses).
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_int8_kv_cache_keeps_the_perplexity(models, token_ids, one_at_a_time):
     base = perplexity(models["none"], token_ids)
-    got = perplexity(models["none"], token_ids, kv_dtype=torch.int8)
-    assert abs(got / base - 1) < 0.01, (base, got)
+    got = perplexity(models["none"], token_ids, kv_dtype=torch.int8, one_at_a_time=one_at_a_time)
+    assert abs(got / base - 1) < 0.005, (base, got)
+    if one_at_a_time:  # the float cache read a token at a time is the one-pass model, to float rounding
+        assert perplexity(models["none"], token_ids, one_at_a_time=True) == pytest.approx(base, rel=1e-5)

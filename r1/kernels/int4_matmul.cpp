@@ -47,16 +47,9 @@ inline int32_t load_i32(const int8_t* p) {
 void quantize_row(const float* x, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
   for (int64_t g = 0; g < K / group; ++g) {
     const float* xg = x + g * group;
-    Vec amax = vset(0.f), sum = vset(0.f);
-    for (int64_t i = 0; i < group; i += kLanes) {
-      const Vec v = vload(xg + i);
-      amax = vmax(amax, vabs(v));
-      sum = vadd(sum, v);
-    }
-    const float d = vmax_lane(amax) / 127.f;
-    const Vec inv = vset(d > 0.f ? 1.f / d : 0.f);
-    for (int64_t i = 0; i < group; i += kLanes) vstore_int8(qx + g * group + i, vmul(vload(xg + i), inv));
-    dx[g] = d;
+    Vec sum = vset(0.f);
+    for (int64_t i = 0; i < group; i += kLanes) sum = vadd(sum, vload(xg + i));
+    dx[g] = quantize_int8(xg, group, qx + g * group);
     xsum[g] = vsum(sum);
   }
 }

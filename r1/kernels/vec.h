@@ -34,6 +34,22 @@ inline Vec vabs(Vec v) { return _mm512_abs_ps(v); }
 inline void vstore_int8(int8_t* p, Vec v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
 }
+// Lane j: the sum of v[j]'s lanes: 16 dot products finished at once in 45 operations, where 16
+// vsum calls take ~130. Adjacent pairs, then quads, interleave within 128-bit lanes; two rounds
+// of 128-bit lane shuffles then sum across them and put v[j]'s sum in lane j.
+inline Vec vsum_each(const Vec (&v)[kLanes]) {
+  Vec pairs[8], quads[4], halves[2];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: v[2k] 0+2, v[2k+1] 0+2, v[2k] 1+3, v[2k+1] 1+3
+    pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: v[4k .. 4k + 4), each that lane's sum
+    const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+    quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int k = 0; k < 2; ++k)  // 128-bit lanes: quads[2k] lanes 0+1, 2+3, quads[2k+1] lanes 0+1, 2+3
+    halves[k] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88), _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
+}
 #else  // AVX2 and FMA
 using Vec = __m256;
 constexpr int64_t kLanes = 8;
@@ -71,5 +87,16 @@ inline void vstore_int8(int8_t* p, Vec v) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(q16, q16));
 }
 #endif
+
+// x (n floats, n a multiple of kLanes) as int8 levels of one scale, max|x| / 127, each rounded
+// to the nearest level (ties to even); returns that scale.
+inline float quantize_int8(const float* x, int64_t n, int8_t* levels) {
+  Vec amax = vset(0.f);
+  for (int64_t i = 0; i < n; i += kLanes) amax = vmax(amax, vabs(vload(x + i)));
+  const float scale = vmax_lane(amax) / 127.f;
+  const Vec inv = vset(scale > 0.f ? 1.f / scale : 0.f);
+  for (int64_t i = 0; i < n; i += kLanes) vstore_int8(levels + i, vmul(vload(x + i), inv));
+  return scale;
+}
 
 }  // namespace
