@@ -1,7 +1,7 @@
 """r1 against llama.cpp and HF transformers: the same GGUF, the same token ids, one run.
 
 Each engine gives three figures, greedy with eos ignored, after a warm-up of the same shape:
-  prefill_tok_s  a 512-token prompt in one forward (prompt tokens over the time to the first token)
+  prefill_tok_s  a 512-token prompt (prompt tokens over the time to the first token)
   decode_tok_s   batch 1: the tokens after the first over the seconds after the first
   output_tok_s   16 sequences at once, prompt 128 and 128 generated each (llama-batched-bench's
                  shape): generated tokens over wall seconds, prefill included

@@ -1,6 +1,7 @@
 """What quantization costs in quality: each --quant and --kv-dtype against bf16 on the same weights.
 
-For every mode it loads the model (one at a time), scores r1.eval.perplexity.REFERENCE_TEXT and
+For every mode it loads the model (one at a time), scores r1.eval.perplexity.REFERENCE_TEXT (in one
+pass, as a prompt is prefilled, and a token at a time, as generation reads the KV cache) and
 generates greedily from a few fixed prompts, then compares with the bf16 run: perplexity, and
 greedy agreement as the share of generated positions whose token equals bf16's and the mean
 number of tokens before the first difference.
@@ -37,8 +38,9 @@ def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, tokens: int, thr
     out = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
                    SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
     kv = llm.engine_config.resolved_kv_dtype(llm.dtype)
-    return {"perplexity": perplexity(llm.model, text_ids, kv), "text_tokens": len(text_ids),
-            "greedy": [c.token_ids for c in out]}
+    return {"perplexity": perplexity(llm.model, text_ids, kv),
+            "perplexity_decoded": perplexity(llm.model, text_ids, kv, one_at_a_time=True),
+            "text_tokens": len(text_ids), "greedy": [c.token_ids for c in out]}
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> dict:
@@ -68,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         r = runs[name]
         rows[name] = {"dtype": dtype, "quant": mode, "kv_dtype": kv_dtype, "perplexity": round(r["perplexity"], 4),
                       "perplexity_vs_bf16": round(r["perplexity"] / ref["perplexity"] - 1, 4),
+                      "perplexity_decoded": round(r["perplexity_decoded"], 4),
+                      "perplexity_decoded_vs_bf16": round(r["perplexity_decoded"] / ref["perplexity"] - 1, 4),
                       **agreement(ref["greedy"], r["greedy"])}
         print(f"{name:>12}: perplexity {r['perplexity']:.3f} ({rows[name]['perplexity_vs_bf16']:+.1%} vs bf16), "
+              f"decoded {r['perplexity_decoded']:.3f} ({rows[name]['perplexity_decoded_vs_bf16']:+.1%}), "
               f"greedy agreement {rows[name]['token_agreement']:.0%}, "
               f"{rows[name]['tokens_before_first_difference']:.1f} tokens before the first difference", flush=True)
     report = {"what": "quantized weights against bf16 on the same checkpoint: perplexity on "
-                      "r1.eval.perplexity.REFERENCE_TEXT and greedy agreement over "
+                      "r1.eval.perplexity.REFERENCE_TEXT (in one pass, and decoded: a token a forward, "
+                      "through decode attention) and greedy agreement over "
                       f"{len(PROMPTS)} chat prompts x {a.tokens} tokens",
               "model": a.model, "int4_kernel": quant.int4_linear_class().__name__,
               "text_tokens": ref["text_tokens"], "modes": rows}

@@ -1,7 +1,7 @@
 """Benchmarks of the engine through `LLM`: latency and throughput, and the record they leave.
 
-Latency is one prompt's prefill (time to the first token of a `prompt_len` prompt, run as one
-chunk) and batch-1 decode (tokens after the first over the seconds after it). Throughput is
+Latency is one prompt's prefill (time to the first token of a `prompt_len` prompt, in the
+engine's prefill chunks) and batch-1 decode (tokens after the first over the seconds after it). Throughput is
 nano-vllm's bench: N sequences of random prompt and output lengths run as one batch, eos
 ignored, generated tokens over wall seconds (prefill included). Prompts are random token ids,
 reproducible by seed, so bench/compare.py hands the very same ids to llama.cpp and transformers.
@@ -83,7 +83,7 @@ def latency(llm, prompt_len: int = 512, output_len: int = 128, repeats: int = 1,
     _check_room(llm, prompt_len + output_len)
     warm, prefill_prompts, decode_prompts = latency_prompts(prompt_len, repeats, llm.config.vocab_size, seed)
     llm.generate(warm, _greedy(WARMUP_TOKENS))
-    # max_tokens=1: the time to the first token is one forward of the prompt plus one sample.
+    # max_tokens=1: the time to the first token is the prompt's prefill chunks plus one sample.
     prefill = [llm.generate(p, _greedy(1))[0].timing["prefill_seconds"] for p in prefill_prompts]
     decode = [llm.generate(p, _greedy(output_len))[0] for p in decode_prompts]
     decode_seconds = statistics.median(c.timing["decode_seconds"] for c in decode)

@@ -108,6 +108,28 @@ def test_kernel_agrees_with_pytorch_at_the_models_shapes(cache_dtype, monkeypatc
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+def test_int8_cache_writes_on_the_kernel_equal_pytorchs():
+    if kernels.op("write_kv_int8_") is None:
+        pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
+    g = torch.Generator().manual_seed(0)
+    heads = torch.randn(37, 16, 128, generator=g) * 3  # a layer's q, k, v heads: k and v are strided views
+    heads[5, 12] = 0  # an all-zero key: the smallest scale, as PyTorch's clamp gives it
+    k, v = heads[:, 12:14], heads[:, 14:]
+    slots = torch.randperm(64 * 16, generator=g)[:37]
+    fused, plain = (allocate_kv_cache(1, 64, 16, 2, 128, torch.int8, "cpu")[0] for _ in range(2))
+    write_kv(fused, k, v, slots)
+    op = kernels.op
+    kernels.op = lambda name: None  # PyTorch's ten ops
+    try:
+        write_kv(plain, k, v, slots)
+    finally:
+        kernels.op = op
+    assert torch.equal(fused.values, plain.values) and torch.equal(fused.scales, plain.scales)
+    assert fused.values.view(2, -1, 2, 128)[0, slots[5], 0].abs().max() == 0
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        write_kv(fused, k, v, slots + 64 * 16)
+
+
 def test_kernel_refuses_a_block_outside_the_cache():
     if kernels.op("decode_attention") is None:
         pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")

@@ -38,7 +38,7 @@ def test_this_machine_runs_the_vnni_kernel():
     # silently fall back to the 3x slower portable kernel.
     assert kernels.this_cpus_build() == AVX512_VNNI and kernels.unavailable_reason() is None
     assert quant.int4_linear_class() is Int4KernelLinear
-    assert all(kernels.op(name) is not None for name in ("decode_attention", "add_rms_norm", "rotary_"))
+    assert all(kernels.op(name) is not None for name in ("decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_"))
 
 
 @needs_kernels
@@ -149,7 +149,8 @@ import json, sys, torch
 from r1 import kernels
 from r1.quant import Int4KernelLinear
 assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
-assert all(kernels.op(name) is not None for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_"))
+assert all(kernels.op(name) is not None for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_",
+                                                     "write_kv_int8_"))
 g = torch.Generator().manual_seed(5)
 out = {}
 for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time

@@ -1,18 +1,23 @@
 // The small elementwise steps of a decoder layer, one call each: RMSNorm fused with the residual
-// add before it, and rotary embedding applied in place.
+// add before it, rotary embedding applied in place, and the new keys and values quantized into
+// an int8 KV cache.
 //
-// Why our own: in eager PyTorch each is 5-7 ops on a 1536-float row, and each op costs a few
-// microseconds of dispatch whatever its size; a decode step runs 57 norms and 28 rotations, so
-// on two cores they took ~2.5 ms of a ~46 ms token. Here each is one call and one pass.
-// float32 only (the CPU's dtype); r1/model/layers.py keeps the PyTorch forms for the rest.
+// Why our own: in eager PyTorch each is 5-10 ops on a few rows, and each op costs a few
+// microseconds of dispatch whatever its size; a decode step runs 57 norms, 28 rotations and 28
+// cache writes, so on two cores the norms and rotations took ~2.5 ms of a ~46 ms token and the
+// int8 writes ~3.8 ms. Here each is one call and one pass. float32 only (the CPU's dtype);
+// r1/model/layers.py and attention.py keep the PyTorch forms for the rest.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
+
+#include "vec.h"
 
 namespace {
 
@@ -90,6 +95,43 @@ void rotary_(const at::Tensor& x, int64_t heads, const at::Tensor& cos, const at
   });
 }
 
+// Store the new keys and values k, v (N, kv_heads, head_dim) float32 (rows of any stride) at
+// their slots (N,) of an int8 cache: values (2, slots, kv_heads, head_dim) int8 and scales (2,
+// slots, kv_heads) float32, each (token, kv head) vector as levels of its own scale max|x| / 127
+// (at least 1e-12 / 127), as r1/model/attention.py's write_kv does in PyTorch.
+void write_kv_int8_(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, const at::Tensor& values,
+                    const at::Tensor& scales) {
+  TORCH_CHECK(values.dim() == 4 && values.size(0) == 2 && values.scalar_type() == at::kChar && values.is_contiguous(),
+              "values must be contiguous (2, slots, kv_heads, head_dim) int8");
+  const int64_t num_slots = values.size(1), kv_heads = values.size(2), head_dim = values.size(3);
+  TORCH_CHECK(head_dim % kLanes == 0, "head_dim must be a multiple of ", kLanes);
+  TORCH_CHECK(scales.sizes() == values.sizes().slice(0, 3) && scales.scalar_type() == at::kFloat &&
+                  scales.is_contiguous(),
+              "scales must be contiguous (2, slots, kv_heads) float32");
+  const int64_t n = slots.size(0);
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == n && t->size(1) == kv_heads && t->size(2) == head_dim &&
+                    t->scalar_type() == at::kFloat && t->stride(2) == 1 && t->stride(1) == head_dim,
+                "k and v must be (N, kv_heads, head_dim) float32, each token's heads contiguous");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(), "slot_mapping must be (N,) int64");
+  const int64_t* sp = slots.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "slot ", sp[t], " is outside the cache's ", num_slots);
+  int8_t* levels = values.mutable_data_ptr<int8_t>();
+  float* scale = scales.mutable_data_ptr<float>();
+  at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t which = 0; which < 2; ++which) {
+        const at::Tensor& x = which ? v : k;
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          const int64_t row = (which * num_slots + sp[t]) * kv_heads + h;
+          const float* src = x.const_data_ptr<float>() + t * x.stride(0) + h * head_dim;
+          scale[row] = std::max(quantize_int8(src, head_dim, levels + row * head_dim), 1e-12f / 127);
+        }
+      }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(r1, m) {
@@ -97,4 +139,6 @@ TORCH_LIBRARY_FRAGMENT(r1, m) {
   m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
   m.def("rotary_(Tensor(a!) x, int heads, Tensor cos, Tensor sin) -> ()");
   m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
+  m.def("write_kv_int8_(Tensor k, Tensor v, Tensor slot_mapping, Tensor(a!) values, Tensor(b!) scales) -> ()");
+  m.impl("write_kv_int8_", c10::DispatchKey::CPU, TORCH_FN(write_kv_int8_));
 }

@@ -114,11 +114,15 @@ def write_kv(layer_cache: torch.Tensor | Int8KVCache, k: torch.Tensor, v: torch.
     _, num_blocks, block_size, kv_heads, head_dim = layer_cache.shape
     slots = num_blocks * block_size
     if isinstance(layer_cache, Int8KVCache):
+        values, scales = layer_cache.values.view(2, slots, kv_heads, head_dim), layer_cache.scales.view(2, slots, kv_heads)
+        fused = kernels.op_for("write_kv_int8_", k) if head_dim % 16 == 0 else None  # its vector width
+        if fused is not None:  # on r1's CPU kernel: one call where the lines below are ten
+            return fused(k, v, slot_mapping, values, scales)
         kv = torch.stack((k, v)).float()  # (2, N, kv_heads, head_dim): both quantized in one pass
         scale = kv.abs().amax(-1).clamp(min=1e-12) / 127  # (2, N, kv_heads)
         levels = (kv / scale[..., None]).round_().to(torch.int8)
-        layer_cache.values.view(2, slots, kv_heads, head_dim).index_copy_(1, slot_mapping, levels)
-        layer_cache.scales.view(2, slots, kv_heads).index_copy_(1, slot_mapping, scale)
+        values.index_copy_(1, slot_mapping, levels)
+        scales.index_copy_(1, slot_mapping, scale)
         return
     flat = layer_cache.view(2, slots, kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k)
