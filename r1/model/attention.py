@@ -188,7 +188,9 @@ def _gathered_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8
         k, v = _gather_blocks(layer_cache, blocks, q.dtype).view(2, -1, length, kv_heads, head_dim)  # (rows, L, ...)
         per_head = []
         for h in range(kv_heads):
-            scores = (q[rows, h] @ k[:, :, h].transpose(1, 2)).float() * scale + group.mask[rows]  # (rows, group, L)
+            # Scores in float32 whatever the cache's dtype (a no-op for float32): rounded to bf16,
+            # they cost the 1.5B stand-in 3.1% perplexity decoded a token at a time.
+            scores = q[rows, h].float() @ k[:, :, h].float().transpose(1, 2) * scale + group.mask[rows]  # (rows, group, L)
             per_head.append(scores.softmax(-1).to(v.dtype) @ v[:, :, h])
         out.append(torch.stack(per_head, 1))  # (rows, kv_heads, group, head_dim)
     return (out[0] if len(out) == 1 else torch.cat(out)).view(d, heads, head_dim)
