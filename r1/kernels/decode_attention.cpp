@@ -6,8 +6,7 @@
 // matmuls, a mask and a softmax; at 500 cached tokens that was ~8 ms of a ~65 ms token on two
 // cores. Here each sequence's blocks are read where they lie, in spans that run on different
 // threads (flash-decoding's split), once for the scores and once for the weighted values, all
-// query heads of a kv head (GQA) sharing each load. An int8 cache on AVX-512 VNNI takes a path
-// of its own (attend_span_vnni, below), which the arithmetic there bounds instead of memory.
+// query heads of a kv head (GQA) sharing each load ("one span", below, says how).
 //
 // Layouts: q (D, heads, head_dim) float32; keys and values (num_blocks, block_size, kv_heads,
 // head_dim), float32, or int8 with float32 scales (num_blocks, block_size, kv_heads) that
@@ -69,81 +68,107 @@ inline std::pair<float, float> exp_shifted(float* row, int64_t len) {
   return {max, sum};
 }
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t head_dim) {
-  Vec acc = vset(0.f);
-  for (int64_t i = 0; i < head_dim; i += kLanes) acc = vfma(vload(q + i), vload(k + i), acc);
-  return vsum(acc);
-}
-
-template <typename T>
-inline void add_scaled(float weight, const T* v, float* out, int64_t head_dim) {
+// out += weight * v, head_dim floats: merging the spans' partial sums.
+inline void add_scaled(float weight, const float* v, float* out, int64_t head_dim) {
   const Vec w = vset(weight);
   for (int64_t i = 0; i < head_dim; i += kLanes) vstore(out + i, vfma(w, vload(v + i), vload(out + i)));
 }
 
-// Scores of all heads for tokens [first, last) of one sequence, attention weights of that
-// span unnormalized: out (heads, head_dim) = sum_t exp(score_t - max) v_t, with the max and
-// the sum of weights per head, for merging with the sequence's other spans. Tokens are read in
-// cache order, every kv head of a token together (contiguous), each key shared by its group of
-// query heads. scores is scratch of heads * (last - first) floats.
+inline void to_float(const int8_t* x, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += kLanes) vstore(out + i, vload(x + i));
+}
+
+// ---- one span ---------------------------------------------------------------------------------
+// A span is worked on in two passes over its tokens' cache rows, scores and then weighted values,
+// each shaped so that arithmetic binds as little as it can. Against a dot product and a weighted
+// add per token and query head, which this replaced (2 cores, R1's heads, 28 layers, min of 8
+// alternating runs, the blocks shuffled as a busy engine's free list leaves them: float32 16K
+// cached tokens 103 -> 62 ms, 16 x 512 48 -> 32 ms, the same in blocks that lie in order;
+// int8 on VNNI 16K 53 -> 34 ms, 16 x 512 19.6 -> 14.3 ms):
+// - scores come kLanes tokens at a time per query head, their dot products finished together by
+//   one vsum_each, a third of the operations of a sum each; an int8 cache on VNNI multiplies its
+//   keys by the queries quantized to int8 (Int8Queries), 64 products a vpdpbusd;
+// - each value vector is loaded (and widened) once for all the query heads of its kv head, whose
+//   sums stay in registers across kValueTokens tokens;
+// - the rows kPrefetchTokens ahead are asked for (into L2) while the current ones are worked on:
+//   a sequence's blocks lie anywhere, where the hardware prefetcher does not follow.
+
+constexpr int64_t kPrefetchTokens = 32;
+// Tokens that one round of add_values passes reads (every kv head of each: they share cache
+// lines), and that it asks for next: kPrefetchTokens ahead, the next round.
+constexpr int64_t kValueTokens = kPrefetchTokens;
+// The query heads whose value sums one add_values pass holds: 6 heads x 2 vectors are 12
+// accumulators, which leaves room in AVX2's 16 registers for the values and a weight.
+constexpr int kMaxPassHeads = 6;
+
+// Both are forced inline: called in the hot loops and left as calls, they cost 25% (measured).
 template <typename T>
-void attend_span(const float* q, const T* keys, const T* values, const float* key_scales, const float* value_scales,
-                 const int64_t* table, int64_t first, int64_t last, int64_t block_size, int64_t heads,
-                 int64_t kv_heads, int64_t head_dim, float scale, float* out, float* max, float* sum, float* scores) {
-  const int64_t len = last - first, group = heads / kv_heads;
-  for (int64_t t = first; t < last; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+[[gnu::always_inline]] inline void prefetch_row(const T* cache, int64_t row, int64_t head_dim) {
+  const char* p = reinterpret_cast<const char*>(cache + row * head_dim);
+  for (int64_t b = 0; b < head_dim * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
+// Query head k of a kv head's `group` asks for its share of that kv head's keys (row rows[t] + h)
+// for the kLanes tokens kPrefetchTokens past t0: spread over the group's work, the requests
+// overlap it, where asked for at once they stalled the core (float32: 128 lines a chunk).
+template <typename T>
+[[gnu::always_inline]] inline void prefetch_share(const T* keys, const int64_t* rows, int64_t t0, int64_t len, int64_t h, int64_t k,
+                           int64_t group, int64_t head_dim) {
+  const int64_t ahead = t0 + kPrefetchTokens;
+  for (int64_t j = k * kLanes / group; j < (k + 1) * kLanes / group && ahead + j < len; ++j)
+    prefetch_row(keys, rows[ahead + j] + h, head_dim);
+}
+
+// scores[g][t] = scale * (q_g . k_t) for every query head g and the span's tokens t < len, the
+// keys of token t at row rows[t] + h for kv head h (rows[t]: kv head 0's). int8 keys are widened
+// to float once into `stage` (kLanes x head_dim) for all the query heads that share them; their
+// scales are the caller's to apply.
+template <typename T>
+void span_scores(const float* q, const T* keys, const int64_t* rows, int64_t len, int64_t kv_heads, int64_t group,
+                 int64_t head_dim, float scale, float* stage, float* scores) {
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, len - t0);
     for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t row = slot * kv_heads + h;
-      const float s = key_scales ? key_scales[row] * scale : scale;
-      for (int64_t g = h * group; g < (h + 1) * group; ++g)
-        scores[g * len + t - first] = dot(q + g * head_dim, keys + row * head_dim, head_dim) * s;
-    }
-  }
-  for (int64_t g = 0; g < heads; ++g) std::tie(max[g], sum[g]) = exp_shifted(scores + g * len, len);
-  std::fill(out, out + heads * head_dim, 0.f);
-  for (int64_t t = first; t < last; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t row = slot * kv_heads + h;
-      const float s = value_scales ? value_scales[row] : 1.f;
-      for (int64_t g = h * group; g < (h + 1) * group; ++g)
-        add_scaled(scores[g * len + t - first] * s, values + row * head_dim, out + g * head_dim, head_dim);
+      const float* key[kLanes];
+      for (int64_t j = 0; j < kLanes; ++j) {  // past the span's end: its last key again, its score dropped
+        const T* row = keys + (rows[t0 + std::min(j, n - 1)] + h) * head_dim;
+        if constexpr (std::is_same_v<T, float>) {
+          key[j] = row;
+        } else {
+          if (j < n) to_float(row, stage + j * head_dim, head_dim);
+          key[j] = stage + std::min(j, n - 1) * head_dim;
+        }
+      }
+      for (int64_t g = h * group; g < (h + 1) * group; ++g) {
+        prefetch_share(keys, rows, t0, len, h, g - h * group, group, head_dim);
+        const float* qg = q + g * head_dim;
+        Vec dots[kLanes];
+        for (int64_t j = 0; j < kLanes; ++j) {  // two chains a token: half the FMA latency
+          Vec even = vmul(vload(qg), vload(key[j])), odd = vset(0.f);
+          int64_t i = kLanes;
+          for (; i + kLanes < head_dim; i += 2 * kLanes) {
+            odd = vfma(vload(qg + i), vload(key[j] + i), odd);
+            even = vfma(vload(qg + i + kLanes), vload(key[j] + i + kLanes), even);
+          }
+          if (i < head_dim) odd = vfma(vload(qg + i), vload(key[j] + i), odd);
+          dots[j] = vadd(even, odd);
+        }
+        alignas(64) float out[kLanes];
+        vstore(out, vmul(vsum_each(dots), vset(scale)));
+        std::copy(out, out + n, scores + g * len + t0);
+      }
     }
   }
 }
 
 #if defined(__AVX512VNNI__)
-// ---- int8 caches on AVX-512 VNNI ------------------------------------------------------------
-// attend_span reads a float32 cache at about the memory bus's speed, but an int8 one, a quarter
-// of the bytes, is bound by arithmetic there: every key and value is widened to float once per
-// query head, and every dot product summed across its vector. Here (measured on 2 cores at R1's
-// heads, 28 layers: 53 -> 34 ms a token at 16K cached tokens, 7.4 -> 4.8 ms at 2K, 19.6 -> 14.3
-// ms for 16 sequences of 512):
-// - the queries are quantized to int8 (Int8Queries), as llama.cpp quantizes them for its q8
-//   caches, and the scores come from vpdpbusd, 64 products an instruction, kLanes tokens' dot
-//   products finished together by one vsum_each;
-// - each value is widened once for all the query heads of its kv head, whose sums stay in
-//   registers across kValueTokens tokens;
-// - the rows kPrefetchTokens ahead are asked for (into L2) while the current ones are worked
-//   on: a sequence's blocks lie anywhere, where the hardware prefetcher does not follow.
-
-constexpr int64_t kPrefetchTokens = 32;
-// Tokens whose values one round of add_values passes reads (8 KB: every kv head of each, which
-// share cache lines), and asks for its successors' rows: kPrefetchTokens ahead, the next round.
-constexpr int64_t kValueTokens = kPrefetchTokens;
-// The query heads whose value sums one add_values pass holds: 6 heads x 2 vectors, 12 of the 32
-// registers.
-constexpr int kMaxPassHeads = 6;
-
 // The queries, each head as two int8 parts: q ~ scale * (high + low / 254), high on the 255
 // levels of scale = max|q| / 127 and low its rounding error on 255 levels of its own. One part
 // alone cost 0.5% perplexity on the 0.5B model's text (decoded a token at a time, int8 cache);
 // both leave an error 254x smaller than the keys' own rounding, at twice the vpdpbusd.
 struct Int8Queries {
-  std::vector<int8_t> high, low;          // (rows, head_dim)
-  std::vector<float> scales;              // (rows,)
+  std::vector<int8_t> high, low;             // (rows, head_dim)
+  std::vector<float> scales;                 // (rows,)
   std::vector<int32_t> high_sums, low_sums;  // (rows,): the sums of each row's levels
 
   Int8Queries(const float* q, int64_t rows, int64_t head_dim)
@@ -161,22 +186,19 @@ struct Int8Queries {
   }
 };
 
-inline void prefetch_row(const int8_t* cache, int64_t row, int64_t head_dim) {
-  for (int64_t b = 0; b < head_dim; b += 64) _mm_prefetch(reinterpret_cast<const char*>(cache + row * head_dim + b), _MM_HINT_T1);
-}
-
-// scores[g][t] = factor (q_g . k_t) for every query head g and the span's tokens t < len, q_g
-// row first_row + g of q, the keys of token t at row rows[t] + h for kv head h (rows[t]: kv
-// head 0's). vpdpbusd multiplies unsigned bytes by signed ones, so each key is staged with its
-// sign bit flipped, k + 128, and 128 * (the sum of the query's levels) comes off the dot
-// products (exact integers, then high + low / 254 in float32). Query head g asks for its share of kv head h's keys
-// kPrefetchTokens ahead, which spreads the requests over the work.
+// span_scores for int8 keys on VNNI (head_dim a multiple of 64), the queries rows first_row +
+// g of q. vpdpbusd multiplies unsigned bytes by signed ones, so each key is staged with its sign
+// bit flipped, k + 128, and 128 * (the sum of the query's levels) comes off the dot products
+// (exact integers, then high + low / 254 in float32). Kept out of line: inlined into
+// attend_span beside the float32 span_scores, the int8 cache ran 4-9% slower (measured).
+[[gnu::noinline]]
 void span_scores(const Int8Queries& q, int64_t first_row, const int8_t* keys, const float* key_scales,
                  const int64_t* rows, int64_t len, int64_t kv_heads, int64_t group, int64_t head_dim, float scale,
                  uint8_t* stage, float* scores) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const Vec low_weight = vset(1.f / 254);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, len - t0), ahead = t0 + kPrefetchTokens;
+    const int64_t n = std::min<int64_t>(kLanes, len - t0);
     for (int64_t h = 0; h < kv_heads; ++h) {
       alignas(64) float factor[kLanes];
       for (int64_t j = 0; j < kLanes; ++j) {  // past the span's end: its last key again, its score dropped
@@ -187,12 +209,9 @@ void span_scores(const Int8Queries& q, int64_t first_row, const int8_t* keys, co
                               _mm512_xor_si512(_mm512_loadu_si512(keys + row * head_dim + i), flip));
       }
       for (int64_t g = h * group; g < (h + 1) * group; ++g) {
-        const int64_t k = g - h * group;
-        for (int64_t j = k * kLanes / group; j < (k + 1) * kLanes / group && ahead + j < len; ++j)
-          prefetch_row(keys, rows[ahead + j] + h, head_dim);
+        prefetch_share(keys, rows, t0, len, h, g - h * group, group, head_dim);
         const int64_t r = first_row + g;
         const int8_t *high = q.high.data() + r * head_dim, *low = q.low.data() + r * head_dim;
-        const Vec low_weight = vset(1.f / 254);
         Vec dots[kLanes];
         for (int64_t j = 0; j < kLanes; ++j) {
           __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
@@ -211,13 +230,16 @@ void span_scores(const Int8Queries& q, int64_t first_row, const int8_t* keys, co
     }
   }
 }
+#else
+struct Int8Queries {};  // AVX2 has no vpdpbusd: int8 keys are widened to float there
+#endif
 
 // out[g] += sum_t weights[g * stride + t] v_t over n tokens for Heads query heads, v_t at row
 // rows[t]: Chunk vectors of head_dim at a time, every head's sums for them held in registers
-// across the tokens, so each value is widened once. The first chunk's pass asks for the rows of
-// the `prefetch` tokens kPrefetchTokens ahead.
-template <int Heads, int Chunk>
-void add_values(const float* weights, int64_t stride, int64_t n, const int8_t* values, const int64_t* rows,
+// across the tokens, so each value is loaded (and widened) once. The first chunk's pass asks for
+// the rows of the `prefetch` tokens kPrefetchTokens ahead.
+template <int Heads, int Chunk, typename T>
+void add_values(const float* weights, int64_t stride, int64_t n, const T* values, const int64_t* rows,
                 int64_t head_dim, float* out, int64_t prefetch) {
   for (int64_t d = 0; d < head_dim; d += Chunk * kLanes) {
     Vec acc[Heads][Chunk];
@@ -225,7 +247,7 @@ void add_values(const float* weights, int64_t stride, int64_t n, const int8_t* v
       for (int c = 0; c < Chunk; ++c) acc[g][c] = vload(out + g * head_dim + d + c * kLanes);
     for (int64_t t = 0; t < n; ++t) {
       if (d == 0 && t < prefetch) prefetch_row(values, rows[t + kPrefetchTokens], head_dim);
-      const int8_t* v = values + rows[t] * head_dim + d;
+      const T* v = values + rows[t] * head_dim + d;
       Vec vt[Chunk];
       for (int c = 0; c < Chunk; ++c) vt[c] = vload(v + c * kLanes);
       for (int g = 0; g < Heads; ++g) {
@@ -238,46 +260,83 @@ void add_values(const float* weights, int64_t stride, int64_t n, const int8_t* v
   }
 }
 
-using AddValuesFn = void (*)(const float*, int64_t, int64_t, const int8_t*, const int64_t*, int64_t, float*, int64_t);
+template <typename T>
+using AddValuesFn = void (*)(const float*, int64_t, int64_t, const T*, const int64_t*, int64_t, float*, int64_t);
 
-template <int... Heads>
-constexpr std::array<AddValuesFn, sizeof...(Heads)> add_values_fns(std::integer_sequence<int, Heads...>) {
-  return {add_values<Heads + 1, 2>...};  // head_dim is a multiple of 64 here: chunks of 2 vectors
+template <typename T, int Chunk, int... Heads>
+constexpr std::array<AddValuesFn<T>, sizeof...(Heads)> add_values_fns(std::integer_sequence<int, Heads...>) {
+  return {add_values<Heads + 1, Chunk, T>...};
 }
 
-// attend_span for an int8 cache on VNNI (head_dim a multiple of 64). Scratch: scores (heads *
-// len), rows (kv_heads * len), stage (kLanes * head_dim bytes), value_scale (len).
-void attend_span_vnni(const Int8Queries& q, int64_t first_row, const int8_t* keys, const int8_t* values,
-                      const float* key_scales,
-                      const float* value_scales, const int64_t* table, int64_t first, int64_t last, int64_t block_size,
-                      int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float* out, float* max,
-                      float* sum, float* scores, int64_t* rows, uint8_t* stage, float* value_scale) {
-  static constexpr auto add_values_for = add_values_fns(std::make_integer_sequence<int, kMaxPassHeads>());
+// add_values for `heads` (<= kMaxPassHeads) heads, in chunks of two vectors where head_dim allows.
+template <typename T>
+void add_values_for(int64_t heads, const float* weights, int64_t stride, int64_t n, const T* values,
+                    const int64_t* rows, int64_t head_dim, float* out, int64_t prefetch) {
+  static constexpr auto pairs = add_values_fns<T, 2>(std::make_integer_sequence<int, kMaxPassHeads>());
+  static constexpr auto singles = add_values_fns<T, 1>(std::make_integer_sequence<int, kMaxPassHeads>());
+  (head_dim % (2 * kLanes) == 0 ? pairs : singles)[heads - 1](weights, stride, n, values, rows, head_dim, out, prefetch);
+}
+
+struct SpanScratch {  // one thread's, reused across its spans
+  std::vector<float> scores, stage, row_scale;
+  std::vector<int64_t> rows;
+};
+
+// scores[g][t] *= scales[rows[t] + h] for each kv head h and its query heads g: an int8 cache's
+// scale of each (token, kv head) row, gathered into row_scale (len) once for its group.
+inline void scale_by_rows(float* scores, const float* scales, const int64_t* rows, int64_t len, int64_t kv_heads,
+                          int64_t group, float* row_scale) {
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    for (int64_t t = 0; t < len; ++t) row_scale[t] = scales[rows[t] + h];
+    for (int64_t g = h * group; g < (h + 1) * group; ++g)
+      for (int64_t t = 0; t < len; ++t) scores[g * len + t] *= row_scale[t];
+  }
+}
+
+// Attention of sequence d's queries (rows d * heads .. of q) to its tokens [first, last),
+// unnormalized: out (heads, head_dim) = sum_t exp(score_t - max) v_t, with that max and the sum
+// of the weights per head, for merging with the sequence's other spans. int8_q: the queries
+// quantized, for an int8 cache on VNNI (else null).
+template <typename T>
+void attend_span(const float* q, const Int8Queries* int8_q, int64_t d, const T* keys, const T* values,
+                 const float* key_scales, const float* value_scales, const int64_t* table, int64_t first, int64_t last,
+                 int64_t block_size, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float* out,
+                 float* max, float* sum, SpanScratch& scratch) {
   const int64_t len = last - first, group = heads / kv_heads;
+  scratch.scores.resize(heads * len);
+  scratch.rows.resize(kv_heads * len);
+  scratch.stage.resize(kLanes * head_dim);
+  scratch.row_scale.resize(len);
+  float* scores = scratch.scores.data();
+  int64_t* rows = scratch.rows.data();
   for (int64_t t = first; t < last; ++t)  // kv head 0's row of each token; kv head h's is h past it
     rows[t - first] = (table[t / block_size] * block_size + t % block_size) * kv_heads;
-  span_scores(q, first_row, keys, key_scales, rows, len, kv_heads, group, head_dim, scale, stage, scores);
-  for (int64_t g = 0; g < heads; ++g) std::tie(max[g], sum[g]) = exp_shifted(scores + g * len, len);
-  // A list of rows per kv head (from the last, so kv head 0's list is read before it is
-  // rewritten), and the value scales into the weights, now that the weights' sums are taken.
-  for (int64_t h = kv_heads - 1; h >= 0; --h)
-    for (int64_t t = 0; t < len; ++t) rows[h * len + t] = rows[t] + h;
-  for (int64_t h = 0; h < kv_heads; ++h) {
-    for (int64_t t = 0; t < len; ++t) value_scale[t] = value_scales[rows[h * len + t]];
-    for (int64_t g = h * group; g < (h + 1) * group; ++g)
-      for (int64_t t = 0; t < len; ++t) scores[g * len + t] *= value_scale[t];
+#if defined(__AVX512VNNI__)
+  if constexpr (std::is_same_v<T, int8_t>)
+    if (int8_q)
+      span_scores(*int8_q, d * heads, keys, key_scales, rows, len, kv_heads, group, head_dim, scale,
+                  reinterpret_cast<uint8_t*>(scratch.stage.data()), scores);
+  if (!int8_q)
+#endif
+  {
+    span_scores(q + d * heads * head_dim, keys, rows, len, kv_heads, group, head_dim, scale, scratch.stage.data(),
+                scores);
+    if (key_scales) scale_by_rows(scores, key_scales, rows, len, kv_heads, group, scratch.row_scale.data());
   }
+  for (int64_t g = 0; g < heads; ++g) std::tie(max[g], sum[g]) = exp_shifted(scores + g * len, len);
+  // An int8 cache's value scales go into the weights now that the weights' sums are taken.
+  if (value_scales) scale_by_rows(scores, value_scales, rows, len, kv_heads, group, scratch.row_scale.data());
+  for (int64_t h = kv_heads - 1; h >= 0; --h)  // a list of rows per kv head, from the last: kv head 0's is read first
+    for (int64_t t = 0; t < len; ++t) rows[h * len + t] = rows[t] + h;
   std::fill(out, out + heads * head_dim, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += kValueTokens) {
     const int64_t n = std::min(kValueTokens, len - t0), ahead = std::clamp<int64_t>(len - t0 - kValueTokens, 0, n);
     for (int64_t h = 0; h < kv_heads; ++h)
       for (int64_t g = h * group; g < (h + 1) * group; g += kMaxPassHeads)  // a kv head's first pass asks ahead
-        add_values_for[std::min<int64_t>(kMaxPassHeads, (h + 1) * group - g) - 1](
-            scores + g * len + t0, len, n, values, rows + h * len + t0, head_dim, out + g * head_dim,
-            g == h * group ? ahead : 0);
+        add_values_for(std::min<int64_t>(kMaxPassHeads, (h + 1) * group - g), scores + g * len + t0, len, n, values,
+                       rows + h * len + t0, head_dim, out + g * head_dim, g == h * group ? ahead : 0);
   }
 }
-#endif
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales,
@@ -344,33 +403,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 #if defined(__AVX512VNNI__)
   const bool vnni = int8 && head_dim % 64 == 0;
   const Int8Queries int8_q(qp, vnni ? D * heads : 0, head_dim);  // each sequence's, once for all its spans
+  const Int8Queries* int8_queries = vnni ? &int8_q : nullptr;
+#else
+  const Int8Queries* int8_queries = nullptr;
 #endif
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-#if defined(__AVX512VNNI__)
-    std::vector<float> value_scale;
-    std::vector<int64_t> rows;
-    std::vector<uint8_t> stage(vnni ? kLanes * head_dim : 0);
-#endif
+    SpanScratch scratch;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t d = seq_of[i];
-      scores.resize(heads * (last_of[i] - first_of[i]));
-#if defined(__AVX512VNNI__)
-      if (vnni) {
-        const int64_t len = last_of[i] - first_of[i];
-        rows.resize(kv_heads * len);
-        value_scale.resize(len);
-        attend_span_vnni(int8_q, d * heads, keys.const_data_ptr<int8_t>(), values.const_data_ptr<int8_t>(), ks, vs,
-                         tables + d * max_blocks, first_of[i], last_of[i], block_size, heads, kv_heads, head_dim,
-                         static_cast<float>(scale), pp + i * heads * head_dim, mp + i * heads, sp + i * heads,
-                         scores.data(), rows.data(), stage.data(), value_scale.data());
-        continue;
-      }
-#endif
       auto run = [&](const auto* keys, const auto* values) {
-        attend_span(qp + d * heads * head_dim, keys, values, ks, vs, tables + d * max_blocks, first_of[i], last_of[i],
+        const int64_t d = seq_of[i];
+        attend_span(qp, int8_queries, d, keys, values, ks, vs, tables + d * max_blocks, first_of[i], last_of[i],
                     block_size, heads, kv_heads, head_dim, static_cast<float>(scale), pp + i * heads * head_dim,
-                    mp + i * heads, sp + i * heads, scores.data());
+                    mp + i * heads, sp + i * heads, scratch);
       };
       if (int8)
         run(keys.const_data_ptr<int8_t>(), values.const_data_ptr<int8_t>());

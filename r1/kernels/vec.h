@@ -86,6 +86,16 @@ inline void vstore_int8(int8_t* p, Vec v) {
   const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(q16, q16));
 }
+inline Vec vsum_each(const Vec (&v)[kLanes]) {  // as the AVX-512 one, with two 128-bit lanes
+  Vec pairs[4], quads[2];
+  for (int k = 0; k < 4; ++k)
+    pairs[k] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm256_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 2; ++k) {
+    const __m256d a = _mm256_castps_pd(pairs[2 * k]), b = _mm256_castps_pd(pairs[2 * k + 1]);
+    quads[k] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20), _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
+}
 #endif
 
 // x (n floats, n a multiple of kLanes) as int8 levels of one scale, max|x| / 127, each rounded
