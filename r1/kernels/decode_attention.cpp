@@ -112,8 +112,8 @@ template <typename T>
 // for the kLanes tokens kPrefetchTokens past t0: spread over the group's work, the requests
 // overlap it, where asked for at once they stalled the core (float32: 128 lines a chunk).
 template <typename T>
-[[gnu::always_inline]] inline void prefetch_share(const T* keys, const int64_t* rows, int64_t t0, int64_t len, int64_t h, int64_t k,
-                           int64_t group, int64_t head_dim) {
+[[gnu::always_inline]] inline void prefetch_share(const T* keys, const int64_t* rows, int64_t t0, int64_t len,
+                                                  int64_t h, int64_t k, int64_t group, int64_t head_dim) {
   const int64_t ahead = t0 + kPrefetchTokens;
   for (int64_t j = k * kLanes / group; j < (k + 1) * kLanes / group && ahead + j < len; ++j)
     prefetch_row(keys, rows[ahead + j] + h, head_dim);
