@@ -316,9 +316,8 @@ void attend_span(const float* q, const Int8Queries* int8_q, int64_t d, const T* 
     if (int8_q)
       span_scores(*int8_q, d * heads, keys, key_scales, rows, len, kv_heads, group, head_dim, scale,
                   reinterpret_cast<uint8_t*>(scratch.stage.data()), scores);
-  if (!int8_q)
 #endif
-  {
+  if (!int8_q) {
     span_scores(q + d * heads * head_dim, keys, rows, len, kv_heads, group, head_dim, scale, scratch.stage.data(),
                 scores);
     if (key_scales) scale_by_rows(scores, key_scales, rows, len, kv_heads, group, scratch.row_scale.data());
