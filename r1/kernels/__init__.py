@@ -42,7 +42,7 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has
 )
 # Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
 OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
-       "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_")}
+       "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul")}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out).
 BUILD_ENV = "R1_KERNELS"

@@ -34,18 +34,6 @@ namespace {
 
 constexpr int64_t kMinSpanBlocks = 4;  // a span shorter than this costs more to merge than it saves
 
-// e^x to ~1e-7 relative, a vector at a time: 2^n e^r with |r| <= ln 2 / 2 and e^r's Taylor series
-// to r^7 (std::exp, one call per score, took a quarter of the kernel's time).
-inline Vec vexp(Vec x) {
-  x = vmax(x, vset(-87.f));  // below this e^x is no longer a normal float
-  const Vec n = vround(vmul(x, vset(1.44269504f)));
-  Vec r = vfnma(n, vset(0.693145751953125f), x);  // ln 2 in two parts: r stays exact
-  r = vfnma(n, vset(1.4286068203094173e-06f), r);
-  Vec p = vset(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = vfma(p, r, vset(c));
-  return vtimes_pow2(p, n);
-}
-
 // row[i] = e^(row[i] - max row) for i < len; returns that max and the sum of the new values.
 // Whole vectors, then the last len % kLanes one by one.
 inline std::pair<float, float> exp_shifted(float* row, int64_t len) {
