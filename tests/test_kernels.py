@@ -38,8 +38,8 @@ def test_this_machine_runs_the_vnni_kernel():
     # silently fall back to the 3x slower portable kernel.
     assert kernels.this_cpus_build() == AVX512_VNNI and kernels.unavailable_reason() is None
     assert quant.int4_linear_class() is Int4KernelLinear
-    assert all(kernels.op(name) is not None for name in ("decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_",
-                                                         "silu_mul"))
+    layer_ops = ("decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul")
+    assert all(kernels.op(name) is not None for name in layer_ops)
 
 
 @needs_kernels
