@@ -6,7 +6,8 @@ Penalties and temperature are pure functions on float32 logits of shape (B, V). 
 filters work on each row's likeliest tokens in descending order (`filter_candidates`), since
 what they keep is always a run of the top of the distribution: sorting a 152k vocabulary costs
 ~6 ms a row on CPU, and a sampled token at R1's settings nearly always comes from the top few
-dozen. It does not own which rows are in the batch, stopping, or filling model defaults into
+dozen. On the CPU r1's `softmax_topk` kernel finds those tokens, and `greedy_tokens` stands in
+for argmax: PyTorch's CPU topk and argmax are scalar loops, 12 and 2 ms of a 16-sequence step. It does not own which rows are in the batch, stopping, or filling model defaults into
 the params (SamplingParams.with_defaults).
 """
 
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from r1 import kernels
 from r1.sampling_params import SamplingParams
 
 PerRow = float | Sequence[float] | torch.Tensor  # one value for every row, or one per row
@@ -40,13 +42,13 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
-        tokens[greedy] = rows(greedy).argmax(dim=1)
+        tokens[greedy] = greedy_tokens(rows(greedy))
     vocab = logits.shape[1]
     filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
     if filtered:
         ps = [params[i] for i in filtered]
-        scaled = apply_temperature(rows(filtered), [p.temperature for p in ps])
-        kept, ids = filter_candidates(scaled, [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
+        kept, ids = filter_candidates(rows(filtered), [p.top_k for p in ps], [p.top_p for p in ps],
+                                      [p.min_p for p in ps], temperature=[p.temperature for p in ps])
         chosen = draw(kept, [generators[i] for i in filtered])
         tokens[filtered] = ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
     unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
@@ -54,6 +56,21 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
         scaled = apply_temperature(rows(unfiltered), [params[i].temperature for i in unfiltered])
         tokens[unfiltered] = draw(scaled.softmax(dim=1), [generators[i] for i in unfiltered])
     return tokens
+
+
+def greedy_tokens(logits: torch.Tensor, chunks: int = 64) -> torch.Tensor:
+    """Each row's argmax (B,), the first on ties, as torch.argmax gives it.
+
+    torch.amax is vectorized where argmax is not, so: each chunk's maximum, the first chunk
+    holding the row's maximum (argmax over `chunks` values), then the argmax within that chunk.
+    """
+    rows, vocab = logits.shape
+    if vocab % chunks:
+        return logits.argmax(dim=1)
+    by_chunk = logits.view(rows, chunks, vocab // chunks)
+    chunk = by_chunk.amax(dim=2).argmax(dim=1)
+    within = by_chunk[torch.arange(rows, device=logits.device), chunk].argmax(dim=1)
+    return chunk * (vocab // chunks) + within
 
 
 def _filters(p: SamplingParams, vocab: int) -> bool:
@@ -96,9 +113,10 @@ def apply_temperature(logits: torch.Tensor, temperature: PerRow) -> torch.Tensor
     return logits / t.to(logits.device).unsqueeze(1)
 
 
-def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow,
-                      min_p: PerRow) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's tokens that survive top-k, then top-p over what top-k kept, then min-p.
+def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow,
+                      temperature: PerRow = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens that survive top-k, then top-p over what top-k kept, then min-p, under
+    softmax(logits / temperature) (temperatures positive).
 
     Returns (R, W) probabilities in descending order, 0 past each row's kept tokens, and their
     token ids. Per row: top_k keeps the k likeliest tokens and any tied with the k-th (0 or >= V
@@ -111,14 +129,14 @@ def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow,
     k, p, m = (_per_row(v, logits, dtype).to(logits.device)
                for v, dtype in ((top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32)))
     k = torch.where(k < vocab, k, torch.zeros_like(k))
-    probs = logits.softmax(dim=1)
+    t = _per_row(temperature, logits, torch.float32).to(logits.device)
     # One past the largest k, so that the candidates show whether the k-th token's ties go on.
     width = min(vocab, max(CANDIDATES, int(k.max()) + 1))
     pending = torch.arange(logits.shape[0], device=logits.device)
     found = []  # (rows, kept probabilities, ids) of the rows settled at each width
     while len(pending):
-        rows = probs if len(found) == 0 else probs[pending]
-        values, ids = rows.topk(width, dim=1)
+        first = len(found) == 0  # every row: no copy
+        values, ids = _softmax_topk(logits if first else logits[pending], t if first else t[pending], width)
         kept, settled = _filter_sorted(values, k[pending], p[pending], m[pending])
         settled |= width == vocab
         found.append((pending[settled], kept[settled], ids[settled]))
@@ -130,6 +148,14 @@ def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow,
     for rows, kept, ids in found:
         out[rows, :kept.shape[1]], out_ids[rows, :ids.shape[1]] = kept, ids
     return out, out_ids
+
+
+def _softmax_topk(logits: torch.Tensor, temperature: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(logits / temperature).topk(width): each row's `width` likeliest tokens, descending."""
+    op = kernels.op_for("softmax_topk", logits)
+    if op is not None:
+        return op(logits.contiguous(), temperature.contiguous(), width)
+    return apply_temperature(logits, temperature).softmax(dim=1).topk(width, dim=1)
 
 
 def _filter_sorted(values: torch.Tensor, k: torch.Tensor, p: torch.Tensor,

@@ -101,6 +101,41 @@ def test_silu_mul_is_swiglus_activation(rows, width):
     assert got[0, 1] == 100 * gate_up[0, width + 1] and got[0, 3] == 1e30 * gate_up[0, width + 3]
 
 
+def logit_rows(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """(rows, vocab) logits shaped like a model's: a spread of scores and a few far ahead."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+    logits[:, :5] += 12
+    return logits
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, vocab, width", [(16, 151936, 64), (3, 1001, 64), (2, 1001, 1), (2, 300, 300)])
+def test_softmax_topk_is_softmax_then_topk(rows, vocab, width):  # 1001: a tail past the vectors; 300: all of it
+    logits = logit_rows(rows, vocab)
+    temperature = torch.linspace(0.3, 2.0, rows)
+    values, ids = kernels.op("softmax_topk")(logits, temperature, width)
+    want_values, want_ids = (logits / temperature[:, None]).softmax(dim=1).topk(width, dim=1)
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(values, want_values, rtol=1e-5, atol=1e-9)  # measured: 2e-6 relative
+
+
+@needs_kernels
+def test_softmax_topk_breaks_ties_by_id_and_ranks_masked_tokens_last():
+    logits = torch.full((3, 1001), float("-inf"))
+    logits[0, [900, 3, 640, 17]] = torch.tensor([1.0, 1.0, 2.0, 1.0])  # what a grammar leaves allowed
+    logits[1] = 0.0  # all tied
+    logits[2] = logit_rows(1, 1001)[0]
+    logits[2, ::3] = float("nan")  # a broken row: NaN counts as -inf
+    values, ids = kernels.op("softmax_topk")(logits, torch.ones(3), 8)
+    e = torch.e
+    assert ids[0].tolist() == [640, 3, 17, 900, 0, 1, 2, 4]  # then the masked ones, by id
+    assert torch.allclose(values[0], torch.tensor([e, 1, 1, 1, 0, 0, 0, 0]) / (e + 3))
+    assert ids[1].tolist() == list(range(8)) and torch.allclose(values[1], torch.full((8,), 1 / 1001))
+    clean = logits[2].nan_to_num(nan=float("-inf"))
+    want_values, want_ids = clean.softmax(dim=0).topk(8)
+    assert torch.equal(ids[2], want_ids) and torch.allclose(values[2], want_values, rtol=1e-5)
+
+
 @needs_kernels
 def test_portable_and_kernel_int4_agree():
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.05
@@ -128,6 +163,13 @@ def test_bad_inputs_are_refused_with_a_reason():
         Int4KernelLinear(64, 40, bias=False)
     with pytest.raises(RuntimeError, match=r"gate_up must be contiguous \(N, 2I\)"):
         kernels.op("silu_mul")(torch.randn(2, 7))
+    softmax_topk = kernels.op("softmax_topk")
+    with pytest.raises(RuntimeError, match=r"width must be in \[1, V\]"):
+        softmax_topk(torch.randn(2, 10), torch.ones(2), 11)
+    with pytest.raises(RuntimeError, match="temperatures must be positive"):
+        softmax_topk(torch.randn(2, 10), torch.tensor([1.0, 0.0]), 4)
+    with pytest.raises(RuntimeError, match=r"temperature must be contiguous \(B,\) float32"):
+        softmax_topk(torch.randn(2, 10), torch.ones(3), 4)
 
 
 def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
@@ -173,7 +215,7 @@ from r1 import kernels
 from r1.quant import Int4KernelLinear
 assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
 assert all(kernels.op(name) is not None for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_",
-                                                     "write_kv_int8_", "silu_mul"))
+                                                     "write_kv_int8_", "silu_mul", "softmax_topk"))
 g = torch.Generator().manual_seed(5)
 out = {}
 for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
@@ -188,6 +230,11 @@ out["norm"] = (normed - w * torch.nn.functional.rms_norm(x + res, (64,), eps=1e-
 gate_up = torch.randn(3, 2 * 40, generator=g) * 8  # 40: five vectors of 8
 exact = torch.nn.functional.silu(gate_up[:, :40].double()) * gate_up[:, 40:].double()
 out["silu_mul"] = ((kernels.op("silu_mul")(gate_up).double() - exact).abs() / exact.abs()).max().item()  # no extremes
+logits = torch.randn(3, 1001, generator=g) * 2  # 1001: a tail past the vectors of 8
+values, ids = kernels.op("softmax_topk")(logits, torch.tensor([0.6, 1.0, 2.0]), 64)
+want_values, want_ids = (logits / torch.tensor([[0.6], [1.0], [2.0]])).softmax(dim=1).topk(64, dim=1)
+out["softmax_topk ids"] = torch.equal(ids, want_ids)
+out["softmax_topk"] = ((values - want_values).abs() / want_values).max().item()
 from r1.model.attention import AttentionMetadata, allocate_kv_cache, paged_attention, write_kv
 lens, blocks = [1, 17, 300], [[3], [5, 0], list(range(6, 25))]  # R1's heads, blocks of 16
 for dtype in (torch.float32, torch.int8):
@@ -221,6 +268,7 @@ def test_the_avx2_build_computes_what_the_vnni_one_does():
     assert done.returncode == 0, done.stderr[-2000:]
     avx2 = json.loads(done.stdout)
     assert avx2["norm"] < 1e-5 and avx2["silu_mul"] < 1e-6
+    assert avx2["softmax_topk ids"] and avx2["softmax_topk"] < 1e-5
     assert avx2["attention torch.float32"] < 1e-5 and avx2["attention torch.int8"] < 1e-5, avx2
     g = torch.Generator().manual_seed(5)
     for rows in (1, 4, 5, 9):  # the same layers and inputs, drawn in the same order

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
+from r1 import kernels
 from r1.sampling import (CANDIDATES, CANDIDATES_GROWTH, apply_penalties, apply_temperature, compute_logprobs,
-                         draw, filter_candidates, make_generator, sample_next)
+                         draw, filter_candidates, greedy_tokens, make_generator, sample_next)
 from r1.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -195,6 +196,35 @@ def test_greedy_takes_argmax_of_penalized_logits():
     ps = [params(temperature=0, repetition_penalty=2.0), params(temperature=0)]
     # Row 0: token 0 was generated, 2.0 / 2 = 1.0 < 1.9.
     assert sample_next(logits, ps, [[], []], [[0], []], [None, None]).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("vocab", [151936, 1001])  # R1's vocabulary, and one that 64 chunks do not divide
+def test_greedy_tokens_is_argmax_first_on_ties(vocab):
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(3))
+    logits[1, [vocab - 1, 700, 5]] = 50.0  # tied in three chunks: the first wins
+    logits[2, [701, 700]] = 50.0  # tied within one
+    logits[3, [900, 40]] = float("nan")  # as argmax: the first NaN
+    logits[4] = float("-inf")
+    got = greedy_tokens(logits)
+    assert torch.equal(got, logits.argmax(dim=1))
+    assert got[1:5].tolist() == [5, 700, 40, 0]
+
+
+@pytest.mark.skipif(kernels.op("softmax_topk") is None, reason="needs r1's CPU kernels")
+def test_filters_keep_the_same_tokens_with_or_without_the_kernel(monkeypatch):
+    logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(4)) * 2
+    logits[:, :40] += 9  # a model's few dozen likely tokens
+    logits[3, 40:1000] += 9  # a thousand: past the first candidates
+    args = (logits, [0, 20, 0, 0], [0.95, 1.0, 0.5, 0.95], [0.0, 0.0, 0.1, 0.0])
+    temperature = [0.6, 1.0, 0.6, 1.0]
+    ours = filter_candidates(*args, temperature=temperature)
+    monkeypatch.setattr(kernels, "op_for", lambda name, x: None)
+    portable = filter_candidates(*args, temperature=temperature)
+    assert ours[0].shape == portable[0].shape == (4, CANDIDATES * CANDIDATES_GROWTH)  # row 3 widened
+    for probs, ids, want_probs, want_ids in zip(*ours, *portable):
+        kept = want_probs > 0
+        assert torch.equal(probs > 0, kept) and torch.equal(ids[kept], want_ids[kept])
+        assert torch.allclose(probs, want_probs, rtol=1e-5, atol=1e-9)
 
 
 # --- draws: empirical frequencies against the tables --------------------------------------------

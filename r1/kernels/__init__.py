@@ -3,7 +3,8 @@
 Each file's top comment says why it exists and what layout it reads: `int4_matmul.cpp`,
 group-wise int4 weights times int8-quantized activations; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add,
-rotary embedding and int8 KV cache writes, one call each; `vec.h`, the vector operations they share. They are
+rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
+likeliest tokens a sampler draws from; `vec.h`, the vector operations they share. They are
 compiled together for the widest instruction set this CPU has (BUILDS: AVX-512 VNNI, else AVX2).
 `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has neither
 instruction set, or the build fails; the model and r1/quant.py then take PyTorch's portable
@@ -42,7 +43,8 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has
 )
 # Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
 OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
-       "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul")}
+       "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
+       "softmax_topk.cpp": ("softmax_topk",)}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out).
 BUILD_ENV = "R1_KERNELS"
@@ -93,8 +95,8 @@ def _available_ops() -> frozenset[str]:
     times a decode step, and finding the build reads /proc/cpuinfo."""
     reason = unavailable_reason()
     if reason is not None:
-        log.warning("r1's CPU kernels are off (int4 matmuls, decode attention, norms, rotary and int8 cache "
-                    "writes take PyTorch's slower paths) because %s", reason)
+        log.warning("r1's CPU kernels are off (int4 matmuls, decode attention, norms, rotary, int8 cache writes, SwiGLU and "
+                    "sampling take PyTorch's slower paths) because %s", reason)
         return frozenset()
     return frozenset(name for names in OPS.values() for name in names)
 
