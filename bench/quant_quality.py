@@ -2,9 +2,11 @@
 
 For every mode it loads the model (one at a time), scores r1.eval.perplexity.REFERENCE_TEXT (in one
 pass, as a prompt is prefilled, and a token at a time, as generation reads the KV cache) and
-generates greedily from a few fixed prompts, then compares with the bf16 run: perplexity, and
-greedy agreement as the share of generated positions whose token equals bf16's and the mean
-number of tokens before the first difference.
+generates greedily from a few fixed prompts, then compares with the bf16 run: perplexity, the
+mean KL divergence from bf16's next-token distribution over the text and how often the likeliest
+token is the same (as llama.cpp's `perplexity --kl-divergence` reports; steadier than perplexity
+on a short text), and greedy agreement as the share of generated positions whose token equals
+bf16's and the mean number of tokens before the first difference.
 
     python bench/quant_quality.py                       # the 1.5B stand-in, writes bench/results/quant_quality_demo.json
     python bench/quant_quality.py --model demo-small --tokens 16 --out /tmp/q.json
@@ -31,7 +33,7 @@ PROMPTS = (
 
 def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, tokens: int, threads: int | None) -> dict:
     from r1 import LLM, SamplingParams
-    from r1.eval.perplexity import REFERENCE_TEXT, perplexity
+    from r1.eval.perplexity import REFERENCE_TEXT, perplexity, token_logits
 
     llm = LLM(model, dtype=dtype, quant=quant, kv_dtype=kv_dtype, device="cpu", threads=threads, progress=False)
     text_ids = llm.tokenizer.encode(REFERENCE_TEXT)
@@ -40,7 +42,15 @@ def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, tokens: int, thr
     kv = llm.engine_config.resolved_kv_dtype(llm.dtype)
     return {"perplexity": perplexity(llm.model, text_ids, kv),
             "perplexity_decoded": perplexity(llm.model, text_ids, kv, one_at_a_time=True),
+            "log_probs": token_logits(llm.model, text_ids, kv).log_softmax(dim=-1),
             "text_tokens": len(text_ids), "greedy": [c.token_ids for c in out]}
+
+
+def divergence(ref_log_probs, log_probs) -> dict:
+    """Mean KL(ref || this) over the text's positions, and the share whose likeliest token is ref's."""
+    kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(dim=-1)
+    same_top = (ref_log_probs.argmax(dim=-1) == log_probs.argmax(dim=-1)).float()
+    return {"kl_vs_bf16": round(kl.mean().item(), 5), "same_top_token": round(same_top.mean().item(), 4)}
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> dict:
@@ -72,14 +82,16 @@ def main(argv: list[str] | None = None) -> int:
                       "perplexity_vs_bf16": round(r["perplexity"] / ref["perplexity"] - 1, 4),
                       "perplexity_decoded": round(r["perplexity_decoded"], 4),
                       "perplexity_decoded_vs_bf16": round(r["perplexity_decoded"] / ref["perplexity"] - 1, 4),
-                      **agreement(ref["greedy"], r["greedy"])}
+                      **divergence(ref["log_probs"], r["log_probs"]), **agreement(ref["greedy"], r["greedy"])}
         print(f"{name:>12}: perplexity {r['perplexity']:.3f} ({rows[name]['perplexity_vs_bf16']:+.1%} vs bf16), "
               f"decoded {r['perplexity_decoded']:.3f} ({rows[name]['perplexity_decoded_vs_bf16']:+.1%}), "
+              f"KL {rows[name]['kl_vs_bf16']:.4f}, same top token {rows[name]['same_top_token']:.0%}, "
               f"greedy agreement {rows[name]['token_agreement']:.0%}, "
               f"{rows[name]['tokens_before_first_difference']:.1f} tokens before the first difference", flush=True)
     report = {"what": "quantized weights against bf16 on the same checkpoint: perplexity on "
                       "r1.eval.perplexity.REFERENCE_TEXT (in one pass, and decoded: a token a forward, "
-                      "through decode attention) and greedy agreement over "
+                      "through decode attention), KL divergence from bf16 and the same top token over "
+                      "that text in one pass, and greedy agreement over "
                       f"{len(PROMPTS)} chat prompts x {a.tokens} tokens",
               "model": a.model, "int4_kernel": quant.int4_linear_class().__name__,
               "text_tokens": ref["text_tokens"], "modes": rows}

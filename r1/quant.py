@@ -78,11 +78,21 @@ class Int8Linear(QuantizedLinear):
 
 def int4_groups(weight: torch.Tensor, group_size: int):
     """Asymmetric int4 per group: levels (out, in) uint8 in 0..15, and scale and low (out, in / group)
-    float32 such that w ~ scale * level + low within each group."""
-    n, k = weight.shape
-    groups = weight.float().reshape(n, k // group_size, group_size)
+    float32 holding bf16 values, such that w ~ scale * level + low within each group.
+
+    r1's `int4_quantize` kernel, where it runs, fits each group's grid by least squares
+    (r1/kernels/int4_quantize.cpp says how and what it gains); elsewhere the grid spans the
+    group's min..max. Either way each weight takes the level nearest it on the stored grid.
+    """
+    w = weight.float().contiguous()
+    op = kernels.op_for("int4_quantize", w)
+    if op is not None:
+        return op(w, group_size)
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)
     low, high = torch.aminmax(groups, dim=-1)
-    scale = ((high - low) / 15).clamp_(min=1e-12)
+    scale = ((high - low) / 15).clamp_(min=1e-12).bfloat16().float()
+    low = low.bfloat16().float()
     # In place, one float temporary: this runs over every weight at load (1.8x the separate ops).
     levels = (groups - low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
     return levels.reshape(n, k), scale, low

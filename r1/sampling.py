@@ -7,8 +7,9 @@ filters work on each row's likeliest tokens in descending order (`filter_candida
 what they keep is always a run of the top of the distribution: sorting a 152k vocabulary costs
 ~6 ms a row on CPU, and a sampled token at R1's settings nearly always comes from the top few
 dozen. On the CPU r1's `softmax_topk` kernel finds those tokens, and `greedy_tokens` stands in
-for argmax: PyTorch's CPU topk and argmax are scalar loops, 12 and 2 ms of a 16-sequence step. It does not own which rows are in the batch, stopping, or filling model defaults into
-the params (SamplingParams.with_defaults).
+for argmax: PyTorch's CPU topk and argmax are scalar loops, 12 and 2 ms of a 16-sequence step.
+It does not own which rows are in the batch, stopping, or filling model defaults into the params
+(SamplingParams.with_defaults).
 """
 
 from __future__ import annotations

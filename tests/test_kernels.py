@@ -38,7 +38,8 @@ def test_this_machine_runs_the_vnni_kernel():
     # silently fall back to the 3x slower portable kernel.
     assert kernels.this_cpus_build() == AVX512_VNNI and kernels.unavailable_reason() is None
     assert quant.int4_linear_class() is Int4KernelLinear
-    other_ops = ("decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul")
+    other_ops = ("int4_quantize", "decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul",
+                 "softmax_topk")
     assert all(kernels.op(name) is not None for name in other_ops)
 
 
@@ -99,6 +100,58 @@ def test_silu_mul_is_swiglus_activation(rows, width):
     # e^-g leaves a float's range, within 1e-30 of silu's 0.
     assert torch.allclose(got.double(), exact, rtol=1e-6, atol=1e-30)
     assert got[0, 1] == 100 * gate_up[0, width + 1] and got[0, 3] == 1e30 * gate_up[0, width + 3]
+
+
+def group_errors(weight: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Each group's squared error, (rows, groups), of w ~ scale * level + low."""
+    rows, k = weight.shape
+    rebuilt = levels.float().view(rows, -1, 32) * scale[..., None] + low[..., None]
+    return ((rebuilt - weight.view(rows, -1, 32)) ** 2).sum(-1)
+
+
+def min_max_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid from each group's min to its max (bf16 scale and low), and the nearest levels on it."""
+    groups = weight.view(weight.shape[0], -1, 32)
+    low, high = torch.aminmax(groups, dim=-1)
+    scale, low = ((high - low) / 15).bfloat16().float(), low.bfloat16().float()
+    levels = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return levels.view(weight.shape), scale, low
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, k", [(64, 1536), (3, 96)])  # 3 x 3 groups: fewer than a vector's worth, padded
+def test_int4_quantize_fits_a_better_grid_than_min_max(rows, k):
+    weight = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)) * 0.02
+    weight[0, 5] = 0.3  # an outlier: min..max would spread its levels thin
+    levels, scale, low = kernels.op("int4_quantize")(weight, 32)
+    assert levels.shape == weight.shape and levels.dtype == torch.uint8 and int(levels.max()) <= 15
+    # What r1 stores is bf16, and each weight sits on the level nearest it on that grid.
+    assert torch.equal(scale, scale.bfloat16().float()) and torch.equal(low, low.bfloat16().float())
+    groups = weight.view(rows, -1, 32)
+    nearest = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    assert torch.equal(levels, nearest.view(rows, k))
+    # On Gaussian weights the squared error falls by 20% (measured 0.80 of min..max's). No group
+    # loses more than bf16 rounding of its fitted scale and low can cost (measured: at most 3.6%,
+    # in 9 groups of 3072).
+    ours, plain = group_errors(weight, levels, scale, low), group_errors(weight, *min_max_grid(weight))
+    assert torch.all(ours <= plain * 1.05)
+    assert ours.sum() < 0.85 * plain.sum(), (ours.sum() / plain.sum()).item()
+
+
+@needs_kernels
+def test_int4_quantize_keeps_a_grid_it_can_hold_exactly():
+    # A Q4_K-style group, bf16 scale and low with every level used, comes back exactly; a constant
+    # group as level 0 on its own value.
+    levels = torch.randint(0, 16, (4, 64), generator=torch.Generator().manual_seed(7)).float()
+    levels[:, ::32], levels[:, 1::32] = 0, 15
+    scale = torch.tensor([0.01, 0.002, 0.5, 0.0003]).bfloat16().float()[:, None]
+    low = torch.tensor([-0.07, 0.01, -3.0, -0.002]).bfloat16().float()[:, None]
+    weight = levels * scale + low
+    weight[3, 32:] = 0.125
+    got_levels, got_scale, got_low = kernels.op("int4_quantize")(weight, 32)
+    assert torch.equal(got_levels[:3].float(), levels[:3]) and torch.equal(got_levels[3, 32:], torch.zeros(32, dtype=torch.uint8))
+    assert torch.equal(got_scale[:3], scale[:3].expand(3, 2)) and torch.equal(got_low[:3], low[:3].expand(3, 2))
+    assert got_low[3, 1] == 0.125 and torch.equal(got_levels[3, :32].float(), levels[3, :32])
 
 
 def logit_rows(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -163,6 +216,10 @@ def test_bad_inputs_are_refused_with_a_reason():
         Int4KernelLinear(64, 40, bias=False)
     with pytest.raises(RuntimeError, match=r"gate_up must be contiguous \(N, 2I\)"):
         kernels.op("silu_mul")(torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="K must be a multiple of the group size"):
+        kernels.op("int4_quantize")(torch.randn(2, 48), 32)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        kernels.op("int4_quantize")(torch.randn(2, 64).bfloat16(), 32)
     softmax_topk = kernels.op("softmax_topk")
     with pytest.raises(RuntimeError, match=r"width must be in \[1, V\]"):
         softmax_topk(torch.randn(2, 10), torch.ones(2), 11)
@@ -215,7 +272,7 @@ from r1 import kernels
 from r1.quant import Int4KernelLinear
 assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
 assert all(kernels.op(name) is not None for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_",
-                                                     "write_kv_int8_", "silu_mul", "softmax_topk"))
+                                                     "write_kv_int8_", "silu_mul", "softmax_topk", "int4_quantize"))
 g = torch.Generator().manual_seed(5)
 out = {}
 for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
@@ -230,6 +287,8 @@ out["norm"] = (normed - w * torch.nn.functional.rms_norm(x + res, (64,), eps=1e-
 gate_up = torch.randn(3, 2 * 40, generator=g) * 8  # 40: five vectors of 8
 exact = torch.nn.functional.silu(gate_up[:, :40].double()) * gate_up[:, 40:].double()
 out["silu_mul"] = ((kernels.op("silu_mul")(gate_up).double() - exact).abs() / exact.abs()).max().item()  # no extremes
+weight = torch.randn(5, 96, generator=torch.Generator().manual_seed(8))  # 15 groups: blocks of 8, one padded
+out["int4_quantize"] = [t.tolist() for t in kernels.op("int4_quantize")(weight, 32)]
 logits = torch.randn(3, 1001, generator=g) * 2  # 1001: a tail past the vectors of 8
 values, ids = kernels.op("softmax_topk")(logits, torch.tensor([0.6, 1.0, 2.0]), 64)
 want_values, want_ids = (logits / torch.tensor([[0.6], [1.0], [2.0]])).softmax(dim=1).topk(64, dim=1)
@@ -269,6 +328,9 @@ def test_the_avx2_build_computes_what_the_vnni_one_does():
     avx2 = json.loads(done.stdout)
     assert avx2["norm"] < 1e-5 and avx2["silu_mul"] < 1e-6
     assert avx2["softmax_topk ids"] and avx2["softmax_topk"] < 1e-5
+    # The same grid search lane by lane, on vectors of 8 groups rather than 16: the same bits.
+    weight = torch.randn(5, 96, generator=torch.Generator().manual_seed(8))
+    assert avx2["int4_quantize"] == [t.tolist() for t in kernels.op("int4_quantize")(weight, 32)]
     assert avx2["attention torch.float32"] < 1e-5 and avx2["attention torch.int8"] < 1e-5, avx2
     g = torch.Generator().manual_seed(5)
     for rows in (1, 4, 5, 9):  # the same layers and inputs, drawn in the same order

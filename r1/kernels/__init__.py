@@ -1,7 +1,8 @@
 """r1's own CPU kernels, compiled on first use with the system C++ compiler and cached.
 
 Each file's top comment says why it exists and what layout it reads: `int4_matmul.cpp`,
-group-wise int4 weights times int8-quantized activations; `decode_attention.cpp`, one-token
+group-wise int4 weights times int8-quantized activations; `int4_quantize.cpp`, the grid each
+group of weights is quantized to; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add,
 rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
 likeliest tokens a sampler draws from; `vec.h`, the vector operations they share. They are
@@ -42,7 +43,7 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has
     Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp")),
 )
 # Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
-OPS = {"int4_matmul.cpp": ("int4_matmul",), "decode_attention.cpp": ("decode_attention",),
+OPS = {"int4_matmul.cpp": ("int4_matmul",), "int4_quantize.cpp": ("int4_quantize",), "decode_attention.cpp": ("decode_attention",),
        "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
        "softmax_topk.cpp": ("softmax_topk",)}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
