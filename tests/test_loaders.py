@@ -86,8 +86,9 @@ def test_real_gguf_metadata_and_types(small_gguf):
 
 
 def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
-    # r1 calls gguf's per-type decoder on 1024-row slices of a plain view of the map: the floats
-    # must be gguf's own, for a tensor of each quantized type, including one past 1024 rows.
+    # r1 calls gguf's per-type decoder on 1024-row slices of a plain view of the map, or its own
+    # torch one for Q4_K and Q6_K: the floats must be gguf's own, for a tensor of each quantized
+    # type (Q4_K, Q5_0, Q6_K and Q8_0 here), including one past 1024 rows.
     import numpy as np
 
     from r1.loaders.gguf import DEQUANTIZE_ROWS, dequantize, tensor_nbytes
@@ -97,6 +98,7 @@ def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
     for t in sorted(header.tensors, key=lambda t: -t.shape[0] if len(t.shape) > 1 else 0):
         by_type.setdefault(gguf.GGMLQuantizationType(t.ggml_type), t)
     assert by_type[gguf.GGMLQuantizationType.Q8_0].shape[0] > DEQUANTIZE_ROWS
+    assert {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K} <= by_type.keys()
     for qtype, t in by_type.items():
         raw = data[t.offset:t.offset + tensor_nbytes(t)]
         want = gguf.quants.dequantize(np.array(raw).reshape(int(np.prod(t.shape[:-1])), -1), qtype)

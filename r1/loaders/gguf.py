@@ -192,6 +192,14 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
         arr = raw.view(np.float16).copy()
     elif qtype == _Q.BF16:  # numpy has no bfloat16: reinterpret the bits in torch
         return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).reshape(info.shape)
+    elif qtype in _TORCH_DEQUANTIZERS:
+        rows = raw.view(np.ndarray).reshape(int(np.prod(info.shape[:-1])), -1)
+        block_bytes = _gguf.GGML_QUANT_SIZES[qtype][1]
+        out = torch.empty(rows.shape[0], info.shape[-1])
+        for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
+            blocks = torch.from_numpy(np.array(rows[start:start + DEQUANTIZE_ROWS])).view(-1, block_bytes)
+            out[start:start + DEQUANTIZE_ROWS] = _TORCH_DEQUANTIZERS[qtype](blocks).view(-1, info.shape[-1])
+        return out.reshape(info.shape)
     else:
         # gguf's own dequantize goes 16 rows at a time through np.memmap's Python hooks; its
         # per-type dequantize_rows on a plain view of the bytes, 1024 rows a call, is 2-3x faster.
@@ -201,6 +209,45 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
         for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
             arr[start:start + DEQUANTIZE_ROWS] = dequantize_rows(rows[start:start + DEQUANTIZE_ROWS])
     return torch.from_numpy(arr).reshape(info.shape)
+
+
+# Q4_K and Q6_K, the types of a Q4_K_M file, decoded in torch as gguf's numpy decoders do (the
+# same float operations in the same order, so the same bits) but on every core: all of the 1.5B
+# stand-in's tensors in 7-8.5 s on two cores, against 10-11 s with gguf's. Blocks of 256 weights,
+# (n, bytes) uint8 in, (n, 256) float32 out.
+
+def _float16(blocks: torch.Tensor, start: int) -> torch.Tensor:  # (n, 1) from 2 bytes at `start`
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _shifted(bits: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """(n, parts, bytes) -> (n, parts, len(shifts), bytes): each byte's fields at those shifts."""
+    by = torch.tensor(shifts, dtype=torch.uint8).view(1, 1, -1, 1)
+    return (bits.unsqueeze(2) >> by) & mask
+
+
+def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    # d, dmin (f16), 12 bytes of eight 6-bit scales and mins, 128 bytes of 4-bit levels
+    n = blocks.shape[0]
+    packed = blocks[:, 4:16].reshape(n, 3, 4)
+    d, m, low_bits = packed[:, 0], packed[:, 1], packed[:, 2]
+    scales = torch.cat([d & 0x3F, (low_bits & 0x0F) | ((d >> 2) & 0x30)], dim=1).float()
+    mins = torch.cat([m & 0x3F, (low_bits >> 4) | ((m >> 2) & 0x30)], dim=1).float()
+    levels = _shifted(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32).float()
+    return ((_float16(blocks, 0) * scales).unsqueeze(2) * levels - (_float16(blocks, 2) * mins).unsqueeze(2)).view(n, 256)
+
+
+def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    # 128 bytes of low 4 bits, 64 of high 2 bits, sixteen int8 scales, d (f16)
+    n = blocks.shape[0]
+    scale = (_float16(blocks, 208) * blocks[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(2)
+    low = _shifted(blocks[:, :128].reshape(n, 2, 64), (0, 4), 0x0F).reshape(n, 8, 32)
+    high = _shifted(blocks[:, 128:192].reshape(n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 8, 32)
+    levels = (low | (high << 4)).view(torch.int8) - 32
+    return (scale * levels.reshape(n, 16, 16).float()).view(n, 256)
+
+
+_TORCH_DEQUANTIZERS = {_Q.Q4_K: _dequantize_q4_k, _Q.Q6_K: _dequantize_q6_k}
 
 
 def iter_tensors(header: GGUFHeader) -> Iterator[tuple[str, torch.Tensor]]:
