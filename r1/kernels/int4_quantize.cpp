@@ -106,10 +106,10 @@ void quantize_block(const float* x, int64_t n, int8_t* levels, float* scale_out,
   float scale[kLanes], low[kLanes];
   vstore(scale, vround_bf16(vmax(best_scale, vset(1e-12f))));  // > 0 after rounding too
   vstore(low, vround_bf16(best_low));
-  for (int64_t g = 0; g < kLanes; ++g) {
-    const Vec lowv = vset(low[g]), inv_step = vset(1.f / scale[g]);
+  for (int64_t g = 0; g < kLanes; ++g) {  // dividing, as the portable path does: the same nearest level
+    const Vec lowv = vset(low[g]), step = vset(scale[g]);
     for (int64_t i = 0; i < n; i += kLanes)
-      vstore_int8(levels + g * n + i, level_of(vload(x + g * n + i), lowv, inv_step));
+      vstore_int8(levels + g * n + i, vmin(vmax(vdiv(vsub(vload(x + g * n + i), lowv), step), vset(0.f)), vset(kTopLevel)));
   }
   std::memcpy(scale_out, scale, sizeof scale), std::memcpy(low_out, low, sizeof low);
 }
@@ -119,6 +119,7 @@ void quantize_block(const float* x, int64_t n, int8_t* levels, float* scale_out,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& weight, int64_t group) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
               "weight must be contiguous (N, K) float32");
+  // Up to 256 weights a group: the products of the level sums (det below) stay under 2^24, exact in float.
   TORCH_CHECK(group > 0 && group % kLanes == 0 && group <= 256 && weight.size(1) % group == 0,
               "K must be a multiple of the group size, and the group a multiple of ", kLanes, " up to 256");
   const int64_t rows = weight.size(0), K = weight.size(1), groups = rows * (K / group);
