@@ -43,7 +43,9 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has
     Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp")),
 )
 # Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
-OPS = {"int4_matmul.cpp": ("int4_matmul",), "int4_quantize.cpp": ("int4_quantize",), "decode_attention.cpp": ("decode_attention",),
+OPS = {"int4_matmul.cpp": ("int4_matmul",),
+       "int4_quantize.cpp": ("int4_quantize",),
+       "decode_attention.cpp": ("decode_attention",),
        "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
        "softmax_topk.cpp": ("softmax_topk",)}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
@@ -96,8 +98,8 @@ def _available_ops() -> frozenset[str]:
     times a decode step, and finding the build reads /proc/cpuinfo."""
     reason = unavailable_reason()
     if reason is not None:
-        log.warning("r1's CPU kernels are off (int4 matmuls, decode attention, norms, rotary, int8 cache writes, SwiGLU and "
-                    "sampling take PyTorch's slower paths) because %s", reason)
+        log.warning("r1's CPU kernels are off (int4 quantizing and matmuls, decode attention, norms, rotary, "
+                    "int8 cache writes, SwiGLU and sampling take PyTorch's slower paths) because %s", reason)
         return frozenset()
     return frozenset(name for names in OPS.values() for name in names)
 

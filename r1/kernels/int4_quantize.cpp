@@ -66,9 +66,7 @@ inline Vec vround_bf16(Vec x) {
 }
 #endif
 
-inline Vec level_of(Vec x, Vec low, Vec inv_step) {  // clamped to 0..15, not yet rounded
-  return vmin(vmax(vmul(vsub(x, low), inv_step), vset(0.f)), vset(kTopLevel));
-}
+inline Vec clamp_level(Vec level) { return vmin(vmax(level, vset(0.f)), vset(kTopLevel)); }  // not yet rounded
 
 // kLanes consecutive groups of n weights at x: their levels, scales and lows. `column` holds the
 // block transposed: column[t] has weight t of every group.
@@ -87,7 +85,7 @@ void quantize_block(const float* x, int64_t n, int8_t* levels, float* scale_out,
     const Vec inv_step = vselect(spread, vdiv(vset(kTopLevel + stretch), range), zero);
     Vec sl = zero, sll = zero, sxl = zero;
     for (int64_t t = 0; t < n; ++t) {
-      const Vec l = vround(level_of(column[t], lo, inv_step));
+      const Vec l = vround(clamp_level(vmul(vsub(column[t], lo), inv_step)));
       sl = vadd(sl, l), sll = vfma(l, l, sll), sxl = vfma(column[t], l, sxl);
     }
     // Least squares for x ~ s * l + m over each group, and its squared error from the sums. The
@@ -109,7 +107,7 @@ void quantize_block(const float* x, int64_t n, int8_t* levels, float* scale_out,
   for (int64_t g = 0; g < kLanes; ++g) {  // dividing, as the portable path does: the same nearest level
     const Vec lowv = vset(low[g]), step = vset(scale[g]);
     for (int64_t i = 0; i < n; i += kLanes)
-      vstore_int8(levels + g * n + i, vmin(vmax(vdiv(vsub(vload(x + g * n + i), lowv), step), vset(0.f)), vset(kTopLevel)));
+      vstore_int8(levels + g * n + i, clamp_level(vdiv(vsub(vload(x + g * n + i), lowv), step)));
   }
   std::memcpy(scale_out, scale, sizeof scale), std::memcpy(low_out, low, sizeof low);
 }

@@ -49,6 +49,9 @@ inline uint32_t passing(Vec v, Vec threshold, bool inclusive) {
 }
 #endif
 
+// Candidates a row's buffer holds before it is cut back to the best `width`.
+inline size_t buffer_capacity(int64_t width) { return static_cast<size_t>(std::max<int64_t>(4 * width, 1024)); }
+
 // One row: the `width` best candidates into values/ids (best first), as probabilities.
 void row_topk(const float* logits, int64_t vocab, float temperature, int64_t width, float* values, int64_t* ids,
               std::vector<Candidate>& buffer) {
@@ -62,7 +65,7 @@ void row_topk(const float* logits, int64_t vocab, float temperature, int64_t wid
 
   // A buffer of up to `capacity` candidates, cut back to the best `width` whenever it fills;
   // after the first cut only tokens better than the width-th best so far pass the compare.
-  const size_t capacity = static_cast<size_t>(std::max<int64_t>(4 * width, 1024));
+  const size_t capacity = buffer_capacity(width);
   buffer.clear();
   float threshold = -std::numeric_limits<float>::infinity();
   bool inclusive = true;
@@ -124,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, const 
   int64_t* ip = ids.mutable_data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<Candidate> buffer;
-    buffer.reserve(static_cast<size_t>(std::max<int64_t>(4 * width, 1024)));
+    buffer.reserve(buffer_capacity(width));
     for (int64_t r = begin; r < end; ++r)
       row_topk(lp + r * vocab, vocab, t[r], width, vp + r * width, ip + r * width, buffer);
   });

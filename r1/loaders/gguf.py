@@ -192,18 +192,17 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
         arr = raw.view(np.float16).copy()
     elif qtype == _Q.BF16:  # numpy has no bfloat16: reinterpret the bits in torch
         return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).reshape(info.shape)
-    elif qtype in _TORCH_DEQUANTIZERS:
-        rows = raw.view(np.ndarray).reshape(int(np.prod(info.shape[:-1])), -1)
-        block_bytes = _gguf.GGML_QUANT_SIZES[qtype][1]
-        out = torch.empty(rows.shape[0], info.shape[-1])
-        for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
-            blocks = torch.from_numpy(np.array(rows[start:start + DEQUANTIZE_ROWS])).view(-1, block_bytes)
-            out[start:start + DEQUANTIZE_ROWS] = _TORCH_DEQUANTIZERS[qtype](blocks).view(-1, info.shape[-1])
-        return out.reshape(info.shape)
     else:
         # gguf's own dequantize goes 16 rows at a time through np.memmap's Python hooks; its
         # per-type dequantize_rows on a plain view of the bytes, 1024 rows a call, is 2-3x faster.
         rows = raw.view(np.ndarray).reshape(int(np.prod(info.shape[:-1])), -1)
+        if qtype in _TORCH_DEQUANTIZERS:
+            block_bytes = _gguf.GGML_QUANT_SIZES[qtype][1]
+            out = torch.empty(rows.shape[0], info.shape[-1])
+            for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
+                blocks = torch.from_numpy(np.array(rows[start:start + DEQUANTIZE_ROWS])).view(-1, block_bytes)
+                out[start:start + DEQUANTIZE_ROWS] = _TORCH_DEQUANTIZERS[qtype](blocks).view(-1, info.shape[-1])
+            return out.reshape(info.shape)
         dequantize_rows = getattr(_gguf.quants, qtype.name).dequantize_rows
         arr = np.empty((rows.shape[0], info.shape[-1]), dtype=np.float32)
         for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
