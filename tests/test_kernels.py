@@ -202,6 +202,9 @@ def test_bad_inputs_are_refused_with_a_reason():
         op(torch.randn(2, 48), layer.packed, layer.scales, layer.lows, 32, None)
     with pytest.raises(RuntimeError, match="group must be a positive multiple of 16"):
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 0, None)
+    wide = kernel_layer(16, 512, bias=False)
+    with pytest.raises(RuntimeError, match="group must be a positive multiple of 16, at most 256"):
+        op(torch.randn(2, 512), wide.packed, wide.scales[:, :1].contiguous(), wide.lows[:, :1].contiguous(), 512, None)
     with pytest.raises(RuntimeError, match="bias must be"):
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 32, torch.zeros(8))
     with pytest.raises(ValueError, match="out_features"):
