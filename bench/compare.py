@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quant", default="int4", choices=["none", "int8", "int4"],
                    help="r1's weight-only quantization (default int4: the peer of llama.cpp's Q4_K_M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="r1's dtype")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8"],
                    help="r1's KV cache (llama.cpp keeps its default, f16)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)

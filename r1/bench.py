@@ -123,22 +123,31 @@ def engine_settings(llm, model: str) -> dict:
             "max_num_batched_tokens": llm.engine.scheduler.config.max_num_batched_tokens}
 
 
-def _cpu_model() -> str:
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's name, with its family and model numbers: a VM may call every EPYC "AMD EPYC",
+    and family 25 (Zen 4) and 26 (Zen 5) differ 2x in vector arithmetic."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    return fields["model name"]
 
 
 def machine() -> dict:
     """What the figures are measured on. Take it before the run: the load average then says how
     busy the machine was with other work, not with ours."""
     import torch
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average_1m": round(os.getloadavg()[0], 2)}

@@ -158,7 +158,7 @@ class ModelConfig:
 
 
 R1_1_5B = ModelConfig()
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     threads: int | None = None  # CPU threads; None: torch's default
     quant: str = "none"  # weight-only quantization of the linears: none | int8 | int4 (r1/quant.py)
-    kv_dtype: str = "auto"  # the KV cache: auto (the model's dtype) | int8 (a scale per token and head)
+    kv_dtype: str = "auto"  # the KV cache: auto (the model's dtype) | bf16 | int8 (a scale per token and head)
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
@@ -205,7 +205,7 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return torch.int8 if self.kv_dtype == "int8" else model_dtype
+        return {"int8": torch.int8, "bf16": torch.bfloat16}.get(self.kv_dtype, model_dtype)
 
     def resolved_max_num_batched_tokens(self, device_type: str) -> int:
         """The per-step token budget, which is also the longest prefill chunk: 2048 on a GPU, 256

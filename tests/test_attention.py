@@ -92,7 +92,7 @@ def int8_rounded(q: torch.Tensor) -> torch.Tensor:
     return scale * (high + ((x - high) * 254).round() / 254)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_kernel_agrees_with_pytorch_at_the_models_shapes(cache_dtype, monkeypatch):
     # R1's heads (12 query, 2 kv, head_dim 128) and block size, lengths across many blocks.
     if kernels.op("decode_attention") is None:

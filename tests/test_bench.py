@@ -78,3 +78,13 @@ def test_latency_times_a_chunked_prefill_to_its_first_token(tiny_model_folder):
     assert bench.engine_settings(llm, "tiny")["max_num_batched_tokens"] == 16
     with pytest.raises(ValueError, match="context holds"):
         bench.latency(llm, prompt_len=16, output_len=300)
+
+
+def test_the_cpu_is_named_with_its_family_and_model(tmp_path):
+    # A VM names every EPYC "AMD EPYC"; the family number tells Zen 4 (25) from Zen 5 (26).
+    info = tmp_path / "cpuinfo"
+    first = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    info.write_text(first + "\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\n")
+    assert bench.cpu_model(str(info)) == "AMD EPYC (family 26, model 2)"
+    info.write_text("processor\t: 0\nmodel name\t: Apple M2\n")
+    assert bench.cpu_model(str(info)) == "Apple M2"

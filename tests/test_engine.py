@@ -130,6 +130,15 @@ def test_int8_kv_cache_batches_like_alone_and_frees_everything(tiny_model_folder
     assert llm.engine.runner.kv_cache.values.dtype == torch.int8
 
 
+def test_bf16_kv_cache_of_a_float32_model_batches_like_alone(tiny_model_folder):
+    llm = _llm(tiny_model_folder, kv_dtype="bf16")
+    prompts = _prompts(4, seed=3)
+    solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == solo
+    _assert_no_leaks(llm)
+    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16 and llm.dtype == torch.float32
+
+
 def test_unknown_kv_dtype_is_refused(tiny_model_folder):
-    with pytest.raises(ValueError, match="kv_dtype must be one of auto, int8; got 'fp4'"):
+    with pytest.raises(ValueError, match="kv_dtype must be one of auto, bf16, int8; got 'fp4'"):
         _llm(tiny_model_folder, kv_dtype="fp4")

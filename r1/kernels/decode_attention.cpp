@@ -9,8 +9,9 @@
 // query heads of a kv head (GQA) sharing each load ("one span", below, says how).
 //
 // Layouts: q (D, heads, head_dim) float32; keys and values (num_blocks, block_size, kv_heads,
-// head_dim), float32, or int8 with float32 scales (num_blocks, block_size, kv_heads) that
-// multiply each (token, kv head) vector; block_tables (D, max_blocks) int64, seq_lens (D,) int64.
+// head_dim), float32, bf16 (half the bytes to read: a decode step's attention is bound by them),
+// or int8 with float32 scales (num_blocks, block_size, kv_heads) that multiply each (token, kv
+// head) vector; block_tables (D, max_blocks) int64, seq_lens (D,) int64.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -62,7 +63,8 @@ inline void add_scaled(float weight, const float* v, float* out, int64_t head_di
   for (int64_t i = 0; i < head_dim; i += kLanes) vstore(out + i, vfma(w, vload(v + i), vload(out + i)));
 }
 
-inline void to_float(const int8_t* x, float* out, int64_t n) {
+template <typename T>  // int8 or bf16
+inline void to_float(const T* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += kLanes) vstore(out + i, vload(x + i));
 }
 
@@ -108,9 +110,9 @@ template <typename T>
 }
 
 // scores[g][t] = scale * (q_g . k_t) for every query head g and the span's tokens t < len, the
-// keys of token t at row rows[t] + h for kv head h (rows[t]: kv head 0's). int8 keys are widened
-// to float once into `stage` (kLanes x head_dim) for all the query heads that share them; their
-// scales are the caller's to apply.
+// keys of token t at row rows[t] + h for kv head h (rows[t]: kv head 0's). int8 and bf16 keys are
+// widened to float once into `stage` (kLanes x head_dim) for all the query heads that share
+// them; int8's scales are the caller's to apply.
 template <typename T>
 void span_scores(const float* q, const T* keys, const int64_t* rows, int64_t len, int64_t kv_heads, int64_t group,
                  int64_t head_dim, float scale, float* stage, float* scores) {
@@ -333,8 +335,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.scalar_type() == values.scalar_type() &&
                   keys.is_contiguous() && values.is_contiguous(),
               "keys and values must be contiguous (num_blocks, block_size, kv_heads, head_dim) of one dtype");
-  const bool int8 = keys.scalar_type() == at::kChar;
-  TORCH_CHECK(int8 || keys.scalar_type() == at::kFloat, "the cache must be float32 or int8");
+  const bool int8 = keys.scalar_type() == at::kChar, bf16 = keys.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(int8 || bf16 || keys.scalar_type() == at::kFloat, "the cache must be float32, bf16 or int8");
   TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()), "an int8 cache needs its scales, and only it");
   if (int8)
     TORCH_CHECK(key_scales->sizes() == keys.sizes().slice(0, 3) && value_scales->sizes() == keys.sizes().slice(0, 3) &&
@@ -405,6 +407,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
       };
       if (int8)
         run(keys.const_data_ptr<int8_t>(), values.const_data_ptr<int8_t>());
+      else if (bf16)
+        run(keys.const_data_ptr<at::BFloat16>(), values.const_data_ptr<at::BFloat16>());
       else
         run(keys.const_data_ptr<float>(), values.const_data_ptr<float>());
     }

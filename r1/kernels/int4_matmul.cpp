@@ -78,11 +78,6 @@ inline __m512i dpbusd_broadcast(__m512i dot, __m512i nibbles, const int8_t* x) {
 
 constexpr int kMaxRows = 8;  // activation rows that share one unpacking of a tile's weights
 
-inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // One tile of 16 output rows for `Rows` activation rows: y[m][0..16) = bias + x[m] . W.
 template <int Rows>
 void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* mins, const float* bias,
@@ -106,7 +101,7 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
       for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], lo, xk + 4 * m);
       for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], hi, xk + 4 * (Rows + m));
     }
-    const __m512 scale = bf16x16_to_f32(scales + g * kTileRows), min = bf16x16_to_f32(mins + g * kTileRows);
+    const __m512 scale = vload(scales + g * kTileRows), min = vload(mins + g * kTileRows);
     for (int m = 0; m < Rows; ++m) {
       const __m512 s = _mm512_mul_ps(scale, _mm512_set1_ps(dx[g * Rows + m]));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), s, acc[m]);
@@ -118,11 +113,6 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
 
 #else  // AVX2 and FMA
 constexpr int kMaxRows = 4;  // two ymm accumulators a row: 8 rows would not fit in 16 registers
-
-inline __m256 bf16x8_to_f32(const at::BFloat16* p) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
 
 // One tile of 16 output rows (two halves of 8) for `Rows` activation rows. vpmaddubsw sums two
 // level x qx products into int16 (at most 2 * 15 * 127); 8 of them, 32 weights, still fit in
@@ -161,8 +151,8 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
           }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 scale = bf16x8_to_f32(scales + g * kTileRows + 8 * h);
-      const __m256 min = bf16x8_to_f32(mins + g * kTileRows + 8 * h);
+      const __m256 scale = vload(scales + g * kTileRows + 8 * h);
+      const __m256 min = vload(mins + g * kTileRows + 8 * h);
       for (int m = 0; m < Rows; ++m) {
         const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(dx[g * Rows + m]));
         acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), s, acc[m][h]);

@@ -3,9 +3,10 @@
 A forward pass runs a flat batch of N new tokens that belong to B sequences; each sequence has
 some tokens already in the cache and some new ones (a prefill chunk, or one decode token).
 The cache of one layer is a tensor (2, num_blocks, block_size, kv_heads, head_dim) in the model's
-dtype, or the same in int8 with a scale per token and kv head (Int8KVCache, --kv-dtype int8); a
-sequence's tokens live in the blocks its block table lists, in order. This module writes the new
-keys and values to their slots and attends each sequence's new queries to all of its cached keys.
+dtype or bf16 (--kv-dtype bf16), or the same in int8 with a scale per token and kv head
+(Int8KVCache, --kv-dtype int8); a sequence's tokens live in the blocks its block table lists, in
+order. This module writes the new keys and values to their slots and attends each sequence's new
+queries to all of its cached keys.
 It does not decide which blocks a sequence gets (the engine's block manager does).
 """
 
@@ -125,8 +126,8 @@ def write_kv(layer_cache: torch.Tensor | Int8KVCache, k: torch.Tensor, v: torch.
         scales.index_copy_(1, slot_mapping, scale)
         return
     flat = layer_cache.view(2, slots, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))  # a bf16 cache of a float32 model rounds here
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
 
 
 def _gather_blocks(layer_cache: torch.Tensor | Int8KVCache, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,7 +137,7 @@ def _gather_blocks(layer_cache: torch.Tensor | Int8KVCache, blocks: torch.Tensor
         values = layer_cache.values.index_select(1, blocks)
         scales = layer_cache.scales.index_select(1, blocks)
         return (values.float() * scales[..., None]).to(dtype)
-    return layer_cache.index_select(1, blocks)
+    return layer_cache.index_select(1, blocks).to(dtype)
 
 
 def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tensor, seq_len: int,
@@ -156,7 +157,7 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, g
     float32 or int8: it reads each sequence's blocks in place. Otherwise gathered, in PyTorch.
     """
     op = kernels.op_for("decode_attention", q) if q.shape[-1] % 16 == 0 else None  # its vector width
-    if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype == torch.float32):
+    if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype in (torch.float32, torch.bfloat16)):
         return _gathered_decode_attention(q, layer_cache, group, scale)
     if isinstance(layer_cache, Int8KVCache):
         keys, values = layer_cache.values
