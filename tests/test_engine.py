@@ -120,23 +120,17 @@ def test_seeded_samples_are_the_same_batched_or_alone(tiny_model_folder):
     assert n[0].token_ids == solo and len({tuple(c.token_ids) for c in n}) == 3
 
 
-def test_int8_kv_cache_batches_like_alone_and_frees_everything(tiny_model_folder):
-    # Each token's keys and values are quantized on their own, so batching changes nothing.
-    llm = _llm(tiny_model_folder, kv_dtype="int8")
+@pytest.mark.parametrize("kv_dtype, cache_dtype", [("int8", torch.int8), ("bf16", torch.bfloat16)])
+def test_a_smaller_kv_cache_batches_like_alone_and_frees_everything(tiny_model_folder, kv_dtype, cache_dtype):
+    # Each token's keys and values are rounded on their own (int8: to a scale of their own), so
+    # batching changes nothing; the float32 model keeps its dtype.
+    llm = _llm(tiny_model_folder, kv_dtype=kv_dtype)
     prompts = _prompts(4, seed=3)
     solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == solo
     _assert_no_leaks(llm)
-    assert llm.engine.runner.kv_cache.values.dtype == torch.int8
-
-
-def test_bf16_kv_cache_of_a_float32_model_batches_like_alone(tiny_model_folder):
-    llm = _llm(tiny_model_folder, kv_dtype="bf16")
-    prompts = _prompts(4, seed=3)
-    solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
-    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == solo
-    _assert_no_leaks(llm)
-    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16 and llm.dtype == torch.float32
+    cache = llm.engine.runner.kv_cache
+    assert (cache.values if kv_dtype == "int8" else cache).dtype == cache_dtype and llm.dtype == torch.float32
 
 
 def test_unknown_kv_dtype_is_refused(tiny_model_folder):
