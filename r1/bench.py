@@ -130,9 +130,9 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     try:
         with open(cpuinfo) as f:
             for line in f:
-                key, _, value = line.partition(":")
                 if not line.strip():
                     break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
