@@ -86,6 +86,9 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
   const int64_t groups = K / group;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   __m512 acc[Rows];
+  // Unrolled, so that acc stays in registers: left as loops, GCC 12 kept acc in memory and stored
+  // every row's sum to the stack after each group (3-5% of the kernel at 8-256 rows).
+#pragma GCC unroll 8
   for (int m = 0; m < Rows; ++m) acc[m] = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i dot[Rows];
@@ -108,6 +111,7 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
       acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(xsum[g * Rows + m]), acc[m]);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < Rows; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
 }
 
