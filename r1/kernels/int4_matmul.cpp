@@ -41,12 +41,6 @@ constexpr int64_t kTileRows = 16;  // output rows per tile: one zmm of int32 lan
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kMaxGroup = 256;  // int4_quantize's bound too
 
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // One slice of `rows` rows of x (at most kMaxRows) -> int8 levels qx, and per group dx = max|x| / 127
 // and xsum = sum x, laid out so that a tile kernel finds the rows side by side: qx[k / 4][row][4]
 // and dx, xsum [group][row]. The kernel then reaches every row at a constant offset from one
@@ -117,6 +111,12 @@ void tile_kernel(const uint8_t* w, const at::BFloat16* scales, const at::BFloat1
 
 #else  // AVX2 and FMA
 constexpr int kMaxRows = 4;  // two ymm accumulators a row: 8 rows would not fit in 16 registers
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // One tile of 16 output rows (two halves of 8) for `Rows` activation rows. vpmaddubsw sums two
 // level x qx products into int16 (at most 2 * 15 * 127); 8 of them, 32 weights, still fit in
