@@ -21,7 +21,7 @@ import torch
 
 from r1.config import DTYPES, EngineConfig, ModelConfig
 from r1.model.attention import DECODE_GATHER_TOKENS
-from r1.quant import INT4_GROUP_SIZE
+from r1.quant import INT4_GROUP_SIZE, int4_nbytes
 
 GiB = 1 << 30
 
@@ -110,8 +110,8 @@ def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfi
         qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
         return qtype, _ggml_bytes(qtype, numel)
     linear = (name.startswith("blk.") and len(shape) == 2) or name == "output.weight"
-    if linear and quant == "int4":  # packed nibbles; a bf16 scale and zero per group of 32
-        return "int4 + bf16 scale, zero / 32", numel // 2 + shape[0] * -(-shape[1] // INT4_GROUP_SIZE) * 4
+    if linear and quant == "int4":  # packed nibbles; an 8-bit scale and low per group, in steps of their row's two
+        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(*shape)
     if linear:  # int8 with a bf16 scale per output row
         return "int8 + bf16 scale / row", numel + shape[0] * 2
     return f"{compute}: embedding, norms, biases", numel * DTYPES[compute].itemsize

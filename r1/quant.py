@@ -8,10 +8,10 @@ AVX2, int4 runs on r1's own kernel (r1/kernels/), which quantizes the activation
 group as llama.cpp does: a decode step then reads the weights at the memory bus's speed and
 prefill runs 3-8x faster. Elsewhere int4 runs on the portable kernel.
 
-int4 is asymmetric with one scale and one offset per group of 32 weights: the layout of GGUF's
-Q4_K sub-blocks, so a Q4_K weight whose group spans all 16 levels round-trips exactly. The
-lm_head, the largest matrix and 20% of a decode step's bytes, is quantized like the rest: int4
-there costs 3% perplexity on the 1.5B stand-in and buys 15% decode speed.
+int4 is asymmetric with a scale and a low per group of 32 weights, each an 8-bit multiple of one
+of its row's two float steps: 4.5 bits a weight, as GGUF's Q4_K (6-bit ones under a float pair
+per 256 weights). The lm_head, the largest matrix and 15% of a decode step's bytes, is quantized
+like the rest: int4 there costs 3% perplexity on the 1.5B stand-in and buys 15% decode speed.
 """
 
 from __future__ import annotations
@@ -77,12 +77,15 @@ class Int8Linear(QuantizedLinear):
 
 
 def int4_groups(weight: torch.Tensor, group_size: int):
-    """Asymmetric int4 per group: levels (out, in) uint8 in 0..15, and scale and low (out, in / group)
-    float32 holding bf16 values, such that w ~ scale * level + low within each group.
+    """Asymmetric int4 per group as r1 stores it: levels (out, in) uint8 in 0..15, scales and lows
+    (out, in / group) uint8 and int8, and steps (2, out) float32, such that
+    w ~ steps[0] * scale * level + steps[1] * low within each group: 4.5 bits a weight.
 
     r1's `int4_quantize` kernel, where it runs, fits each group's grid by least squares
     (r1/kernels/int4_quantize.cpp says how and what it gains); elsewhere the grid spans the
-    group's min..max. Either way each weight takes the level nearest it on the stored grid.
+    group's min..max. Either way each row's scales and lows are then rounded to 8-bit multiples
+    of its steps (its largest scale / 255, its largest |low| / 127), and each weight takes the
+    level nearest it on that stored grid.
     """
     w = weight.float().contiguous()
     op = kernels.op_for("int4_quantize", w)
@@ -91,11 +94,26 @@ def int4_groups(weight: torch.Tensor, group_size: int):
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
     low, high = torch.aminmax(groups, dim=-1)
-    scale = ((high - low) / 15).clamp_(min=1e-12).bfloat16().float()
-    low = low.bfloat16().float()
+    scale = ((high - low) / 15).clamp_(min=1e-12)
+    steps = torch.stack([scale.amax(1) / 255, low.abs().amax(1).clamp_(min=1e-12) / 127])
+    scales = (scale / steps[0, :, None]).round_().clamp_(1, 255).to(torch.uint8)
+    lows = (low / steps[1, :, None]).round_().clamp_(-127, 127).to(torch.int8)
+    scale, low = int4_grid(scales, lows, steps)
     # In place, one float temporary: this runs over every weight at load (1.8x the separate ops).
     levels = (groups - low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-    return levels.reshape(n, k), scale, low
+    return levels.reshape(n, k), scales, lows, steps
+
+
+def int4_grid(scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's float scale and low, (out, in / group), from what int4_groups stores."""
+    return scales * steps[0, :, None], lows * steps[1, :, None]
+
+
+def int4_nbytes(out_features: int, in_features: int) -> int:
+    """The bytes of one int4 weight as int4_groups stores it (PyTorch's portable kernel holds
+    its scales and lows in bf16 instead: 2 bytes more per group)."""
+    groups = out_features * -(-in_features // INT4_GROUP_SIZE)
+    return out_features * in_features // 2 + 2 * groups + 8 * out_features
 
 
 class Int4Linear(QuantizedLinear):
@@ -110,7 +128,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scales_and_zeros", torch.empty(0, dtype=torch.bfloat16), persistent=False)
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        q, scale, low = int4_groups(weight, self.group_size)
+        q, scales, lows, steps = int4_groups(weight, self.group_size)
+        scale, low = int4_grid(scales, lows, steps)
         zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -152,7 +171,8 @@ def _kernel_layout_is_known() -> bool:
 
 class Int4KernelLinear(QuantizedLinear):
     """The same int4 groups on r1's kernel, AVX-512 VNNI or AVX2 (r1/kernels/int4_matmul.cpp,
-    which describes the layout): w = scale * level + low, activations quantized to int8 per group."""
+    which describes the layout): w = steps[0] * scale * level + steps[1] * low, activations
+    quantized to int8 per group."""
 
     TILE_ROWS = 16  # output rows per tile, one vector lane each
 
@@ -163,27 +183,29 @@ class Int4KernelLinear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
-        self.register_buffer("scales", torch.empty(0, dtype=torch.bfloat16), persistent=False)
-        self.register_buffer("lows", torch.empty(0, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("scales", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("lows", torch.empty(0, dtype=torch.int8), persistent=False)
+        self.register_buffer("steps", torch.empty(0), persistent=False)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         n, k, t = self.out_features, self.in_features, self.TILE_ROWS
-        levels, scale, low = int4_groups(weight, self.group_size)
+        levels, scales, lows, self.steps = int4_groups(weight, self.group_size)
         # (tiles, row, k/8, half, j) -> (tiles, k/8, row, j, half): byte 4 * row + j of each 64-byte
         # chunk holds input k + j in its low nibble and k + 4 + j in its high one.
         q = levels.view(n // t, t, k // 8, 2, 4).permute(0, 2, 1, 4, 3)
         self.packed = (q[..., 0] | q[..., 1] << 4).reshape(n // t, k // 8, 64).contiguous()
 
         def per_tile(x):  # (out, groups) -> (tiles, groups, 16)
-            return x.view(n // t, t, -1).transpose(1, 2).contiguous().to(torch.bfloat16)
+            return x.view(n // t, t, -1).transpose(1, 2).contiguous()
 
-        self.scales, self.lows = per_tile(scale), per_tile(low)
+        self.scales, self.lows = per_tile(scales), per_tile(lows)
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
-        return kernels.op("int4_matmul")(x2.float().contiguous(), self.packed, self.scales, self.lows, self.group_size, bias)
+        return kernels.op("int4_matmul")(x2.float().contiguous(), self.packed, self.scales, self.lows, self.steps,
+                                          self.group_size, bias)
 
 
 def int4_linear_class() -> type[QuantizedLinear]:

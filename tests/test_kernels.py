@@ -19,7 +19,8 @@ def dequantized(layer: Int4KernelLinear) -> torch.Tensor:
     low, high = nibbles & 15, nibbles >> 4  # inputs k + j and k + 4 + j
     levels = torch.cat([low, high], dim=-1).permute(0, 2, 1, 3).reshape(tiles * 16, k8 * 8).float()
     per_row = lambda t: t.transpose(1, 2).reshape(tiles * 16, -1).float().repeat_interleave(layer.group_size, 1)  # noqa: E731
-    return levels * per_row(layer.scales) + per_row(layer.lows)
+    scale_step, low_step = layer.steps[:, :, None]
+    return levels * (per_row(layer.scales) * scale_step) + per_row(layer.lows) * low_step
 
 
 def kernel_layer(out_features: int, in_features: int, bias: bool, seed: int = 0) -> Int4KernelLinear:
@@ -65,8 +66,9 @@ def test_unpacked_layout_is_the_quantized_weight():
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     layer = Int4KernelLinear(64, 32, bias=False)
     layer.set_weight(weight)
-    levels, scale, low = quant.int4_groups(weight, quant.INT4_GROUP_SIZE)
-    want = levels.float() * scale.bfloat16().float().repeat_interleave(32, 1) + low.bfloat16().float().repeat_interleave(32, 1)
+    levels, *grid = quant.int4_groups(weight, quant.INT4_GROUP_SIZE)
+    scale, low = quant.int4_grid(*grid)
+    want = levels.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
     assert torch.equal(dequantized(layer), want)
 
 
@@ -102,9 +104,10 @@ def test_silu_mul_is_swiglus_activation(rows, width):
     assert got[0, 1] == 100 * gate_up[0, width + 1] and got[0, 3] == 1e30 * gate_up[0, width + 3]
 
 
-def group_errors(weight: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Each group's squared error, (rows, groups), of w ~ scale * level + low."""
+def group_errors(weight: torch.Tensor, levels: torch.Tensor, scales, lows, steps) -> torch.Tensor:
+    """Each group's squared error, (rows, groups), of what int4_groups stores."""
     rows, k = weight.shape
+    scale, low = quant.int4_grid(scales, lows, steps)
     rebuilt = levels.float().view(rows, -1, 32) * scale[..., None] + low[..., None]
     return ((rebuilt - weight.view(rows, -1, 32)) ** 2).sum(-1)
 
@@ -114,36 +117,50 @@ def group_errors(weight: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor
 def test_int4_quantize_fits_a_better_grid_than_min_max(rows, k, monkeypatch):
     weight = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)) * 0.02
     weight[0, 5] = 0.3  # an outlier: min..max would spread its levels thin
-    levels, scale, low = kernels.op("int4_quantize")(weight, 32)
+    levels, scales, lows, steps = kernels.op("int4_quantize")(weight, 32)
     assert levels.shape == weight.shape and levels.dtype == torch.uint8 and int(levels.max()) <= 15
-    # What r1 stores is bf16, and each weight sits on the level nearest it on that grid.
-    assert torch.equal(scale, scale.bfloat16().float()) and torch.equal(low, low.bfloat16().float())
+    assert scales.dtype == torch.uint8 and lows.dtype == torch.int8 and steps.shape == (2, rows)
+    # What r1 stores: 8-bit multiples of two steps per row, the largest fitted scale 255 of them and
+    # the largest |low| 127 (each group keeps the best grid a step either side of its rounded
+    # fit); each weight sits on the level nearest it on that grid.
+    assert torch.all(scales.amax(1) >= 254) and torch.all(lows.abs().amax(1) >= 126) and int(scales.min()) >= 1
+    scale, low = quant.int4_grid(scales, lows, steps)
     groups = weight.view(rows, -1, 32)
     nearest = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
     assert torch.equal(levels, nearest.view(rows, k))
-    # On Gaussian weights the squared error falls by 20% (measured 0.80 of min..max's). No group
-    # loses more than bf16 rounding of its fitted scale and low can cost (measured: at most 3.6%,
-    # in 9 groups of 3072).
+    # On Gaussian weights the squared error falls by 20% (measured 0.80 of min..max's). Rounding
+    # the fitted scale and low to the stored grid can cost a group a little against min..max
+    # (measured: 28 groups of 3072 lose, the worst by 1.9%).
     monkeypatch.setattr(kernels, "op_for", lambda name, x: None)  # quant's portable path: min..max
-    ours, plain = group_errors(weight, levels, scale, low), group_errors(weight, *quant.int4_groups(weight, 32))
+    ours, plain = group_errors(weight, levels, scales, lows, steps), group_errors(weight, *quant.int4_groups(weight, 32))
     assert torch.all(ours <= plain * 1.05)
     assert ours.sum() < 0.85 * plain.sum(), (ours.sum() / plain.sum()).item()
 
 
 @needs_kernels
-def test_int4_quantize_keeps_a_grid_it_can_hold_exactly():
-    # A Q4_K-style group, bf16 scale and low with every level used, comes back exactly; a constant
-    # group as level 0 on its own value.
+@pytest.mark.parametrize("portable", [False, True])
+def test_int4_quantize_keeps_a_grid_it_can_hold_exactly(portable, monkeypatch):
+    # Rows whose groups each use all 16 levels, with scales and lows that are 8-bit multiples of
+    # power-of-two steps (so the weights are exact floats), come back exactly, on either path; a
+    # constant group as level 0 on its own value.
+    if portable:
+        monkeypatch.setattr(kernels, "op_for", lambda name, x: None)
     levels = torch.randint(0, 16, (4, 64), generator=torch.Generator().manual_seed(7)).float()
     levels[:, ::32], levels[:, 1::32] = 0, 15
-    scale = torch.tensor([0.01, 0.002, 0.5, 0.0003]).bfloat16().float()[:, None]
-    low = torch.tensor([-0.07, 0.01, -3.0, -0.002]).bfloat16().float()[:, None]
-    weight = levels * scale + low
-    weight[3, 32:] = 0.125
-    got_levels, got_scale, got_low = kernels.op("int4_quantize")(weight, 32)
-    assert torch.equal(got_levels[:3].float(), levels[:3]) and torch.equal(got_levels[3, 32:], torch.zeros(32, dtype=torch.uint8))
-    assert torch.equal(got_scale[:3], scale[:3].expand(3, 2)) and torch.equal(got_low[:3], low[:3].expand(3, 2))
-    assert got_low[3, 1] == 0.125 and torch.equal(got_levels[3, :32].float(), levels[3, :32])
+    scales = torch.tensor([[255, 3], [17, 255], [255, 255], [255, 1]])
+    lows = torch.tensor([[-127, 40], [5, 127], [-127, -127], [-127, 127]])
+    steps = torch.tensor([[2.0 ** -10, 2.0 ** -16, 2.0 ** -4, 2.0 ** -12], [2.0 ** -9, 2.0 ** -12, 2.0 ** -3, 2.0 ** -10]])
+    scale, low = quant.int4_grid(scales, lows, steps)
+    weight = levels * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
+    weight[3, 32:] = 127 * 2.0 ** -10
+    got_levels, got_scales, got_lows, got_steps = quant.int4_groups(weight, 32)
+    assert torch.equal(got_levels[:, :32].float(), levels[:, :32]) and torch.equal(got_levels[:3].float(), levels[:3])
+    assert torch.equal(got_levels[3, 32:], torch.zeros(32, dtype=torch.uint8))
+    assert torch.equal(got_scales[:3], scales[:3].to(torch.uint8)) and torch.equal(got_scales[3, 0], torch.tensor(255, dtype=torch.uint8))
+    assert torch.equal(got_lows, lows.to(torch.int8))
+    assert torch.allclose(got_steps[:, :3], steps[:, :3], rtol=1e-5, atol=0) and torch.allclose(got_steps[1, 3], steps[1, 3], rtol=1e-5)  # least squares: 2e-6
+    _, rebuilt_low = quant.int4_grid(got_scales, got_lows, got_steps)
+    assert torch.allclose(rebuilt_low[3, 1], torch.tensor(127 * 2.0 ** -10), rtol=1e-6)
 
 
 def logit_rows(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -197,16 +214,16 @@ def test_bad_inputs_are_refused_with_a_reason():
     layer = kernel_layer(16, 64, bias=False)
     op = kernels.op("int4_matmul")
     with pytest.raises(RuntimeError, match="x must be contiguous"):
-        op(torch.randn(2, 64).double(), layer.packed, layer.scales, layer.lows, 32, None)
+        op(torch.randn(2, 64).double(), layer.packed, layer.scales, layer.lows, layer.steps, 32, None)
     with pytest.raises(RuntimeError, match="K must be a multiple of the group size"):
-        op(torch.randn(2, 48), layer.packed, layer.scales, layer.lows, 32, None)
+        op(torch.randn(2, 48), layer.packed, layer.scales, layer.lows, layer.steps, 32, None)
     with pytest.raises(RuntimeError, match="group must be a positive multiple of 16"):
-        op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 0, None)
+        op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, layer.steps, 0, None)
     wide = kernel_layer(16, 512, bias=False)
     with pytest.raises(RuntimeError, match="group must be a positive multiple of 16, at most 256"):
-        op(torch.randn(2, 512), wide.packed, wide.scales[:, :1].contiguous(), wide.lows[:, :1].contiguous(), 512, None)
+        op(torch.randn(2, 512), wide.packed, wide.scales[:, :1].contiguous(), wide.lows[:, :1].contiguous(), wide.steps, 512, None)
     with pytest.raises(RuntimeError, match="bias must be"):
-        op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, 32, torch.zeros(8))
+        op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, layer.steps, 32, torch.zeros(8))
     with pytest.raises(ValueError, match="out_features"):
         Int4KernelLinear(64, 40, bias=False)
     with pytest.raises(RuntimeError, match=r"gate_up must be contiguous \(N, 2I\)"):

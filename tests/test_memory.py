@@ -108,7 +108,7 @@ def test_r1_weight_only_formats_by_hand():
     per_layer_vectors = 256 + 128 + 128 + 256 + 256  # q, k, v biases and the two norms
     rest = 1000 * 256 + 2 * per_layer_vectors + 256  # embedding, vectors, final norm: in bf16
     int8 = 2 * sum(r * c + 2 * r for r, c in linears) + (1000 * 256 + 2 * 1000)
-    int4 = 2 * sum(r * c // 2 + r * (c // 32) * 4 for r, c in linears) + (1000 * 256 // 2 + 1000 * 8 * 4)
+    int4 = 2 * sum(r * c // 2 + r * (c // 32) * 2 + r * 8 for r, c in linears) + (1000 * 256 // 2 + 1000 * 8 * 2 + 1000 * 8)
     assert memory.weight_line(cfg, "int8", "bf16").bytes == int8 + 2 * rest
     assert memory.weight_line(cfg, "int4", "bf16").bytes == int4 + 2 * rest
     assert memory.weight_line(cfg, "int4", "fp32").bytes == int4 + 4 * rest
@@ -117,7 +117,7 @@ def test_r1_weight_only_formats_by_hand():
 
 def test_weight_formats_order_by_size():
     sizes = {q: memory.weight_line(R1_1_5B, q, "bf16").bytes for q in memory.QUANTS}
-    # r1's int4 keeps a bf16 scale and zero per 32 weights: 5 bits a weight.
+    # r1's int4 is 4.5 bits a weight (an 8-bit scale and low per 32) but keeps the embedding in bf16.
     assert sizes["fp32"] > sizes["bf16"] == sizes["fp16"] > sizes["int8"] > sizes["q8_0"] > sizes["q6_k"] \
         > sizes["int4"] > sizes["q5_k_m"] > sizes["q4_k_m"] > sizes["q4_0"]
 
