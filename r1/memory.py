@@ -110,7 +110,7 @@ def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfi
         qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
         return qtype, _ggml_bytes(qtype, numel)
     linear = (name.startswith("blk.") and len(shape) == 2) or name == "output.weight"
-    if linear and quant == "int4":  # packed nibbles; an 8-bit scale and low per group, in steps of their row's two
+    if linear and quant == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row
         return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(*shape)
     if linear:  # int8 with a bf16 scale per output row
         return "int8 + bf16 scale / row", numel + shape[0] * 2

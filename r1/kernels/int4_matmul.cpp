@@ -210,10 +210,11 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   // A decode step's rows are one slice, which each thread quantizes for itself below: that saves
   // a parallel region's fork and join, 1% of a batch-1 step's matmuls and 3% at 8 rows.
   const bool one_slice = M <= kMaxRows;
-  auto qx = at::empty({one_slice ? 0 : M, K}, x.options().dtype(at::kChar));
-  auto dx = at::empty({one_slice ? 0 : M, groups}, x.options());
-  auto xsum = at::empty({one_slice ? 0 : M, groups}, x.options());
-  if (!one_slice)
+  at::Tensor qx, dx, xsum;
+  if (!one_slice) {
+    qx = at::empty({M, K}, x.options().dtype(at::kChar));
+    dx = at::empty({M, groups}, x.options());
+    xsum = at::empty({M, groups}, x.options());
     at::parallel_for(0, (M + kMaxRows - 1) / kMaxRows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t m0 = slice * kMaxRows;
@@ -222,6 +223,7 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
                        xsum.mutable_data_ptr<float>() + m0 * groups);
       }
     });
+  }
 
   auto y = at::empty({M, N}, x.options());
   // Tiles in blocks whose weights stay in L2 while every kMaxRows-row slice of x passes over
@@ -239,16 +241,17 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* bias_ptr = bias ? bias->const_data_ptr<float>() : nullptr;
   auto* out = y.mutable_data_ptr<float>();
   at::parallel_for(0, (tiles + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-    const int8_t* q = qx.const_data_ptr<int8_t>();
-    const float* d = dx.const_data_ptr<float>();
-    const float* s = xsum.const_data_ptr<float>();
     std::vector<int8_t> own_qx;
     std::vector<float> own_dx_xsum;
+    const int8_t* q;
+    const float *d, *s;
     if (one_slice) {
       own_qx.resize(M * K), own_dx_xsum.resize(2 * M * groups);
       q = own_qx.data(), d = own_dx_xsum.data(), s = d + M * groups;
       quantize_slice(x.const_data_ptr<float>(), static_cast<int>(M), K, group, own_qx.data(), own_dx_xsum.data(),
                      own_dx_xsum.data() + M * groups);
+    } else {
+      q = qx.const_data_ptr<int8_t>(), d = dx.const_data_ptr<float>(), s = xsum.const_data_ptr<float>();
     }
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * block, last = std::min(tiles, first + block);
