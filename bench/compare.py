@@ -98,7 +98,15 @@ class LlamaCpp:
         self._quiet = lc.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
         lc.llama_log_set(self._quiet, None)
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        model_params = lc.llama_model_default_params()
+        # A llama.cpp built on an AMX CPU (Intel Xeon since Sapphire Rapids) moves Q4_K weights into
+        # its AMX buffers, whose matmul segfaults on the first batch (llama.cpp#20824; 0.3.36 here).
+        # Such a build runs without its extra buffer types, REPACK's included; a build without AMX
+        # (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ...") keeps REPACK. The record says which.
+        self.system_info = lc.llama_print_system_info().decode().strip()  # the CPU features it was built for
+        self.extra_buffers = "AMX_INT8 = 1" not in self.system_info
+        model_params.use_extra_bufts = self.extra_buffers
+        self.model = lc.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         params = lc.llama_context_default_params()
@@ -161,7 +169,8 @@ def run_llama_cpp(path: Path, args, work: Workload) -> dict:
     finally:
         engine.close()
     # llama.cpp's default KV cache: f16 keys and values (r1's figure is with --kv-dtype)
-    return {"version": llama_cpp.__version__, "threads": args.threads, "kv_cache": "f16", "load_seconds": load_seconds,
+    return {"version": llama_cpp.__version__, "threads": args.threads, "kv_cache": "f16",
+            "system_info": engine.system_info, "extra_buffers": engine.extra_buffers, "load_seconds": load_seconds,
             **figures}
 
 

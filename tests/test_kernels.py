@@ -9,7 +9,7 @@ from r1 import kernels, quant
 from r1.quant import Int4Linear, Int4KernelLinear
 
 needs_kernels = pytest.mark.skipif(kernels.this_cpus_build() is None, reason="this CPU has no build of r1's kernels")
-AVX512_VNNI, AVX2 = kernels.BUILDS
+AVX512_AMX, AVX512_VNNI, AVX2 = kernels.BUILDS
 
 
 def dequantized(layer: Int4KernelLinear) -> torch.Tensor:
@@ -32,12 +32,17 @@ def kernel_layer(out_features: int, in_features: int, bias: bool, seed: int = 0)
     return layer
 
 
-@pytest.mark.skipif(any(f not in kernels.cpu_flags() for f in AVX512_VNNI.cpu_flags),
-                    reason="this CPU lacks AVX-512 VNNI")
-def test_this_machine_runs_the_vnni_kernel():
-    # CI runs on AVX-512 VNNI machines: a broken build or a missing ninja must fail here, not
-    # silently fall back to the 3x slower portable kernel.
-    assert kernels.this_cpus_build() == AVX512_VNNI and kernels.unavailable_reason() is None
+def has_flags(build: kernels.Build) -> bool:
+    return all(f in kernels.cpu_flags() for f in build.cpu_flags)
+
+
+@pytest.mark.skipif(not has_flags(AVX512_VNNI), reason="this CPU lacks AVX-512 VNNI")
+def test_this_machine_runs_its_widest_build():
+    # CI runs on AVX-512 VNNI machines (Intel's since Sapphire Rapids also have AMX): a broken
+    # build or a missing ninja must fail here, not silently fall back to the 3x slower portable
+    # kernel.
+    assert kernels.this_cpus_build() == (AVX512_AMX if has_flags(AVX512_AMX) else AVX512_VNNI)
+    assert kernels.unavailable_reason() is None
     assert quant.int4_linear_class() is Int4KernelLinear
     other_ops = ("int4_quantize", "decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul",
                  "softmax_topk")
@@ -45,7 +50,7 @@ def test_this_machine_runs_the_vnni_kernel():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 7, 8, 9, 20])  # the kernel takes activation rows 8 at a time
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 20])  # the VNNI path takes rows 8 at a time (AMX's from 32)
 @pytest.mark.parametrize("bias", [False, True])
 # 320 outputs are 20 tiles: past 8 rows, blocks of several tiles with a short last one (on 2
 # threads, 7 blocks of 3 and 2).
@@ -59,6 +64,22 @@ def test_exact_on_activations_that_int8_holds(rows, bias, outputs):
     want = x @ dequantized(layer).T + (layer.bias if bias else 0)
     got = layer(x)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), (got - want).abs().max()
+
+
+@pytest.mark.skipif(kernels.this_cpus_build() != AVX512_AMX, reason="this CPU has no AMX")
+@pytest.mark.parametrize("rows", [32, 47, 100])  # AMX's path starts at 32 rows; 47 and 100 end in a padded tile
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("outputs", [48, 320])  # 3 and 20 tiles: pairs, and one left over
+def test_amx_path_is_bf16_math_on_the_quantized_weights(rows, bias, outputs):
+    layer = kernel_layer(outputs, 256, bias)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 256, generator=g)
+    x[:, 7] *= 30  # an outlier channel, which int8 activations per group would lose precision to
+    want = x.double() @ dequantized(layer).double().T + (layer.bias.double() if bias else 0)
+    # Widened to bf16 (8 significant bits) on both sides and summed in float: measured 2.0-2.4e-3
+    # relative without the bias. The VNNI path's int8 activations measure 2.3-3.5e-2 here.
+    got = layer(x).double()
+    assert ((got - want).norm() / want.norm()).item() < 4e-3
 
 
 @needs_kernels
@@ -256,8 +277,13 @@ def test_op_does_not_look_for_the_build_again(monkeypatch):
     assert kernels.op("no_such_op") is None
 
 
-@pytest.mark.parametrize("flags, build", [({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}, "avx512_vnni"),
-                                          ({"avx512f", "avx2", "fma"}, "avx2"), ({"avx2", "fma"}, "avx2")])
+VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}
+
+
+@pytest.mark.parametrize("flags, build", [(VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, "avx512_amx"),
+                                          (VNNI_FLAGS | {"amx_tile", "amx_int8"}, "avx512_vnni"),  # AMX without bf16
+                                          (VNNI_FLAGS, "avx512_vnni"), ({"avx512f", "avx2", "fma"}, "avx2"),
+                                          ({"avx2", "fma"}, "avx2")])
 def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
     monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
@@ -267,13 +293,14 @@ def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
 def test_a_cpu_without_either_is_told_why(monkeypatch):
     monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
-    assert kernels.unavailable_reason() == ("this CPU has no build of them (avx512_vnni needs avx512f, avx512bw, "
-                                            "avx512vl, avx512_vnni; avx2 needs avx2, fma)")
+    assert kernels.unavailable_reason() == ("this CPU has no build of them (avx512_amx needs avx512f, avx512bw, "
+                                            "avx512vl, avx512_vnni, avx512_bf16, amx_tile, amx_bf16; avx512_vnni needs "
+                                            "avx512f, avx512bw, avx512vl, avx512_vnni; avx2 needs avx2, fma)")
 
 
 def test_an_unknown_build_name_is_told_apart(monkeypatch):
     monkeypatch.setenv(kernels.BUILD_ENV, "sse2")
-    assert kernels.unavailable_reason() == "R1_KERNELS=sse2 names none of their builds (avx512_vnni, avx2)"
+    assert kernels.unavailable_reason() == "R1_KERNELS=sse2 names none of their builds (avx512_amx, avx512_vnni, avx2)"
     monkeypatch.setenv(kernels.BUILD_ENV, "off")
     assert kernels.unavailable_reason() == "R1_KERNELS=off"
 

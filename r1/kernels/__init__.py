@@ -6,7 +6,8 @@ group of weights is quantized to; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add,
 rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
 likeliest tokens a sampler draws from; `vec.h`, the vector operations they share. They are
-compiled together for the widest instruction set this CPU has (BUILDS: AVX-512 VNNI, else AVX2).
+compiled together for the widest instruction set this CPU has (BUILDS: AMX, which only int4_matmul
+uses past 32 rows; else AVX-512 VNNI; else AVX2).
 `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has neither
 instruction set, or the build fails; the model and r1/quant.py then take PyTorch's portable
 paths, and the reason is logged once.
@@ -38,6 +39,9 @@ class Build:
 
 
 BUILDS = (  # widest first: a CPU takes the first whose flags it has
+    Build("avx512_amx", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
+          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+           "-fopenmp")),
     Build("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
           ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")),
     Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp")),
