@@ -28,9 +28,10 @@
 // On a CPU with AMX (Intel Xeon since Sapphire Rapids; the avx512_amx build), 32 rows and more
 // take another path: each tile's weights are widened to bf16, with their group's scale and low
 // applied, and AMX's tile multiply (`tdpbf16ps`, 8192 products an instruction) sums over all of
-// K in its float accumulators. Int8 products would need their group's epilogue every 32 inputs,
-// which takes ~60 cycles of tile stores and reloads per tile product (measured: 1.1x VNNI at 256
-// rows); in bf16 there is no epilogue, and 2.2x at 256 rows. The activations go to bf16 rather
+// K in its float accumulators. Int8 products (`tdpbssd`) would leave the tiles for their group's
+// float epilogue every 32 inputs, a tile store and 16 reloads each: measured at 256 rows, 1.1x
+// the VNNI path (the products and stores alone, without the epilogue's math, 1.8x). In bf16
+// there is no epilogue: 2.2x at 256 rows. The activations go to bf16 rather
 // than int8 per group, so this path is also nearer float math (relative error 2.3e-3 against
 // VNNI's 1.3e-2 on random inputs). Widening the weights costs ~0.2 cycles a weight, which 16
 // rows do not repay: below 32 rows the VNNI path runs.
