@@ -116,7 +116,7 @@ def engine_settings(llm, model: str) -> dict:
     import torch
 
     from r1 import kernels
-    cpu_kernels = kernels.this_cpus_build().name if kernels.op("add_rms_norm") is not None else None
+    cpu_kernels = kernels.running_build().name if kernels.op("add_rms_norm") is not None else None
     return {"model": model, "quant": llm.engine_config.quant, "dtype": str(llm.dtype).removeprefix("torch."),
             "kv_dtype": llm.engine_config.kv_dtype,
             "device": llm.device.type, "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels,

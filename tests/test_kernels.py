@@ -42,7 +42,7 @@ def test_this_machine_runs_its_widest_build():
     # build or a missing ninja must fail here, not silently fall back to the 3x slower portable
     # kernel.
     assert kernels.this_cpus_build() == (AVX512_AMX if has_flags(AVX512_AMX) else AVX512_VNNI)
-    assert kernels.unavailable_reason() is None
+    assert kernels.unavailable_reason() is None and kernels.running_build() == kernels.this_cpus_build()
     assert quant.int4_linear_class() is Int4KernelLinear
     other_ops = ("int4_quantize", "decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul",
                  "softmax_topk")
@@ -288,6 +288,19 @@ def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
     monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     assert kernels.this_cpus_build().name == build
+
+
+def test_a_build_that_does_not_compile_gives_way_to_the_next(monkeypatch):
+    # A compiler too old for AMX's flags (GCC before 11) must still give an AMX CPU the VNNI build.
+    monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16"})
+    errors = {"avx512_amx": "error: unrecognized command-line option '-mamx-bf16'"}
+    monkeypatch.setattr(kernels, "_build", lambda build: errors.get(build.name))
+    assert kernels.running_build() == AVX512_VNNI and kernels.unavailable_reason() is None
+    errors.update(avx512_vnni="error: x", avx2="error: y")
+    assert kernels.running_build() is None
+    assert kernels.unavailable_reason() == ("building r1/kernels failed: avx512_amx: error: unrecognized command-line "
+                                            "option '-mamx-bf16'; avx512_vnni: error: x; avx2: error: y")
 
 
 def test_a_cpu_without_either_is_told_why(monkeypatch):

@@ -7,10 +7,10 @@ queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with it
 rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
 likeliest tokens a sampler draws from; `vec.h`, the vector operations they share. They are
 compiled together for the widest instruction set this CPU has (BUILDS: AMX, which only int4_matmul
-uses past 32 rows; else AVX-512 VNNI; else AVX2).
-`op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has neither
-instruction set, or the build fails; the model and r1/quant.py then take PyTorch's portable
-paths, and the reason is logged once.
+uses past 32 rows; else AVX-512 VNNI; else AVX2); a build the compiler fails on gives way to the
+next. `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has
+none of the instruction sets, or every build fails; the model and r1/quant.py then take
+PyTorch's portable paths, and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -69,10 +69,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def this_cpus_build() -> Build | None:
-    """The build this CPU runs ($R1_KERNELS names one), or None when it has none's flags."""
+def this_cpus_builds() -> list[Build]:
+    """The builds this CPU can run, widest first ($R1_KERNELS names one)."""
     flags, wanted = cpu_flags(), os.environ.get(BUILD_ENV)
-    return next((b for b in BUILDS if wanted in (None, b.name) and all(f in flags for f in b.cpu_flags)), None)
+    return [b for b in BUILDS if wanted in (None, b.name) and all(f in flags for f in b.cpu_flags)]
+
+
+def this_cpus_build() -> Build | None:
+    """The widest build this CPU can run, or None when it has none's flags."""
+    return next(iter(this_cpus_builds()), None)
+
+
+def running_build() -> Build | None:
+    """The build that runs here: the widest this CPU can run that compiles (a compiler too old
+    for AMX still gets the VNNI build), or None."""
+    return next((b for b in this_cpus_builds() if _build(b) is None), None)
 
 
 def unavailable_reason() -> str | None:
@@ -82,17 +93,13 @@ def unavailable_reason() -> str | None:
         return f"{BUILD_ENV}=off"
     if wanted is not None and wanted not in (b.name for b in BUILDS):
         return f"{BUILD_ENV}={wanted} names none of their builds ({', '.join(b.name for b in BUILDS)})"
-    build = this_cpus_build()
-    if build is None:
+    builds = this_cpus_builds()
+    if not builds:
         needs = "; ".join(f"{b.name} needs {', '.join(f for f in b.cpu_flags if f not in cpu_flags())}"
                           for b in BUILDS if wanted in (None, b.name))
         return f"this CPU has no build of them ({needs})"
-    try:
-        _build(build)
-    except Exception as e:  # no compiler, no ninja, a failed compile: all mean "use the portable kernel"
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        first_error = next((line for line in lines if "error" in line.lower()), lines[-1])
-        return f"building r1/kernels failed: {first_error}"
+    if running_build() is None:
+        return "building r1/kernels failed: " + "; ".join(f"{b.name}: {_build(b)}" for b in builds)
     return None
 
 
@@ -119,13 +126,19 @@ def op_for(name: str, x: torch.Tensor):
 
 
 @functools.cache
-def _build(build: Build) -> None:
+def _build(build: Build) -> str | None:
+    """Compile and load one build (once a process); None, or the compiler's first error line."""
     from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed
 
     started = time.perf_counter()
     sources = [str(Path(__file__).with_name(name)) for name in OPS]
     print(f"r1: preparing the CPU kernels for {build.name} (compiled on first use, then cached)", file=sys.stderr,
           flush=True)
-    load(name=f"r1_kernels_{build.name}", sources=sources, extra_cflags=list(build.compiler_flags),
-         extra_ldflags=["-fopenmp"], is_python_module=False)
+    try:
+        load(name=f"r1_kernels_{build.name}", sources=sources, extra_cflags=list(build.compiler_flags),
+             extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # no compiler, no ninja, a failed compile: all mean "use the portable kernel"
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        return next((line for line in lines if "error" in line.lower()), lines[-1])
     log.info("kernels ready in %.1f s", time.perf_counter() - started)
+    return None
