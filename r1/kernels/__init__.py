@@ -38,7 +38,7 @@ class Build:
     compiler_flags: tuple[str, ...]
 
 
-BUILDS = (  # widest first: a CPU takes the first whose flags it has
+BUILDS = (  # widest first: a CPU takes the first whose flags it has and that compiles
     Build("avx512_amx", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
           ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
            "-fopenmp")),
