@@ -31,10 +31,10 @@
 // K in its float accumulators. Int8 products (`tdpbssd`) would leave the tiles for their group's
 // float epilogue every 32 inputs, a tile store and 16 reloads each: measured at 256 rows, 1.1x
 // the VNNI path (the products and stores alone, without the epilogue's math, 1.8x). In bf16
-// there is no epilogue: 2.2x at 256 rows. The activations go to bf16 rather
-// than int8 per group, so this path is also nearer float math (relative error 2.3e-3 against
-// VNNI's 1.3e-2 on random inputs). Widening the weights costs ~0.2 cycles a weight, which 16
-// rows do not repay: below 32 rows the VNNI path runs.
+// there is no epilogue: 2.2x at 256 rows. The activations go to bf16 rather than int8 per group,
+// so this path is also nearer float math (relative error 2.3e-3 against VNNI's 1.3e-2 on random
+// inputs). Widening the weights costs ~0.2 cycles a weight, which 16 rows do not repay: below 32
+// rows the VNNI path runs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -49,6 +49,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -297,6 +298,7 @@ void amx_block(const uint16_t* a, const uint16_t* b, int64_t K, const float* bia
 at::Tensor amx_int4_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t* scales, const int8_t* lows,
                            const float* steps, int64_t tiles, int64_t group, const float* bias) {
   const int64_t M = x.size(0), K = x.size(1), N = tiles * kTileRows, groups = K / group;
+  const int64_t tile_bytes = K / 2 * kTileRows;
   const int64_t padded = (M + 15) / 16 * 16;  // whole activation tiles, the last one's extra rows zero
   auto xb = at::empty({padded, K}, x.options().dtype(at::kBFloat16));
   xb.narrow(0, 0, M).copy_(x);
@@ -309,22 +311,22 @@ at::Tensor amx_int4_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t*
   at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     const TileConfig config;
     _tile_loadconfig(&config);  // per thread: the tile registers are each thread's own
-    std::vector<uint16_t> widened(2 * K * kTileRows);
+    const std::unique_ptr<uint16_t[]> widened(new uint16_t[2 * K * kTileRows]);  // written whole before read
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t t = 2 * pair, both = std::min<int64_t>(2, tiles - t);
       for (int64_t i = 0; i < both; ++i)
-        widen_tile(w + (t + i) * K / 2 * kTileRows, scales + (t + i) * groups * kTileRows,
+        widen_tile(w + (t + i) * tile_bytes, scales + (t + i) * groups * kTileRows,
                    lows + (t + i) * groups * kTileRows, steps + (t + i) * kTileRows, N, K, group,
-                   widened.data() + i * K * kTileRows);
+                   widened.get() + i * K * kTileRows);
       const float* bias_t = bias ? bias + t * kTileRows : nullptr;
       for (int64_t m = 0; m < M; m += 32) {
         const uint16_t* am = a + m * K;
         float* ym = out + m * N + t * kTileRows;
         const bool two_a = padded - m >= 32;
-        if (two_a && both == 2) amx_block<2, 2>(am, widened.data(), K, bias_t, M - m, ym, N);
-        else if (two_a) amx_block<2, 1>(am, widened.data(), K, bias_t, M - m, ym, N);
-        else if (both == 2) amx_block<1, 2>(am, widened.data(), K, bias_t, M - m, ym, N);
-        else amx_block<1, 1>(am, widened.data(), K, bias_t, M - m, ym, N);
+        if (two_a && both == 2) amx_block<2, 2>(am, widened.get(), K, bias_t, M - m, ym, N);
+        else if (two_a) amx_block<2, 1>(am, widened.get(), K, bias_t, M - m, ym, N);
+        else if (both == 2) amx_block<1, 2>(am, widened.get(), K, bias_t, M - m, ym, N);
+        else amx_block<1, 1>(am, widened.get(), K, bias_t, M - m, ym, N);
       }
     }
     _tile_release();
@@ -352,11 +354,13 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
                         bias->is_contiguous()),
               "bias must be contiguous (N,) float32");
 
+  const auto* w = packed.const_data_ptr<uint8_t>();
+  const auto* sc = scales.const_data_ptr<uint8_t>();
+  const auto* lo = lows.const_data_ptr<int8_t>();
+  const auto* st = steps.const_data_ptr<float>();
+  const float* bias_ptr = bias ? bias->const_data_ptr<float>() : nullptr;
 #if defined(__AMX_BF16__)
-  if (M >= kAmxMinRows && K % 32 == 0 && amx_granted())
-    return amx_int4_matmul(x, packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<uint8_t>(),
-                           lows.const_data_ptr<int8_t>(), steps.const_data_ptr<float>(), tiles, group,
-                           bias ? bias->const_data_ptr<float>() : nullptr);
+  if (M >= kAmxMinRows && K % 32 == 0 && amx_granted()) return amx_int4_matmul(x, w, sc, lo, st, tiles, group, bias_ptr);
 #endif
   // Rows in slices of kMaxRows, each quantized into its own interleaved block (see quantize_slice).
   // A decode step's rows are one slice, which each thread quantizes for itself below: that saves
@@ -386,11 +390,6 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t min_blocks = 4 * at::get_num_threads();
   const int64_t l2_block = std::min((256 << 10) / tile_bytes, (tiles + min_blocks - 1) / min_blocks);
   const int64_t block = M <= kMaxRows ? 1 : std::clamp<int64_t>(l2_block, 1, tiles);
-  const auto* w = packed.const_data_ptr<uint8_t>();
-  const auto* sc = scales.const_data_ptr<uint8_t>();
-  const auto* lo = lows.const_data_ptr<int8_t>();
-  const auto* st = steps.const_data_ptr<float>();
-  const float* bias_ptr = bias ? bias->const_data_ptr<float>() : nullptr;
   auto* out = y.mutable_data_ptr<float>();
   at::parallel_for(0, (tiles + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> own_qx;
