@@ -120,6 +120,7 @@ def engine_settings(llm, model: str) -> dict:
     return {"model": model, "quant": llm.engine_config.quant, "dtype": str(llm.dtype).removeprefix("torch."),
             "kv_dtype": llm.engine_config.kv_dtype,
             "device": llm.device.type, "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels,
+            "cuda_graphs": llm.engine.runner.graphs is not None,
             "max_num_batched_tokens": llm.engine.scheduler.config.max_num_batched_tokens}
 
 

@@ -34,6 +34,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="the KV cache: auto (the model's dtype), bf16 (half of fp32's memory, as llama.cpp's "
                         "f16 default) or int8 (a scale per token and head: a quarter of fp32's memory); both "
                         "decode long contexts faster on a CPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run decode steps without CUDA graphs (slower at small batches; to compare)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +60,8 @@ def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
     """The LLM that _model_args describes; subcommands add their own engine options."""
     from r1.llm import LLM
     return LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-               max_model_len=a.max_model_len, quant=a.quant, kv_dtype=a.kv_dtype, progress=progress,
+               max_model_len=a.max_model_len, quant=a.quant, kv_dtype=a.kv_dtype, enforce_eager=a.enforce_eager,
+               progress=progress,
                **engine_options)
 
 

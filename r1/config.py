@@ -176,6 +176,7 @@ class EngineConfig:
     threads: int | None = None  # CPU threads; None: torch's default
     quant: str = "none"  # weight-only quantization of the linears: none | int8 | int4 (r1/quant.py)
     kv_dtype: str = "auto"  # the KV cache: auto (the model's dtype) | bf16 | int8 (a scale per token and head)
+    enforce_eager: bool = False  # on a GPU: run decode steps without CUDA graphs (to compare, or to debug)
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):

@@ -83,8 +83,13 @@ class LLM:
         start = time.perf_counter()
         self.model = load_model(self.files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
         self.load_seconds = time.perf_counter() - start
-        self.engine = LLMEngine(ModelRunner(self.model, *self._kv_pool()), self.tokenizer, self._scheduler_config(),
-                                self.files.sampling_defaults, self._end_of_turn_ids())
+        decode_graphs = self.device.type == "cuda" and not self.engine_config.enforce_eager
+        runner = ModelRunner(self.model, *self._kv_pool())
+        scheduler_config = self._scheduler_config(keep_scratch_block=decode_graphs)
+        if decode_graphs:
+            runner.capture_decode_graphs(scheduler_config.max_num_seqs, scheduler_config.max_model_len)
+        self.engine = LLMEngine(runner, self.tokenizer, scheduler_config, self.files.sampling_defaults,
+                                self._end_of_turn_ids())
         self._ids = itertools.count()
 
     # ---- sizing ------------------------------------------------------------------------------
@@ -95,13 +100,16 @@ class LLM:
         return (self.kv_pool_tokens // self.engine_config.block_size, self.engine_config.block_size,
                 self.engine_config.resolved_kv_dtype(self.dtype))
 
-    def _scheduler_config(self) -> SchedulerConfig:
+    def _scheduler_config(self, keep_scratch_block: bool) -> SchedulerConfig:
+        """The scheduler's limits; with CUDA graphs the pool's last block is kept from the block
+        manager as the runner's scratch block."""
         ec = self.engine_config
-        max_len = min(ec.max_model_len or self.config.max_position_embeddings, self.kv_pool_tokens)
+        num_blocks = self.kv_pool_tokens // ec.block_size - keep_scratch_block
+        max_len = min(ec.max_model_len or self.config.max_position_embeddings, num_blocks * ec.block_size)
         if ec.max_model_len and ec.max_model_len > self.config.max_position_embeddings:
             raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's context "
                              f"({self.config.max_position_embeddings})")
-        return SchedulerConfig(num_blocks=self.kv_pool_tokens // ec.block_size, block_size=ec.block_size,
+        return SchedulerConfig(num_blocks=num_blocks, block_size=ec.block_size,
                                max_num_seqs=ec.max_num_seqs,
                                max_num_batched_tokens=ec.resolved_max_num_batched_tokens(self.device.type),
                                max_model_len=max_len, enable_prefix_caching=ec.enable_prefix_caching)

@@ -1,17 +1,24 @@
 """The model runner: turns one scheduled step into tensors, runs the model, returns logits.
 
 Owns the KV cache tensor and the translation from bookkeeping (sequences, block tables) to the
-flat batch the model takes: token ids, positions, cache slots and attention metadata. It does not
-decide what runs (the scheduler) or what the logits become (sampling.py, via the engine).
+flat batch the model takes: token ids, positions, cache slots and attention metadata. On a GPU
+it also owns the decode steps' CUDA graphs (cuda_graphs.py), which replay steps in which every
+sequence runs one token. It does not decide what runs (the scheduler) or what the logits become
+(sampling.py, via the engine).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from r1.engine.cuda_graphs import DecodeGraphs
 from r1.engine.scheduler import ScheduledSeq
-from r1.model.attention import AttentionMetadata, allocate_kv_cache
+from r1.model.attention import AttentionMetadata, allocate_kv_cache, triton_decode_runs
 from r1.model.qwen2 import Qwen2ForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -19,11 +26,27 @@ class ModelRunner:
         cfg = model.config
         self.model, self.block_size = model, block_size
         self.device = model.model.embed_tokens.weight.device
+        # The block a CUDA graph's padding rows write to: LLM keeps the last block from the
+        # block manager when it captures graphs.
+        self.scratch_block = num_blocks - 1
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                           cfg.head_dim, kv_dtype, self.device)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture the decode forward for batches up to max_num_seqs (on a CPU: the same
+        buffers, run eagerly). Without Triton's paged kernel the graphs would gather every
+        sequence's cache to max_model_len each layer, so then the steps stay eager."""
+        if not triton_decode_runs(self.device, self.model.config.head_dim, self.block_size):
+            log.warning("decode steps run without CUDA graphs: Triton's paged decode kernel cannot run here "
+                        "(needs triton, head_dim and block_size powers of two >= 16, block_size <= 64)")
+            return
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs,
+                                   max_model_len)
 
     def prepare(self, scheduled: list[ScheduledSeq]):
-        """The flat inputs of a step: token ids, positions, metadata, and which rows to sample."""
+        """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached
+        tokens per sequence, block tables, and which rows to sample."""
         token_ids, positions, slots, query_lens, seq_lens, sample_rows = [], [], [], [], [], []
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
@@ -36,18 +59,22 @@ class ModelRunner:
             seq_lens.append(end)
             if s.samples:
                 sample_rows.append(len(token_ids) - 1)
-        width = max(len(s.seq.block_table) for s in scheduled)
-        tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in scheduled]
-
-        def tensor(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
-
-        meta = AttentionMetadata(tensor(slots), tensor(tables), query_lens, seq_lens)
-        return tensor(token_ids), tensor(positions), meta, tensor(sample_rows)
+        tables = [s.seq.block_table for s in scheduled]
+        return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; float32 logits (M, vocab) for the M scheduled sequences that sample."""
-        input_ids, positions, meta, sample_rows = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        return self.model.compute_logits(hidden[sample_rows])
+        token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows = self.prepare(scheduled)
+
+        def tensor(x):
+            return torch.tensor(x, dtype=torch.long, device=self.device)
+
+        if self.graphs is not None and len(scheduled) <= self.graphs.max_batch and all(n == 1 for n in query_lens):
+            hidden = self.graphs.run(token_ids, positions, slots, seq_lens, tables)
+        else:
+            width = max(len(t) for t in tables)
+            meta = AttentionMetadata(tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]),
+                                     query_lens, seq_lens)
+            hidden = self.model(tensor(token_ids), tensor(positions), self.kv_cache, meta)
+        return self.model.compute_logits(hidden[tensor(sample_rows)])

@@ -11,6 +11,9 @@ uses past 32 rows; else AVX-512 VNNI; else AVX2); a build the compiler fails on 
 next. `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has
 none of the instruction sets, or every build fails; the model and r1/quant.py then take
 PyTorch's portable paths, and the reason is logged once.
+
+One kernel here is for GPUs: `paged_decode.py`, decode attention in Triton, which
+r1/model/attention.py imports only on a GPU (tests run it on a CPU under Triton's interpreter).
 """
 
 from __future__ import annotations

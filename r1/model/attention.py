@@ -13,6 +13,7 @@ It does not decide which blocks a sequence gets (the engine's block manager does
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +51,17 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) int64: block * block_size + offset of each new token
     block_tables: torch.Tensor  # (B, max_blocks) int64: each sequence's blocks, in order
     query_lens: list[int]  # new tokens per sequence; they sum to N
-    seq_lens: list[int]  # cached + new tokens per sequence (what its queries attend to)
+    seq_lens: list[int] | None  # cached + new tokens per sequence (what its queries attend to)
     _decode_group: DecodeGroup | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def for_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   block_size: int) -> "AttentionMetadata":
+        """A step in which every sequence decodes one token, from device tensors alone: no host
+        values, so a CUDA graph can capture it (r1/engine/cuda_graphs.py)."""
+        meta = cls(slot_mapping, block_tables, [1] * len(seq_lens), None)
+        meta._decode_group = DecodeGroup(None, block_tables, seq_lens, block_size)
+        return meta
 
     @property
     def num_seqs(self) -> int:
@@ -149,21 +159,35 @@ def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tens
     return kv[0], kv[1]
 
 
+@functools.cache
+def triton_decode_runs(device: torch.device, head_dim: int, block_size: int) -> bool:
+    """Whether decode attention on `device` runs on r1's Triton kernel: a GPU, Triton installed,
+    and shapes the kernel takes."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    from r1.kernels import paged_decode  # imports Triton: only on a GPU
+    return paged_decode.supports(head_dim, block_size)
+
+
 def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
                      scale: float) -> torch.Tensor:
     """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches.
 
-    On r1's CPU kernel (r1/kernels/decode_attention.cpp) when it runs here and the cache is
-    float32 or int8: it reads each sequence's blocks in place. Otherwise gathered, in PyTorch.
+    Read in place, where each sequence's blocks lie: on a GPU by r1's Triton kernel
+    (r1/kernels/paged_decode.py), on a CPU by r1's kernel (r1/kernels/decode_attention.cpp,
+    float32 queries; a float32, bf16 or int8 cache). Otherwise gathered, in PyTorch.
     """
+    if isinstance(layer_cache, Int8KVCache):
+        (keys, values), (key_scales, value_scales) = layer_cache.values, layer_cache.scales
+    else:
+        (keys, values), key_scales, value_scales = layer_cache, None, None
+    if triton_decode_runs(q.device, q.shape[-1], group.block_size):
+        from r1.kernels.paged_decode import paged_decode_attention
+        return paged_decode_attention(q, keys, values, key_scales, value_scales, group.block_tables, group.seq_lens,
+                                      scale)
     op = kernels.op_for("decode_attention", q) if q.shape[-1] % 16 == 0 else None  # its vector width
     if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype in (torch.float32, torch.bfloat16)):
         return _gathered_decode_attention(q, layer_cache, group, scale)
-    if isinstance(layer_cache, Int8KVCache):
-        keys, values = layer_cache.values
-        key_scales, value_scales = layer_cache.scales
-    else:
-        (keys, values), key_scales, value_scales = layer_cache, None, None
     return op(q.contiguous(), keys, values, key_scales, value_scales, group.block_tables, group.seq_lens, scale)
 
 

