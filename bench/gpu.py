@@ -55,9 +55,9 @@ def prepare() -> None:
     PREPARED.mkdir(exist_ok=True)
     Tokenizer.from_gguf_metadata(read_header(demo_path("r1-tokenizer")).metadata).backend.save(
         str(PREPARED / "tokenizer.json"))
-    import gguf
+    from importlib.metadata import version
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "-d", str(PREPARED), f"gguf=={gguf.__version__}"], check=True)
+                    "-d", str(PREPARED), f"gguf=={version('gguf')}"], check=True)
     print(f"prepared {sorted(p.name for p in PREPARED.iterdir())}; carry .gpu")
 
 
