@@ -9,13 +9,14 @@ There, from the repository's root, with .gpu carried:
 1. bandwidth: a device-to-device copy (bytes read + written), the ceiling of batch-1 decode;
 2. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
-3. tests: tests/test_paged_decode.py and tests/test_cuda_graphs.py on the GPU (graphs captured
-   and replayed against eager steps, fp32);
+3. tests: tests/test_paged_decode.py, tests/test_cuda_graphs.py (graphs captured and replayed
+   against eager steps, fp32) and the packed int8/int4 kernels' test on the GPU;
 4. model: an HF folder of R1-1.5B's shapes with random bf16 weights (transformers' own init);
    greedy tokens with CUDA graphs against --enforce-eager at batch sizes that need no padding;
 5. latency: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and
    eager, and batch-1 decode against the roofline (bandwidth / weight bytes per token);
-6. throughput: `r1 bench throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out).
+6. throughput: `r1 bench throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out);
+7. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights.
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
 table last. `run --smoke` runs the same steps on a tiny config, on this machine's CPU, to check
 the script itself before spending device time on it.
@@ -41,6 +42,7 @@ PREPARED = ROOT / ".gpu"
 
 from r1 import LLM, SamplingParams, bench  # noqa: E402
 from r1.config import R1_1_5B, ModelConfig  # noqa: E402
+from r1.eval.perplexity import token_logits  # noqa: E402
 
 # --smoke's model: R1's vocabulary (its tokenizer), GQA heads the Triton kernel takes, little else.
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -101,7 +103,7 @@ def tests(device: torch.device) -> dict:
     # R1_KERNELS=off: the tests' CPU cases take PyTorch's paths rather than compile r1's kernels there.
     env = {**os.environ, "R1_TEST_TOKENIZER": str(PREPARED / "tokenizer.json"), "R1_KERNELS": "off"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_decode.py",
-           "tests/test_cuda_graphs.py"]
+           "tests/test_cuda_graphs.py", "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     return {"rc": done.returncode, "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
             "tail": (done.stdout + done.stderr)[-3000:]}
@@ -126,10 +128,10 @@ def random_model(folder: Path, cfg: ModelConfig, device: torch.device) -> Path:
     return folder
 
 
-def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int) -> LLM:
+def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int, quant: str = "none") -> LLM:
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return LLM(str(folder), progress=False, device=device.type, dtype=dtype, kv_cache_tokens=kv_tokens,
-               enforce_eager=eager)
+               enforce_eager=eager, quant=quant)
 
 
 def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> dict:
@@ -164,6 +166,24 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
     return out
 
 
+def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -> dict:
+    """int8 and int4 weights with CUDA graphs: `r1 bench latency`, and the last position's
+    logits on a fixed prompt against bf16 weights (relative error, top-1 agreement)."""
+    prompt = bench.random_prompts([256], 10_000, seed=3)[0]
+    logits, out = {}, {}
+    for mode in ("none", "int8", "int4"):
+        llm = _llm(folder, device, False, kv_tokens, quant=mode)
+        logits[mode] = token_logits(llm.model, prompt)
+        if mode != "none":
+            r = bench.latency(llm, 64 if smoke else 512, 8 if smoke else 256, repeats=1 if smoke else 3)
+            ref = logits["none"].float()
+            r["logit_relative_error"] = ((logits[mode].float() - ref).norm() / ref.norm()).item()
+            r["top1_agreement"] = (logits[mode].argmax(-1) == ref.argmax(-1)).float().mean().item()
+            out[mode] = r
+        _free(llm)
+    return out
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 def run(out: Path, smoke: bool) -> None:
@@ -186,6 +206,7 @@ def run(out: Path, smoke: bool) -> None:
         ("graphs_against_eager", lambda: graphs_against_eager(folder, device, kv_tokens)),
         ("bench", lambda: latency_and_throughput(folder, device, kv_tokens, weight_bytes,
                                                  record["steps"].get("bandwidth", {}).get("gb_s"), smoke)),
+        ("quantized", lambda: quantized(folder, device, kv_tokens, smoke)),
     ]
     for name, step in steps:
         started = time.perf_counter()
@@ -222,6 +243,10 @@ def summary(steps: dict) -> str:
             lines.append(f"{key}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{roof}")
         elif "error" not in r:
             lines.append(f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s")
+    for mode, r in steps.get("quantized", {}).items() if isinstance(steps.get("quantized"), dict) else []:
+        if mode != "error":
+            lines.append(f"{mode}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s, "
+                         f"logits {r['logit_relative_error']:.1e} from bf16, top-1 {r['top1_agreement']:.0%}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the linears (CPU): int8 per channel, int4 group-wise")
+                   help="weight-only quantization of the linears: int8 per channel, int4 group-wise")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8"],
                    help="the KV cache: auto (the model's dtype), bf16 (half of fp32's memory, as llama.cpp's "
                         "f16 default) or int8 (a scale per token and head: a quarter of fp32's memory); both "

@@ -208,8 +208,62 @@ class Int4KernelLinear(QuantizedLinear):
                                           self.group_size, bias)
 
 
+class Int4CudaLinear(QuantizedLinear):
+    """The same int4 groups on PyTorch's CUDA kernel (tinygemm, bf16 tensor cores; gpt-fast's
+    int4): w = (q - 8) * scale + zero as in Int4Linear, packed for the GPU. Its scales and zeros
+    are bf16, 2 bytes a group of 32 more than r1's 8-bit ones (int4_nbytes): 11% more bytes in the
+    linears than the memory calculator plans."""
+
+    INNER_K_TILES = 8  # the packing's k tiles: in_features must be a multiple of 8 * 16
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = INT4_GROUP_SIZE):
+        tile = self.INNER_K_TILES * 16
+        if in_features % tile or out_features % 8:
+            raise ValueError(f"int4 on CUDA needs in_features ({in_features}) divisible by {tile} and "
+                             f"out_features ({out_features}) by 8")
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        self.register_buffer("packed", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.empty(0, dtype=torch.bfloat16), persistent=False)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        q, scales, lows, steps = int4_groups(weight, self.group_size)
+        scale, low = int4_grid(scales, lows, steps)
+        self.packed = _pack_for_cuda(q, self.INNER_K_TILES, _cuda_nibble_order(q.device))
+        self.scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(
+            torch.bfloat16)
+
+    def linear(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed,
+                                                        self.group_size, self.scales_and_zeros))
+
+
+def _pack_for_cuda(levels: torch.Tensor, inner_k_tiles: int, high_first: bool) -> torch.Tensor:
+    """Levels (out, in) in 0..15, two to a byte, then in the CUDA kernel's tiles."""
+    first, second = levels[:, ::2].to(torch.uint8), levels[:, 1::2].to(torch.uint8)
+    pairs = first << 4 | second if high_first else second << 4 | first
+    return torch._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
+
+
+@functools.cache
+def _cuda_nibble_order(device: torch.device) -> bool:
+    """Whether this torch's CUDA packing reads a byte's high nibble as the earlier weight (as
+    torchao packs for it) or its low one: found once by multiplying a known weight by the
+    identity, since its documentation says neither."""
+    k, n, g = 128, 16, INT4_GROUP_SIZE
+    levels = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0)).to(device)
+    identity = torch.eye(k, dtype=torch.bfloat16, device=device)
+    ones = torch.stack([torch.ones(k // g, n), torch.full((k // g, n), 8.0)], -1).to(device, torch.bfloat16)
+    for high_first in (True, False):  # scale 1, zero 8: (q - 8) * 1 + 8 = q
+        product = torch._weight_int4pack_mm(identity, _pack_for_cuda(levels, 8, high_first), g, ones)
+        if torch.equal(product.T.float(), levels.float()):
+            return high_first
+    raise RuntimeError("this torch's CUDA int4 kernel packs its weights in a layout r1 does not know; "
+                       "use --quant int8 or --quant none")
+
+
 def int4_linear_class() -> type[QuantizedLinear]:
-    """The fastest int4 linear this machine can run."""
+    """The fastest int4 linear this machine's CPU can run."""
     return Int4KernelLinear if kernels.op("int4_matmul") is not None else Int4Linear
 
 
@@ -219,9 +273,13 @@ def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:
         raise ValueError(f"unknown quantization {mode!r}; expected one of {', '.join(QUANT_MODES)}")
     if mode == "none":
         return
-    if device.type != "cpu":
-        raise ValueError(f"--quant {mode} runs on the CPU's packed kernels; on {device.type} use --quant none")
-    cls = int4_linear_class() if mode == "int4" else Int8Linear
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--quant {mode} runs on PyTorch's packed CPU and CUDA kernels; on {device.type} "
+                         "use --quant none")
+    if mode == "int8":
+        cls = Int8Linear  # PyTorch's _weight_int8pack_mm has a CUDA kernel too
+    else:
+        cls = Int4CudaLinear if device.type == "cuda" else int4_linear_class()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue

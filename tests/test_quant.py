@@ -8,7 +8,7 @@ import torch
 from r1.eval.perplexity import REFERENCE_TEXT, perplexity, token_logits
 from r1.loaders import load_model, open_model_files
 from r1 import quant
-from r1.quant import Int4Linear, Int8Linear
+from r1.quant import Int4CudaLinear, Int4Linear, Int8Linear, int4_grid, int4_groups
 
 # Bounds: the perplexity may rise by at most this fraction over the float model's.
 PPL_BOUND = {"int8": 0.02, "int4": 0.10, "int4-portable": 0.10}
@@ -79,3 +79,33 @@ def test_a_smaller_kv_cache_keeps_the_perplexity(models, token_ids, kv_dtype, on
     assert abs(got / base - 1) < 0.005, (base, got)
     if one_at_a_time:  # the float cache read a token at a time is the one-pass model, to float rounding
         assert perplexity(models["none"], token_ids, one_at_a_time=True) == pytest.approx(base, rel=1e-5)
+
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 16, 100])
+def test_packed_kernels_multiply_the_stored_weight(device, mode, rows):
+    # PyTorch's packed kernels (CPU and CUDA; int4 on the CPU: the portable one, whose
+    # scales and zeros are the CUDA one's) against the weight each layer stores, dequantized
+    # here in float32: a decode step's rows and a prefill chunk's (both dequantize above 32 rows).
+    torch.manual_seed(0)
+    n, k = 2048, 1536
+    weight = torch.randn(n, k, device=device)
+    int4 = Int4CudaLinear if device == "cuda" else Int4Linear
+    layer = (Int8Linear if mode == "int8" else int4)(k, n, bias=True).to(device)
+    layer.bias.data = torch.randn(n, device=device)
+    layer.set_weight(weight)
+    if mode == "int8":
+        stored = layer.qweight.float() * layer.scales.float()[:, None]
+    else:  # the kernels' grid: (q - 8) * scale + zero, both bf16
+        levels, scales, lows, steps = int4_groups(weight, layer.group_size)
+        scale, low = int4_grid(scales, lows, steps)
+        zero = (low + 8 * scale).bfloat16().float()[..., None]
+        groups = levels.view(n, -1, layer.group_size).float()
+        stored = ((groups - 8) * scale.bfloat16().float()[..., None] + zero).view(n, k)
+    assert (stored - weight).norm() / weight.norm() < (0.02 if mode == "int8" else 0.12)  # it is the quantized weight
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    want = x.float() @ stored.T + layer.bias
+    got = layer(x).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
