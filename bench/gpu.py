@@ -5,18 +5,21 @@ Here, where PyPI is reachable, put what that machine cannot fetch into .gpu/ (gi
 There, from the repository's root, with .gpu carried:
     bash bench/gpu.sh                # installs the wheel, then runs `python3 bench/gpu.py run`
 
-`run` does, each step on its own (a failure is recorded and the next step runs):
+`run` does, each step on its own (a failure is recorded and the next step runs), the engine's
+figures first, so that a run cut off at its time limit still has them:
 1. bandwidth: a device-to-device copy (bytes read + written), the ceiling of batch-1 decode;
-2. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
+2. model: an HF folder of R1-1.5B's shapes with random bf16 weights (transformers' own init);
+3. graphs_against_eager: greedy tokens with CUDA graphs against --enforce-eager, 1 and 16
+   sequences (batch sizes that need no padding);
+4. bench: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and eager,
+   batch-1 decode against the roofline (bandwidth / weight bytes per token), and `r1 bench
+   throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out);
+5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
+6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
-3. tests: tests/test_paged_decode.py, tests/test_cuda_graphs.py (graphs captured and replayed
-   against eager steps, fp32) and the packed int8/int4 kernels' test on the GPU;
-4. model: an HF folder of R1-1.5B's shapes with random bf16 weights (transformers' own init);
-   greedy tokens with CUDA graphs against --enforce-eager at batch sizes that need no padding;
-5. latency: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and
-   eager, and batch-1 decode against the roofline (bandwidth / weight bytes per token);
-6. throughput: `r1 bench throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out);
-7. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights.
+7. tests: tests/test_paged_decode.py, tests/test_cuda_graphs.py (graphs captured and replayed
+   against eager steps, fp32) and the packed int8/int4 kernels' test on the GPU (the slowest:
+   each test's shapes compile the kernel anew).
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
 table last. `run --smoke` runs the same steps on a tiny config, on this machine's CPU, to check
 the script itself before spending device time on it.
@@ -104,7 +107,7 @@ def tests(device: torch.device) -> dict:
     env = {**os.environ, "R1_TEST_TOKENIZER": str(PREPARED / "tokenizer.json"), "R1_KERNELS": "off"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_decode.py",
            "tests/test_cuda_graphs.py", "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return {"rc": done.returncode, "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
             "tail": (done.stdout + done.stderr)[-3000:]}
 
@@ -128,18 +131,38 @@ def random_model(folder: Path, cfg: ModelConfig, device: torch.device) -> Path:
     return folder
 
 
-def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int, quant: str = "none") -> LLM:
+def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int, **options) -> LLM:
     dtype = "bf16" if device.type == "cuda" else "fp32"
     return LLM(str(folder), progress=False, device=device.type, dtype=dtype, kv_cache_tokens=kv_tokens,
-               enforce_eager=eager, quant=quant)
+               enforce_eager=eager, **options)
+
+
+def _attempt(out: dict, key: str, measure) -> None:
+    """out[key] = measure(), or its traceback: one failure keeps the figures beside it."""
+    try:
+        out[key] = measure()
+    except Exception:
+        out[key] = {"error": traceback.format_exc()[-3000:]}
+        print(out[key]["error"], flush=True)
+
+
+def _engine_record(llm: LLM, started: float) -> dict:
+    """What a measurement ran on: the start's seconds (loading, the KV pool, graph capture), the
+    pool, the graphs, and the GPU memory at its peak."""
+    runner = llm.engine.runner
+    return {"start_seconds": time.perf_counter() - started, "kv_pool_tokens": llm.kv_pool_tokens,
+            "graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
+            "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
 def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> dict:
+    # No prefix cache: the 16-sequence run would find the first run's prompt cached and start
+    # some sequences a step early, and batches of 16 must stay 16 (no padding) throughout.
     prompts = bench.random_prompts([40, 300, 7, 1000, 64, 90, 500, 33] * 2, 10_000, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     runs = {}
     for eager in (True, False):
-        llm = _llm(folder, device, eager, kv_tokens)
+        llm = _llm(folder, device, eager, kv_tokens, max_num_seqs=16, enable_prefix_caching=False)
         runs[eager] = {n: [c.token_ids for c in llm.generate(prompts[:n], greedy)] for n in (1, 16)}
         _free(llm)
     same = {n: sum(a == b for a, b in zip(runs[True][n], runs[False][n])) for n in (1, 16)}
@@ -150,37 +173,55 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
                            smoke: bool) -> dict:
     out = {}
     for eager in (False, True):
+        started = time.perf_counter()
         llm = _llm(folder, device, eager, kv_tokens)
         name = "eager" if eager else "graphs"
-        r = bench.latency(llm, 64 if smoke else 512, 8 if smoke else 256, repeats=1 if smoke else 3)
-        r["settings"] = bench.engine_settings(llm, str(folder))
-        if gb_s:
-            r["decode_roofline_tok_s"] = gb_s * 1e9 / weight_bytes
-            r["decode_of_roofline"] = r["decode_tok_s"] / r["decode_roofline_tok_s"]
-        out[f"latency_{name}"] = r
-        if not eager:
+        out[f"engine_{name}"] = _engine_record(llm, started)
+
+        def latency():
+            r = bench.latency(llm, 64 if smoke else 512, 8 if smoke else 256, repeats=1 if smoke else 3)
+            r["settings"] = bench.engine_settings(llm, str(folder))
+            if gb_s:
+                r["decode_roofline_tok_s"] = gb_s * 1e9 / weight_bytes
+                r["decode_of_roofline"] = r["decode_tok_s"] / r["decode_roofline_tok_s"]
+            return r
+
+        def throughput():
             sizes = (8, (16, 64), (16, 64)) if smoke else (256, (100, 1024), (100, 1024))
             prompts, output_lens = bench.throughput_workload(sizes[0], sizes[1], sizes[2], llm.config.vocab_size)
-            out["throughput_graphs"] = bench.throughput(llm, prompts, output_lens)
+            r = bench.throughput(llm, prompts, output_lens)
+            r["preemptions"] = llm.engine.scheduler.num_preemptions
+            return r
+
+        _attempt(out, f"latency_{name}", latency)
+        if not eager:
+            _attempt(out, "throughput_graphs", throughput)
         _free(llm)
     return out
 
 
 def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -> dict:
-    """int8 and int4 weights with CUDA graphs: `r1 bench latency`, and the last position's
-    logits on a fixed prompt against bf16 weights (relative error, top-1 agreement)."""
+    """int8 and int4 weights with CUDA graphs: `r1 bench latency`, and the logits at every
+    position of a fixed prompt against bf16 weights (relative error, top-1 agreement)."""
     prompt = bench.random_prompts([256], 10_000, seed=3)[0]
-    logits, out = {}, {}
-    for mode in ("none", "int8", "int4"):
-        llm = _llm(folder, device, False, kv_tokens, quant=mode)
-        logits[mode] = token_logits(llm.model, prompt)
-        if mode != "none":
-            r = bench.latency(llm, 64 if smoke else 512, 8 if smoke else 256, repeats=1 if smoke else 3)
-            ref = logits["none"].float()
-            r["logit_relative_error"] = ((logits[mode].float() - ref).norm() / ref.norm()).item()
-            r["top1_agreement"] = (logits[mode].argmax(-1) == ref.argmax(-1)).float().mean().item()
-            out[mode] = r
-        _free(llm)
+    llm = _llm(folder, device, True, kv_tokens)  # bf16: its logits alone
+    reference = token_logits(llm.model, prompt)
+    _free(llm)
+    out = {}
+    for mode in ("int8", "int4"):
+        def measure():
+            started = time.perf_counter()
+            llm = _llm(folder, device, False, kv_tokens, quant=mode, max_num_seqs=8)  # graphs of 1-8: batch 1 runs
+            try:
+                r = {"engine": _engine_record(llm, started)}
+                logits = token_logits(llm.model, prompt)
+                r["logit_relative_error"] = ((logits - reference).norm() / reference.norm()).item()
+                r["top1_agreement"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+                r.update(bench.latency(llm, 64 if smoke else 512, 8 if smoke else 256, repeats=1 if smoke else 3))
+                return r
+            finally:
+                _free(llm)
+        _attempt(out, mode, measure)
     return out
 
 
@@ -193,20 +234,22 @@ def run(out: Path, smoke: bool) -> None:
     device = torch.device("cpu") if smoke else torch.device("cuda", 0)
     cfg = TINY if smoke else R1_1_5B
     weight_bytes = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) * 2  # bf16, all but the embedding
+    import triton
     record = {"command": " ".join(sys.argv), "machine": bench.machine(), "torch": torch.__version__,
-              "weight_bytes_per_token": weight_bytes, "steps": {}}
+              "cuda": torch.version.cuda, "triton": triton.__version__, "weight_bytes_per_token": weight_bytes,
+              "steps": {}}
     folder = Path("/tmp/r1-gpu-smoke" if smoke else "/tmp/r1-random-1.5b")
     kv_tokens = 4096 if smoke else 2 ** 19
     steps = [
         ("bandwidth", lambda: copy_bandwidth(device, 0.25 if smoke else 4)),
-        ("kernel", lambda: kernel(device, [(1, 200), (3, 70)] if smoke else
-                                  [(1, 1024), (1, 16384), (16, 4096), (64, 2048), (256, 1024)], cfg)),
-        ("tests", lambda: None if smoke else tests(device)),
         ("model", lambda: str(random_model(folder, cfg, device))),
         ("graphs_against_eager", lambda: graphs_against_eager(folder, device, kv_tokens)),
         ("bench", lambda: latency_and_throughput(folder, device, kv_tokens, weight_bytes,
                                                  record["steps"].get("bandwidth", {}).get("gb_s"), smoke)),
         ("quantized", lambda: quantized(folder, device, kv_tokens, smoke)),
+        ("kernel", lambda: kernel(device, [(1, 200), (3, 70)] if smoke else
+                                  [(1, 1024), (1, 16384), (16, 4096), (64, 2048), (256, 1024)], cfg)),
+        ("tests", lambda: None if smoke else tests(device)),
     ]
     for name, step in steps:
         started = time.perf_counter()
@@ -222,45 +265,58 @@ def run(out: Path, smoke: bool) -> None:
 
 
 def summary(steps: dict) -> str:
-    lines = []
-    for name, result in steps.items():
+    def failures(name, result):
         if isinstance(result, dict) and "error" in result:
-            lines.append(f"{name}: FAILED: {result['error'].strip().splitlines()[-1]}")
-    bw = steps.get("bandwidth", {})
-    if "gb_s" in bw:
-        lines.append(f"copy bandwidth {bw['gb_s']:.0f} GB/s")
+            yield f"{name}: FAILED: {result['error'].strip().splitlines()[-1]}"
+        elif isinstance(result, dict):
+            for key, inner in result.items():
+                yield from failures(f"{name}.{key}", inner)
+
+    def ok(result, *keys):
+        return isinstance(result, dict) and all(k in result for k in keys)
+
+    lines = [line for name, result in steps.items() for line in failures(name, result)]
+    if ok(steps.get("bandwidth"), "gb_s"):
+        lines.append(f"copy bandwidth {steps['bandwidth']['gb_s']:.0f} GB/s")
     for row in steps.get("kernel", []) if isinstance(steps.get("kernel"), list) else []:
         lines.append(f"kernel {row['num_seqs']:>3} x {row['context']:>5}: err {row['relative_error']:.1e}, "
-                     f"{row['kernel_us']:.0f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered")
-    if isinstance(steps.get("tests"), dict):
+                     f"{row['kernel_us']:.1f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered")
+    if ok(steps.get("tests"), "rc"):
         lines.append(f"tests: rc {steps['tests']['rc']}, {steps['tests']['summary']}")
-    if "sequences_equal" in steps.get("graphs_against_eager", {}):
+    if ok(steps.get("graphs_against_eager"), "sequences_equal"):
         lines.append(f"graphs vs eager, greedy sequences equal: {steps['graphs_against_eager']['sequences_equal']}")
-    for key, r in steps.get("bench", {}).items() if isinstance(steps.get("bench"), dict) else []:
-        if key.startswith("latency"):
+    bench_step = steps.get("bench") if isinstance(steps.get("bench"), dict) else {}
+    for key, r in bench_step.items():
+        if key.startswith("latency") and ok(r, "decode_tok_s"):
             roof = f", {r['decode_of_roofline']:.0%} of the roofline ({r['decode_roofline_tok_s']:.0f})" \
                 if "decode_of_roofline" in r else ""
             lines.append(f"{key}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{roof}")
-        elif "error" not in r:
-            lines.append(f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s")
-    for mode, r in steps.get("quantized", {}).items() if isinstance(steps.get("quantized"), dict) else []:
-        if mode != "error":
+        elif ok(r, "output_tok_s"):
+            lines.append(f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s, "
+                         f"{r['preemptions']} preemptions")
+    quant_step = steps.get("quantized") if isinstance(steps.get("quantized"), dict) else {}
+    for mode, r in quant_step.items():
+        if ok(r, "decode_tok_s"):
             lines.append(f"{mode}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s, "
                          f"logits {r['logit_relative_error']:.1e} from bf16, top-1 {r['top1_agreement']:.0%}")
     return "\n".join(lines)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int = 20) -> float:
+def _median_seconds(fn, device: torch.device, repeats: int = 10, calls: int = 50) -> float:
+    """Median seconds a call. On a GPU each timing spans `calls` calls queued back to back, so it
+    measures the GPU's time rather than the host's launches (a small case's cache then sits in
+    the GPU's L2 (60 MB on an H200) after the first call: its GB/s overstates HBM's)."""
     fn()  # warm up (Triton compiles on the first call)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / calls)
         else:
             t = time.perf_counter()
             fn()

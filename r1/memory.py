@@ -460,7 +460,8 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
             tokens = room(max_len) // per_token
         else:  # the longest context whose own KV and activations fit
             tokens = _largest(lambda context: room(context) >= context * per_token, 0, max_len)
-    tokens = min(tokens, cfg.max_position_embeddings * 2)
+    if not engine.kv_cache_tokens:  # a sized pool holds at most two full contexts; a stated one is kept
+        tokens = min(tokens, cfg.max_position_embeddings * 2)
     if tokens < engine.block_size and not engine.kv_cache_tokens:
         raise RuntimeError(f"no room for a KV cache: {tokens} tokens fit, a block holds {engine.block_size} "
                            "(free memory, or lower max_num_batched_tokens / max_num_seqs)")

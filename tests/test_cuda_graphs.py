@@ -62,10 +62,11 @@ def test_graph_decode_steps_equal_eager_ones(tiny_model_folder, device, kv_dtype
     _assert_no_leaks(llm)
 
 
-def test_padding_rows_write_only_the_scratch_block(tiny_model_folder):
+@pytest.mark.parametrize("quant", ["none", "int8"])  # a quantized lm_head has no .weight to size buffers by
+def test_padding_rows_write_only_the_scratch_block(tiny_model_folder, quant):
     # Three sequences run as a batch of four: the fourth row's key and value land in the
     # scratch block, and no other slot but the three sequences' new ones changes.
-    llm = _llm(tiny_model_folder, "cpu")
+    llm = _llm(tiny_model_folder, "cpu", quant=quant)
     runner = llm.engine.runner
     graphs = DecodeGraphs(runner.model, runner.kv_cache, 16, runner.scratch_block, max_num_seqs=4, max_model_len=64)
     runner.kv_cache.normal_()

@@ -235,6 +235,8 @@ def test_cli_tables_and_plot(offline, tmp_path, capsys):
 def test_pool_honours_a_stated_size_and_the_cpu_budget():
     cpu = torch.device("cpu")
     assert memory.kv_pool_tokens(R1_1_5B, EngineConfig(kv_cache_tokens=1000), cpu, torch.float32) == 992
+    # A stated pool is kept past the two full contexts a sized one stops at.
+    assert memory.kv_pool_tokens(R1_1_5B, EngineConfig(kv_cache_tokens=2 ** 19), cpu, torch.bfloat16) == 2 ** 19
     tokens = memory.kv_pool_tokens(R1_1_5B, EngineConfig(), cpu, torch.bfloat16)
     assert tokens == memory.CPU_KV_BUDGET_BYTES // 28_672 // 16 * 16
 

@@ -76,12 +76,13 @@ def test_kernel_reads_only_the_listed_blocks():
     # poisoned unused block change nothing.
     seq_lens = [20, 5]
     q, cache, meta, _, _ = scattered_batch(seq_lens, [1, 1], seed=6, heads=12, kv_heads=2, head_dim=128, block=16)
+    q, cache, meta.block_tables = q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE)
     group = meta.decode_group(16)
     want = _kernel(q, cache, group, 128 ** -0.5, 2)
     used = set(group.block_tables[0, :2].tolist()) | {group.block_tables[1, 0].item()}
     unused = next(b for b in range(cache.shape[1]) if b not in used)
     cache[:, unused] = float("nan")
-    group.block_tables = torch.cat([group.block_tables, torch.full((2, 3), unused)], 1)
+    group.block_tables = torch.cat([group.block_tables, torch.full((2, 3), unused, device=DEVICE)], 1)
     group.block_tables[1, 1] = unused
     got = _kernel(q, cache, group, 128 ** -0.5, 2)
     assert torch.equal(got, want)

@@ -34,13 +34,14 @@ class DecodeGraphs:
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
-        device, n, width = model.lm_head.weight.device, self.sizes[-1], -(-max_model_len // block_size)
+        embedding = model.model.embed_tokens.weight  # not the lm_head's: a quantized one has no .weight
+        device, n, width = embedding.device, self.sizes[-1], -(-max_model_len // block_size)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
         self.block_tables = torch.full((n, width), scratch_block, dtype=torch.long, device=device)
-        self.hidden = torch.zeros(n, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
+        self.hidden = torch.zeros(n, model.config.hidden_size, dtype=embedding.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if device.type == "cuda":
             self._capture()

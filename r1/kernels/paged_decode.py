@@ -38,9 +38,9 @@ def _programs_wanted(device: torch.device) -> int:
 
 def num_splits_for(num_seqs: int, kv_heads: int, device: torch.device) -> int:
     """How many parts of each context run in parallel: enough programs to fill the GPU, as a
-    power of two up to 32."""
+    power of two up to 128 (a batch of one on R1's 2 kv heads wants 132 on an H100)."""
     wanted = -(-_programs_wanted(device) // (num_seqs * kv_heads))
-    return min(32, triton.next_power_of_2(wanted))
+    return min(128, triton.next_power_of_2(wanted))
 
 
 def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -72,14 +72,17 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         CHUNK=CHUNK, NUM_SPLITS=num_splits, INT8=quantized,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # a float32 model keeps float32 products
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # a float32 model keeps float32 products
+        num_warps=8)  # with 4, ptxas spills the (16, 128) accumulator and the chunk's keys and values
     out = torch.empty_like(q)
     _combine_splits[(d, heads)](parts, part_lse, out, out.stride(0), out.stride(1),
                                 HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
     return out
 
 
-@triton.jit
+# The table's row stride is the longest sequence's block count in an eager step: left unspecialized,
+# so each new width does not compile the kernel again (Triton specializes ints divisible by 16).
+@triton.jit(do_not_specialize=["table_stride"])
 def _attend_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, parts_ptr, lse_ptr, scale,
                   q_stride_seq, q_stride_head, k_stride_block, k_stride_token, k_stride_head,
                   v_stride_block, v_stride_token, v_stride_head, s_stride_block, s_stride_token, table_stride,
