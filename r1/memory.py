@@ -443,9 +443,9 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
     per_token = cfg.kv_bytes_per_token(engine.resolved_kv_dtype(dtype))
     if engine.kv_cache_tokens:
         tokens = engine.kv_cache_tokens
-    elif device.type != "cuda":
-        tokens = CPU_KV_BUDGET_BYTES // per_token
-    else:
+    elif device.type != "cuda":  # at most two full contexts: a small model needs no 4 GiB
+        tokens = min(CPU_KV_BUDGET_BYTES // per_token, cfg.max_position_embeddings * 2)
+    else:  # as vLLM: what is free, for as many sequences as it holds
         if free_bytes is None:
             free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = int(free_bytes * CUDA_MEMORY_FRACTION)
@@ -460,8 +460,6 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
             tokens = room(max_len) // per_token
         else:  # the longest context whose own KV and activations fit
             tokens = _largest(lambda context: room(context) >= context * per_token, 0, max_len)
-    if not engine.kv_cache_tokens:  # a sized pool holds at most two full contexts; a stated one is kept
-        tokens = min(tokens, cfg.max_position_embeddings * 2)
     if tokens < engine.block_size and not engine.kv_cache_tokens:
         raise RuntimeError(f"no room for a KV cache: {tokens} tokens fit, a block holds {engine.block_size} "
                            "(free memory, or lower max_num_batched_tokens / max_num_seqs)")

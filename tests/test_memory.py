@@ -262,7 +262,7 @@ def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
                 + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2))
 
     big = memory.kv_pool_tokens(R1_1_5B, engine, cuda, torch.bfloat16, free_bytes=120 * GiB)
-    assert big > R1_1_5B.max_position_embeddings  # room for many full-length sequences
+    assert big > 20 * R1_1_5B.max_position_embeddings  # room for many full-length sequences
     assert big * per_token + reserve(R1_1_5B.max_position_embeddings) <= 0.9 * 120 * GiB
     small = memory.kv_pool_tokens(R1_1_5B, engine, cuda, torch.bfloat16, free_bytes=3 * GiB)
     assert small < R1_1_5B.max_position_embeddings  # the pool, and so the context, shrinks
