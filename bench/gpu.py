@@ -21,8 +21,8 @@ figures first, so that a run cut off at its time limit still has them:
    against eager steps, fp32) and the packed int8/int4 kernels' test on the GPU (the slowest:
    each test's shapes compile the kernel anew).
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
-table last. `run --smoke` runs the same steps on a tiny config, on this machine's CPU, to check
-the script itself before spending device time on it.
+table last. `run --smoke` runs the same steps but the tests on a tiny config, on this machine's
+CPU, to check the script itself before spending device time on it.
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def random_model(folder: Path, cfg: ModelConfig, device: torch.device) -> Path:
 
 def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int, **options) -> LLM:
     dtype = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     return LLM(str(folder), progress=False, device=device.type, dtype=dtype, kv_cache_tokens=kv_tokens,
                enforce_eager=eager, **options)
 
@@ -148,7 +150,7 @@ def _attempt(out: dict, key: str, measure) -> None:
 
 def _engine_record(llm: LLM, started: float) -> dict:
     """What a measurement ran on: the start's seconds (loading, the KV pool, graph capture), the
-    pool, the graphs, and the GPU memory at its peak."""
+    pool, the graphs, and the GPU memory at its peak since _llm reset it."""
     runner = llm.engine.runner
     return {"start_seconds": time.perf_counter() - started, "kv_pool_tokens": llm.kv_pool_tokens,
             "graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
@@ -157,7 +159,8 @@ def _engine_record(llm: LLM, started: float) -> dict:
 
 def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> dict:
     # No prefix cache: the 16-sequence run would find the first run's prompt cached and start
-    # some sequences a step early, and batches of 16 must stay 16 (no padding) throughout.
+    # one sequence a step early. Without it the batches are 1, 8 and 16, all captured sizes:
+    # graph and eager steps see the same rows, with no padding.
     prompts = bench.random_prompts([40, 300, 7, 1000, 64, 90, 500, 33] * 2, 10_000, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     runs = {}

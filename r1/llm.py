@@ -83,11 +83,9 @@ class LLM:
         start = time.perf_counter()
         self.model = load_model(self.files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
         self.load_seconds = time.perf_counter() - start
-        decode_graphs = self.device.type == "cuda" and not self.engine_config.enforce_eager
-        runner = ModelRunner(self.model, *self._kv_pool())
-        scheduler_config = self._scheduler_config(keep_scratch_block=decode_graphs)
-        if decode_graphs:
-            runner.capture_decode_graphs(scheduler_config.max_num_seqs, scheduler_config.max_model_len)
+        runner = ModelRunner(self.model, *self._kv_pool(), enforce_eager=self.engine_config.enforce_eager)
+        scheduler_config = self._scheduler_config(runner.num_sequence_blocks)
+        runner.capture_decode_graphs(scheduler_config.max_num_seqs, scheduler_config.max_model_len)
         self.engine = LLMEngine(runner, self.tokenizer, scheduler_config, self.files.sampling_defaults,
                                 self._end_of_turn_ids())
         self._ids = itertools.count()
@@ -100,11 +98,9 @@ class LLM:
         return (self.kv_pool_tokens // self.engine_config.block_size, self.engine_config.block_size,
                 self.engine_config.resolved_kv_dtype(self.dtype))
 
-    def _scheduler_config(self, keep_scratch_block: bool) -> SchedulerConfig:
-        """The scheduler's limits; with CUDA graphs the pool's last block is kept from the block
-        manager as the runner's scratch block."""
+    def _scheduler_config(self, num_blocks: int) -> SchedulerConfig:
+        """The scheduler's limits, over the num_blocks of the pool the runner lets sequences use."""
         ec = self.engine_config
-        num_blocks = self.kv_pool_tokens // ec.block_size - keep_scratch_block
         max_len = min(ec.max_model_len or self.config.max_position_embeddings, num_blocks * ec.block_size)
         if ec.max_model_len and ec.max_model_len > self.config.max_position_embeddings:
             raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's context "

@@ -6,7 +6,9 @@ full. int8 and the portable int4 run on PyTorch's packed CPU kernels (`_weight_i
 `_weight_int4pack_mm_for_cpu`), which want bf16 activations. On a CPU with AVX-512 VNNI or
 AVX2, int4 runs on r1's own kernel (r1/kernels/), which quantizes the activations to int8 per
 group as llama.cpp does: a decode step then reads the weights at the memory bus's speed and
-prefill runs 3-8x faster. Elsewhere int4 runs on the portable kernel.
+prefill runs 3-8x faster. Elsewhere int4 runs on the portable kernel. On a GPU int8 runs on
+`_weight_int8pack_mm`'s CUDA kernel (PyTorch's reference one: a thread per output, so perhaps
+slower than bf16; bench/gpu.py measures it) and int4 on `_weight_int4pack_mm` (Int4CudaLinear).
 
 int4 is asymmetric with a scale and a low per group of 32 weights, each an 8-bit multiple of one
 of its row's two float steps: 4.5 bits a weight, as GGUF's Q4_K (6-bit ones under a float pair
@@ -109,9 +111,15 @@ def int4_grid(scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> 
     return scales * steps[0, :, None], lows * steps[1, :, None]
 
 
+def scales_and_zeros(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Each group's grid (out, in / group) as PyTorch's int4 kernels take it, (in / group, out, 2)
+    bf16: they compute w = (q - 8) * scale + zero."""
+    return torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 def int4_nbytes(out_features: int, in_features: int) -> int:
-    """The bytes of one int4 weight as int4_groups stores it (PyTorch's portable kernel holds
-    its scales and lows in bf16 instead: 2 bytes more per group)."""
+    """The bytes of one int4 weight as int4_groups stores it (PyTorch's portable and CUDA
+    kernels hold its scales and lows in bf16 instead: 2 bytes more per group)."""
     groups = out_features * -(-in_features // INT4_GROUP_SIZE)
     return out_features * in_features // 2 + 2 * groups + 8 * out_features
 
@@ -129,10 +137,8 @@ class Int4Linear(QuantizedLinear):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         q, scales, lows, steps = int4_groups(weight, self.group_size)
-        scale, low = int4_grid(scales, lows, steps)
-        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.scales_and_zeros = scales_and_zeros(*int4_grid(scales, lows, steps))
 
     def dequantized_t(self) -> torch.Tensor:
         """The bf16 weight, transposed (in, out), unpacked from the kernel's layout.
@@ -228,10 +234,8 @@ class Int4CudaLinear(QuantizedLinear):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         q, scales, lows, steps = int4_groups(weight, self.group_size)
-        scale, low = int4_grid(scales, lows, steps)
         self.packed = _pack_for_cuda(q, self.INNER_K_TILES, _cuda_nibble_order(q.device))
-        self.scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(
-            torch.bfloat16)
+        self.scales_and_zeros = scales_and_zeros(*int4_grid(scales, lows, steps))
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         return self._add_bias(torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed,
@@ -255,7 +259,8 @@ def _cuda_nibble_order(device: torch.device) -> bool:
     identity = torch.eye(k, dtype=torch.bfloat16, device=device)
     ones = torch.stack([torch.ones(k // g, n), torch.full((k // g, n), 8.0)], -1).to(device, torch.bfloat16)
     for high_first in (True, False):  # scale 1, zero 8: (q - 8) * 1 + 8 = q
-        product = torch._weight_int4pack_mm(identity, _pack_for_cuda(levels, 8, high_first), g, ones)
+        packed = _pack_for_cuda(levels, Int4CudaLinear.INNER_K_TILES, high_first)
+        product = torch._weight_int4pack_mm(identity, packed, g, ones)
         if torch.equal(product.T.float(), levels.float()):
             return high_first
     raise RuntimeError("this torch's CUDA int4 kernel packs its weights in a layout r1 does not know; "

@@ -44,14 +44,14 @@ def test_graph_decode_steps_equal_eager_ones(tiny_model_folder, device, kv_dtype
     llm = _llm(tiny_model_folder, device, kv_dtype=kv_dtype)
     runner = llm.engine.runner
     if device == "cpu":  # no capture on a CPU: the buffers for batches of up to 4, run eagerly
-        assert runner.graphs is None
-        # Without graphs the block manager holds the scratch block too; these six short
-        # sequences take blocks from the front of 256 and never reach the last.
-        assert llm.engine.scheduler.config.num_blocks == runner.scratch_block + 1
-        runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.block_size, runner.scratch_block,
+        assert runner.graphs is None and runner.scratch_block is None
+        # Without graphs the block manager holds every block; these six short sequences take
+        # blocks from the front of 256 and never reach the last, the scratch block here.
+        assert llm.engine.scheduler.config.num_blocks == runner.num_blocks
+        runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.block_size, runner.num_blocks - 1,
                                      max_num_seqs=4, max_model_len=llm.engine.scheduler.config.max_model_len)
-    else:  # the block manager never hands out the scratch block
-        assert llm.engine.scheduler.config.num_blocks == runner.scratch_block
+    else:  # the block manager never hands out the scratch block, the last
+        assert llm.engine.scheduler.config.num_blocks == runner.scratch_block == runner.num_blocks - 1
         assert set(runner.graphs.graphs) == set(graph_batch_sizes(llm.engine.scheduler.config.max_num_seqs))
     graph_batches = []
     run = runner.graphs.run
@@ -68,11 +68,12 @@ def test_padding_rows_write_only_the_scratch_block(tiny_model_folder, quant):
     # scratch block, and no other slot but the three sequences' new ones changes.
     llm = _llm(tiny_model_folder, "cpu", quant=quant)
     runner = llm.engine.runner
-    graphs = DecodeGraphs(runner.model, runner.kv_cache, 16, runner.scratch_block, max_num_seqs=4, max_model_len=64)
+    scratch = runner.num_blocks - 1
+    graphs = DecodeGraphs(runner.model, runner.kv_cache, 16, scratch, max_num_seqs=4, max_model_len=64)
     runner.kv_cache.normal_()
     before = runner.kv_cache.clone()
     slots = [5 * 16 + 2, 7 * 16 + 3, 2 * 16 + 15]
     hidden = graphs.run([11, 12, 13], [2, 19, 15], slots, [3, 20, 16], [[5], [9, 7], [2]])
     assert hidden.shape == (3, llm.config.hidden_size) and torch.isfinite(hidden).all()
     written = (runner.kv_cache != before).any(-1).any(-1).any(1).any(0)  # (blocks, block_size): each slot
-    assert set(written.flatten().nonzero().flatten().tolist()) == {*slots, runner.scratch_block * 16}
+    assert set(written.flatten().nonzero().flatten().tolist()) == {*slots, scratch * 16}

@@ -3,6 +3,7 @@ the engine's KV pool sizing, the CLI, and one real measurement in a subprocess."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -239,6 +240,8 @@ def test_pool_honours_a_stated_size_and_the_cpu_budget():
     assert memory.kv_pool_tokens(R1_1_5B, EngineConfig(kv_cache_tokens=2 ** 19), cpu, torch.bfloat16) == 2 ** 19
     tokens = memory.kv_pool_tokens(R1_1_5B, EngineConfig(), cpu, torch.bfloat16)
     assert tokens == memory.CPU_KV_BUDGET_BYTES // 28_672 // 16 * 16
+    short = dataclasses.replace(R1_1_5B, max_position_embeddings=4096)  # its budget holds 36 contexts
+    assert memory.kv_pool_tokens(short, EngineConfig(), cpu, torch.bfloat16) == 2 * 4096
 
 
 def test_step_budget_is_smaller_on_a_cpu_and_never_below_max_num_seqs():

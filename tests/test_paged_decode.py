@@ -53,13 +53,14 @@ def _kernel(q, cache, group, scale, num_splits):
     (torch.float32, torch.float32, 1e-6),
     (torch.bfloat16, torch.bfloat16, 5e-3),  # the outputs and the reference's probabilities round to bf16
     (torch.float32, torch.int8, 1e-6),
+    (torch.bfloat16, torch.int8, 5e-3),  # a GPU's --kv-dtype int8
 ])
 def test_kernel_agrees_with_pytorch(num_splits, dtype, cache_dtype, tolerance):
     # R1's heads: 6 query heads share each kv head (padded to tl.dot's 16 rows), head_dim 128.
     seq_lens = [1, 16, 17, 130, 300]
     q, cache, meta, _, _ = scattered_batch(seq_lens, [1] * len(seq_lens), seed=5, cache_dtype=cache_dtype,
                                            heads=12, kv_heads=2, head_dim=128, block=16)
-    if cache_dtype == torch.bfloat16 or dtype == torch.bfloat16:
+    if cache_dtype == torch.bfloat16:
         cache = cache.to(dtype)
     q, cache = q.to(DEVICE, dtype), _on_device(cache)
     meta.block_tables = meta.block_tables.to(DEVICE)
@@ -88,14 +89,26 @@ def test_kernel_reads_only_the_listed_blocks():
     assert torch.equal(got, want)
 
 
-def test_supported_shapes():
-    assert paged_decode.supports(128, 16) and paged_decode.supports(64, 64)
-    assert not paged_decode.supports(128, 4)  # under tl.dot's 16
-    assert not paged_decode.supports(96, 16)  # not a power of two
-    assert not paged_decode.supports(128, 128)  # over a chunk
+@pytest.mark.parametrize("block_size", [8, 24, 128])  # under, across and over the kernel's 64-token chunk
+def test_any_block_size(block_size):
+    seq_lens = [1, 30, 200]
+    q, cache, meta, _, _ = scattered_batch(seq_lens, [1] * len(seq_lens), seed=7, heads=12, kv_heads=2,
+                                           head_dim=128, block=block_size)
+    q, cache, meta.block_tables = q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE)
+    group = meta.decode_group(block_size)
+    got = _kernel(q, cache, group, 128 ** -0.5, 2)
+    want = attention._gathered_decode_attention(q, cache, group, 128 ** -0.5)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_supported_head_sizes():
+    assert paged_decode.supports(128) and paged_decode.supports(64) and paged_decode.supports(16)
+    assert not paged_decode.supports(8)  # under tl.dot's 16
+    assert not paged_decode.supports(96)  # not a power of two
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU's decode attention (a CPU's never takes Triton)")
 def test_a_gpu_decodes_on_the_kernel():
-    assert attention.triton_decode_runs(torch.device("cuda", torch.cuda.current_device()), 128, 16)
-    assert not attention.triton_decode_runs(torch.device("cuda", torch.cuda.current_device()), 128, 4)
+    assert attention.triton_decode_runs(torch.device("cuda", torch.cuda.current_device()), 128)
+    assert not attention.triton_decode_runs(torch.device("cuda", torch.cuda.current_device()), 96)
+    assert not attention.triton_decode_runs(torch.device("cpu"), 128)

@@ -1,4 +1,5 @@
-"""Weight-only int8 and int4 against the float model on real weights: perplexity and logits."""
+"""Weight-only int8 and int4: against the float model on real weights (perplexity and logits),
+and each packed kernel against the weight its layer stores."""
 
 from __future__ import annotations
 
@@ -61,6 +62,15 @@ def test_logit_error_is_bounded(models, token_ids, mode, bound):
     assert agree > (0.95 if mode == "int8" else 0.78), agree
 
 
+def test_cuda_takes_its_int4_layer():
+    # Chosen and sized before any weight reaches the GPU: no CUDA call, so this runs anywhere.
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64))
+    quant.quantize_linears(model, "int4", torch.device("cuda"))
+    assert isinstance(model[0], Int4CudaLinear)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        quant.quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 64)), "int4", torch.device("cuda"))
+
+
 def test_quantizing_on_another_device_is_refused(small_gguf):
     files = open_model_files(str(small_gguf))
     with pytest.raises(ValueError, match="use --quant none"):
@@ -88,7 +98,8 @@ def test_a_smaller_kv_cache_keeps_the_perplexity(models, token_ids, kv_dtype, on
 def test_packed_kernels_multiply_the_stored_weight(device, mode, rows):
     # PyTorch's packed kernels (CPU and CUDA; int4 on the CPU: the portable one, whose
     # scales and zeros are the CUDA one's) against the weight each layer stores, dequantized
-    # here in float32: a decode step's rows and a prefill chunk's (both dequantize above 32 rows).
+    # here in float32: a decode step's rows and a prefill chunk's (over 32 rows int8 and the
+    # CPU's int4 multiply the dequantized weight; CUDA's int4 keeps its kernel).
     torch.manual_seed(0)
     n, k = 2048, 1536
     weight = torch.randn(n, k, device=device)

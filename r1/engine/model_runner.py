@@ -22,27 +22,34 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2ForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+    def __init__(self, model: Qwen2ForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 enforce_eager: bool = False):
         cfg = model.config
-        self.model, self.block_size = model, block_size
+        self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         self.device = model.model.embed_tokens.weight.device
-        # The block a CUDA graph's padding rows write to: LLM keeps the last block from the
-        # block manager when it captures graphs.
-        self.scratch_block = num_blocks - 1
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                           cfg.head_dim, kv_dtype, self.device)
+        # On a GPU decode steps replay CUDA graphs, unless asked not to, or unless Triton's paged
+        # kernel cannot run here: without it every graph would gather each sequence's cache to
+        # max_model_len, each layer. The graphs' padding rows write to the pool's last block.
+        self.captures_graphs = self.device.type == "cuda" and not enforce_eager and num_blocks > 1
+        if self.captures_graphs and not triton_decode_runs(self.device, cfg.head_dim):
+            log.warning("decode steps run without CUDA graphs: Triton's paged decode kernel cannot run here "
+                        "(it needs triton, and a head_dim that is a power of two >= 16)")
+            self.captures_graphs = False
+        self.scratch_block = num_blocks - 1 if self.captures_graphs else None
         self.graphs: DecodeGraphs | None = None
 
+    @property
+    def num_sequence_blocks(self) -> int:
+        """The blocks the block manager may hand to sequences: all but the scratch block."""
+        return self.num_blocks - self.captures_graphs
+
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Capture the decode forward for batches up to max_num_seqs (on a CPU: the same
-        buffers, run eagerly). Without Triton's paged kernel the graphs would gather every
-        sequence's cache to max_model_len each layer, so then the steps stay eager."""
-        if not triton_decode_runs(self.device, self.model.config.head_dim, self.block_size):
-            log.warning("decode steps run without CUDA graphs: Triton's paged decode kernel cannot run here "
-                        "(needs triton, head_dim and block_size powers of two >= 16, block_size <= 64)")
-            return
-        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs,
-                                   max_model_len)
+        """Capture the decode forward for batches up to max_num_seqs, where graphs run."""
+        if self.captures_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs,
+                                       max_model_len)
 
     def prepare(self, scheduled: list[ScheduledSeq]):
         """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached

@@ -51,7 +51,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) int64: block * block_size + offset of each new token
     block_tables: torch.Tensor  # (B, max_blocks) int64: each sequence's blocks, in order
     query_lens: list[int]  # new tokens per sequence; they sum to N
-    seq_lens: list[int] | None  # cached + new tokens per sequence (what its queries attend to)
+    seq_lens: list[int] | None  # cached + new tokens per sequence (what its queries attend to); None
+    # when built by for_decode, whose decode group holds them on the device
     _decode_group: DecodeGroup | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -160,13 +161,13 @@ def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tens
 
 
 @functools.cache
-def triton_decode_runs(device: torch.device, head_dim: int, block_size: int) -> bool:
+def triton_decode_runs(device: torch.device, head_dim: int) -> bool:
     """Whether decode attention on `device` runs on r1's Triton kernel: a GPU, Triton installed,
-    and shapes the kernel takes."""
+    and a head size the kernel takes."""
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return False
     from r1.kernels import paged_decode  # imports Triton: only on a GPU
-    return paged_decode.supports(head_dim, block_size)
+    return paged_decode.supports(head_dim)
 
 
 def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
@@ -181,7 +182,7 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, g
         (keys, values), (key_scales, value_scales) = layer_cache.values, layer_cache.scales
     else:
         (keys, values), key_scales, value_scales = layer_cache, None, None
-    if triton_decode_runs(q.device, q.shape[-1], group.block_size):
+    if triton_decode_runs(q.device, q.shape[-1]):
         from r1.kernels.paged_decode import paged_decode_attention
         return paged_decode_attention(q, keys, values, key_scales, value_scales, group.block_tables, group.seq_lens,
                                       scale)
