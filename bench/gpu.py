@@ -12,8 +12,9 @@ figures first, so that a run cut off at its time limit still has them:
 3. graphs_against_eager: greedy tokens with CUDA graphs against --enforce-eager, 1 and 16
    sequences (batch sizes that need no padding);
 4. bench: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and eager,
-   batch-1 decode against the roofline (bandwidth / weight bytes per token), and `r1 bench
-   throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out);
+   batch-1 decode against the roofline (bandwidth / weight bytes per token), `r1 bench
+   throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out), and an eager decode
+   step under the profiler: its kernels, and the GPU time they take against the step's;
 5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
 6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
@@ -199,8 +200,44 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
         _attempt(out, f"latency_{name}", latency)
         if not eager:
             _attempt(out, "throughput_graphs", throughput)
+        else:
+            _attempt(out, "decode_profile_eager", lambda: decode_profile(llm, device))
         _free(llm)
     return out
+
+
+def decode_profile(llm: LLM, device: torch.device, steps: int = 16) -> dict:
+    """What one batch-1 decode step launches, and where its GPU time goes: one prompt under the
+    profiler with 1 and then 1 + steps new tokens (its prefill cached by a first run); the
+    difference is `steps` decode steps. Eager, so that each kernel shows. (Under --smoke, on a
+    CPU, it counts the ops instead, nested: their times overlap.)"""
+    from torch.profiler import ProfilerActivity, profile
+    prompt = bench.random_prompts([512], llm.config.vocab_size, seed=5)[0]
+
+    def run(max_tokens: int) -> dict:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            llm.generate([prompt], params)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return {e.key: (e.count, e.device_time_total if device.type == "cuda" else e.cpu_time_total)
+                for e in prof.key_averages()}
+
+    run(1)  # caches the prompt's blocks
+    started = time.perf_counter()
+    short = run(1)
+    short_s = time.perf_counter() - started
+    started = time.perf_counter()
+    long = run(1 + steps)
+    long_s = time.perf_counter() - started
+    per_step = {k: ((n - short.get(k, (0, 0))[0]) / steps, (t - short.get(k, (0, 0))[1]) / steps)
+                for k, (n, t) in long.items()}
+    busy_us = sum(t for _, t in per_step.values())
+    top = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:15]
+    return {"kernels_per_step": sum(n for n, _ in per_step.values()), "busy_us_per_step": busy_us,
+            "wall_us_per_step_under_profiler": (long_s - short_s) / steps * 1e6,
+            "top": [{"kernel": k[:120], "calls": n, "us": t} for k, (n, t) in top]}
 
 
 def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -> dict:
@@ -297,6 +334,10 @@ def summary(steps: dict) -> str:
         elif ok(r, "output_tok_s"):
             lines.append(f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s, "
                          f"{r['preemptions']} preemptions")
+    if ok(bench_step.get("decode_profile_eager"), "kernels_per_step"):
+        p = bench_step["decode_profile_eager"]
+        lines.append(f"eager decode step: {p['kernels_per_step']:.0f} kernels, {p['busy_us_per_step']:.0f} us busy; "
+                     f"top: " + ", ".join(f"{t['kernel'][:40]} {t['us']:.0f} us" for t in p["top"][:3]))
     quant_step = steps.get("quantized") if isinstance(steps.get("quantized"), dict) else {}
     for mode, r in quant_step.items():
         if ok(r, "decode_tok_s"):
