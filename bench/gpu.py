@@ -14,11 +14,12 @@ figures first, so that a run cut off at its time limit still has them:
 4. bench: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and eager,
    batch-1 decode against the roofline (bandwidth / weight bytes per token), `r1 bench
    throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out), and an eager decode
-   step under the profiler: its kernels, and the GPU time they take against the step's;
+   step under the profiler: its kernels, and the GPU time they take against the step's; then
+   latency again with r1's Triton layer ops (R1_GPU_LAYER_OPS=on), the A/B that decides them;
 5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
 6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
-7. tests: tests/test_paged_decode.py, tests/test_cuda_graphs.py (graphs captured and replayed
+7. tests: tests/test_paged_decode.py, tests/test_gpu_layer_ops.py, tests/test_cuda_graphs.py (graphs captured and replayed
    against eager steps, fp32) and the packed int8/int4 kernels' test on the GPU (the slowest:
    each test's shapes compile the kernel anew).
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
@@ -106,7 +107,8 @@ def tests(device: torch.device) -> dict:
     # R1_KERNELS=off: the tests' CPU cases take PyTorch's paths rather than compile r1's kernels there.
     env = {**os.environ, "R1_TEST_TOKENIZER": str(PREPARED / "tokenizer.json"), "R1_KERNELS": "off"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_decode.py",
-           "tests/test_cuda_graphs.py", "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight"]
+           "tests/test_cuda_graphs.py", "tests/test_gpu_layer_ops.py",
+           "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return {"rc": done.returncode, "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
             "tail": (done.stdout + done.stderr)[-3000:]}
@@ -174,11 +176,14 @@ def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> 
 
 def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, weight_bytes: int, gb_s: float | None,
                            smoke: bool) -> dict:
+    from r1 import kernels
     out = {}
-    for eager in (False, True):
+    # graphs_layer_ops: r1's Triton layer ops (R1_GPU_LAYER_OPS=on, opt-in until this A/B says they pay)
+    for name, eager in (("graphs", False), ("eager", True), ("graphs_layer_ops", False)):
+        os.environ[kernels.GPU_OPS_ENV] = "on" if name == "graphs_layer_ops" else "off"
+        kernels._gpu_ops.cache_clear()
         started = time.perf_counter()
         llm = _llm(folder, device, eager, kv_tokens)
-        name = "eager" if eager else "graphs"
         out[f"engine_{name}"] = _engine_record(llm, started)
 
         def latency():
@@ -197,11 +202,13 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
             return r
 
         _attempt(out, f"latency_{name}", latency)
-        if not eager:
+        if name == "graphs":
             _attempt(out, "throughput_graphs", throughput)
-        else:
+        elif name == "eager":
             _attempt(out, "decode_profile_eager", lambda: decode_profile(llm, device))
         _free(llm)
+    os.environ.pop(kernels.GPU_OPS_ENV)
+    kernels._gpu_ops.cache_clear()
     return out
 
 
@@ -220,8 +227,9 @@ def decode_profile(llm: LLM, device: torch.device, steps: int = 16) -> dict:
             llm.generate([prompt], params)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+        # On a GPU, kernels alone: the runtime's launch calls that queue them take no device time.
         return {e.key: (e.count, e.device_time_total if device.type == "cuda" else e.cpu_time_total)
-                for e in prof.key_averages()}
+                for e in prof.key_averages() if device.type != "cuda" or e.device_time_total > 0}
 
     run(1)  # caches the prompt's blocks
     started = time.perf_counter()

@@ -12,13 +12,16 @@ next. `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it
 none of the instruction sets, or every build fails; the model and r1/quant.py then take
 PyTorch's portable paths, and the reason is logged once.
 
-One kernel here is for GPUs: `paged_decode.py`, decode attention in Triton, which
-r1/model/attention.py imports only on a GPU (tests run it on a CPU under Triton's interpreter).
+Two files here are for GPUs, in Triton (tests run them on a CPU under Triton's interpreter):
+`paged_decode.py`, decode attention, which r1/model/attention.py imports only on a GPU, and
+`gpu_layer_ops.py`, the norm, rotary and SwiGLU ops of layer_ops.cpp, which op_for hands out for
+CUDA tensors with R1_GPU_LAYER_OPS=on (opt-in until a GPU run has measured them; see that file).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -124,8 +127,24 @@ def op(name: str):
 
 
 def op_for(name: str, x: torch.Tensor):
-    """op(name) when it can take x (the model's kernels take float32 on the CPU), else None."""
+    """The kernel for `name` that takes x, or None: r1's CPU kernels take float32 CPU tensors,
+    its Triton ones (gpu_layer_ops.py) CUDA tensors of any float dtype."""
+    if x.device.type == "cuda":
+        return _gpu_ops().get(name)
     return op(name) if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
+# "on" runs the layer ops of CUDA tensors on r1's Triton kernels; anything else, on PyTorch's path.
+GPU_OPS_ENV = "R1_GPU_LAYER_OPS"
+
+
+@functools.cache
+def _gpu_ops() -> dict:
+    """gpu_layer_ops.OPS with R1_GPU_LAYER_OPS=on and Triton installed, else nothing."""
+    if os.environ.get(GPU_OPS_ENV) != "on" or importlib.util.find_spec("triton") is None:
+        return {}
+    from r1.kernels import gpu_layer_ops  # imports Triton: only for CUDA tensors
+    return gpu_layer_ops.OPS
 
 
 @functools.cache

@@ -1,8 +1,9 @@
 """The small building blocks of the Qwen2 decoder: RMSNorm, rotary embedding, SwiGLU MLP.
 
-Each matches HF transformers' Qwen2 numerics (the parity tests hold us to 1e-4 in fp32). On a
-CPU in float32, norms, rotations and SwiGLU's silu(gate) * up run on r1's kernels
-(r1/kernels/layer_ops.cpp), one call each where PyTorch takes 2-7 ops; elsewhere, in PyTorch.
+Each matches HF transformers' Qwen2 numerics (the parity tests hold us to 1e-4 in fp32). Norms,
+rotations and SwiGLU's silu(gate) * up run on r1's kernels, one call each where PyTorch takes 2-8
+ops: on a CPU in float32, its C++ ones (r1/kernels/layer_ops.cpp); on a GPU with R1_GPU_LAYER_OPS=on,
+its Triton ones (r1/kernels/gpu_layer_ops.py); elsewhere, in PyTorch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class RMSNorm(nn.Module):
         The residual stream's add comes into the norm that follows it, as in vLLM, so that both
         are one pass.
         """
-        fused = kernels.op_for("add_rms_norm", x) if self.weight.dtype == torch.float32 else None
+        fused = kernels.op_for("add_rms_norm", x) if self.weight.dtype == x.dtype else None
         if fused is not None:
             return fused(x, residual, self.weight, self.eps)
         if residual is not None:

@@ -1,0 +1,104 @@
+"""The decoder layer's small ops on a GPU, in Triton: RMSNorm with its residual add, rotary
+embedding, and SwiGLU's silu(gate) * up, one kernel each.
+
+In PyTorch these take 5, 8 and 2 kernels (casts to float32 and back, the rotation's products,
+sums and concatenation): ~30 launches a layer, most of a batch-1 decode step's time on an H200
+once the weights stream at full bandwidth (bench/results/gpu_h200.json). Each kernel here reads
+its inputs once and writes its outputs once, computing in float32.
+
+They take what layer_ops.cpp's CPU ops take, so r1/kernels/__init__.py's op_for hands either to
+r1/model/layers.py; the rounding to the model's dtype happens where PyTorch's path rounds (the
+residual sum, the normalized row before its weight, silu's output), so outputs agree with that
+path to the last bit in most rows and to float32 rounding in the rest. Rotary's products and sums
+stay in float32, one rounding where PyTorch's bf16 ops take three.
+
+Opt-in (R1_GPU_LAYER_OPS=on) until measured: they were written after the first H200 run and pass
+their tests under Triton's interpreter, but no GPU has compiled or timed them yet; the next GPU
+run should A/B them (batch-1 decode with graphs, on against off) and make them the default if
+they pay. Set TRITON_INTERPRET=1 before importing this module to run it on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SILU_BLOCK = 1024  # intermediate columns per program
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * RMSNorm(x + residual), x + residual) for (N, hidden) x; the sum is x itself
+    without a residual."""
+    n, hidden = x.shape
+    normed = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else x
+    _add_rms_norm[(n,)](x, residual if residual is not None else x, weight, normed, total, hidden, eps,
+                        x.stride(0), (residual if residual is not None else x).stride(0),
+                        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+    return normed, total
+
+
+@triton.jit
+def _add_rms_norm(x_ptr, res_ptr, w_ptr, normed_ptr, sum_ptr, hidden, eps, x_stride, res_stride,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < hidden
+    x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=0.0)
+    if HAS_RESIDUAL:  # the sum rounds to the model's dtype, as PyTorch's add does, before the norm reads it
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * res_stride + cols, mask=inside, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * hidden + cols, x, mask=inside)
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
+    normed = (x * rstd).to(normed_ptr.dtype.element_ty).to(tl.float32)  # HF: normalize, round, then scale
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + row * hidden + cols, (w * normed).to(normed_ptr.dtype.element_ty), mask=inside)
+
+
+def rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate the first `heads` heads of x (N, all heads, head_dim) in place by the half-split
+    (NeoX) convention; cos and sin are (N, head_dim // 2)."""
+    n, _, head_dim = x.shape
+    half = head_dim // 2
+    _rotary[(n,)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads, half,
+                  HEADS_PAD=triton.next_power_of_2(heads), HALF_PAD=triton.next_power_of_2(half))
+
+
+@triton.jit
+def _rotary(x_ptr, cos_ptr, sin_ptr, x_stride_token, x_stride_head, angle_stride, heads, half,
+            HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    rows, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF_PAD)[None, :]
+    inside = (rows < heads) & (dims < half)
+    first = x_ptr + token * x_stride_token + rows * x_stride_head + dims  # each head's first half
+    x1 = tl.load(first, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(first + half, mask=inside, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + token * angle_stride + dims, mask=dims < half, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * angle_stride + dims, mask=dims < half, other=0.0).to(tl.float32)
+    tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=inside)
+    tl.store(first + half, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=inside)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for (N, 2 * intermediate) gate_up, gate's columns first."""
+    n, width = gate_up.shape
+    out = torch.empty(n, width // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _silu_mul[(n, triton.cdiv(width // 2, SILU_BLOCK))](gate_up, out, width // 2, gate_up.stride(0), BLOCK=SILU_BLOCK)
+    return out
+
+
+@triton.jit
+def _silu_mul(gate_up_ptr, out_ptr, intermediate, gate_up_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < intermediate
+    gate = tl.load(gate_up_ptr + row * gate_up_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * gate_up_stride + intermediate + cols, mask=inside, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # PyTorch rounds silu's output
+    tl.store(out_ptr + row * intermediate + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+OPS = {"add_rms_norm": add_rms_norm, "rotary_": rotary_, "silu_mul": silu_mul}
