@@ -19,9 +19,9 @@ figures first, so that a run cut off at its time limit still has them:
 5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
 6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
-7. tests: tests/test_paged_decode.py, tests/test_gpu_layer_ops.py, tests/test_cuda_graphs.py (graphs captured and replayed
-   against eager steps, fp32) and the packed int8/int4 kernels' test on the GPU (the slowest:
-   each test's shapes compile the kernel anew).
+7. tests: tests/test_paged_decode.py, tests/test_gpu_layer_ops.py, tests/test_cuda_graphs.py
+   (graphs captured and replayed against eager steps, fp32) and the packed int8/int4 kernels'
+   test on the GPU (the slowest: each test's shapes compile the kernel anew).
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
 table last. `run --smoke` runs the same steps but the tests on a tiny config, on this machine's
 CPU, to check the script itself before spending device time on it.
@@ -176,12 +176,10 @@ def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> 
 
 def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, weight_bytes: int, gb_s: float | None,
                            smoke: bool) -> dict:
-    from r1 import kernels
     out = {}
     # graphs_layer_ops: r1's Triton layer ops (R1_GPU_LAYER_OPS=on, opt-in until this A/B says they pay)
     for name, eager in (("graphs", False), ("eager", True), ("graphs_layer_ops", False)):
-        os.environ[kernels.GPU_OPS_ENV] = "on" if name == "graphs_layer_ops" else "off"
-        kernels._gpu_ops.cache_clear()
+        _gpu_layer_ops(name == "graphs_layer_ops")
         started = time.perf_counter()
         llm = _llm(folder, device, eager, kv_tokens)
         out[f"engine_{name}"] = _engine_record(llm, started)
@@ -207,9 +205,15 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
         elif name == "eager":
             _attempt(out, "decode_profile_eager", lambda: decode_profile(llm, device))
         _free(llm)
-    os.environ.pop(kernels.GPU_OPS_ENV)
-    kernels._gpu_ops.cache_clear()
+    _gpu_layer_ops(False)
     return out
+
+
+def _gpu_layer_ops(on: bool) -> None:
+    """Switch r1's Triton layer ops for the engines made next (op_for reads the switch once)."""
+    from r1 import kernels
+    os.environ[kernels.GPU_OPS_ENV] = "on" if on else "off"
+    kernels._gpu_ops.cache_clear()
 
 
 def decode_profile(llm: LLM, device: torch.device, steps: int = 16) -> dict:

@@ -93,8 +93,17 @@ def test_silu_mul_agrees_with_pytorch(dtype, intermediate):
     _agree(gpu_layer_ops.silu_mul(gate_up), F.silu(gate) * up)
 
 
+@pytest.fixture
+def gpu_ops_on(monkeypatch):
+    """R1_GPU_LAYER_OPS=on for one test; op_for reads it anew before and after."""
+    monkeypatch.setenv(kernels.GPU_OPS_ENV, "on")
+    kernels._gpu_ops.cache_clear()
+    yield
+    kernels._gpu_ops.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops reach the model on CUDA tensors alone")
-def test_model_logits_with_the_ops_match_pytorch(monkeypatch):
+def test_model_logits_with_the_ops_match_pytorch(gpu_ops_on, monkeypatch):
     from r1.config import ModelConfig
     from r1.model.attention import AttentionMetadata, allocate_kv_cache
     from r1.model.qwen2 import Qwen2ForCausalLM
@@ -106,8 +115,6 @@ def test_model_logits_with_the_ops_match_pytorch(monkeypatch):
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     tokens, n = torch.randint(0, 512, (20,), device="cuda"), 20
-    monkeypatch.setenv(kernels.GPU_OPS_ENV, "on")
-    kernels._gpu_ops.cache_clear()
 
     def logits():
         cache = allocate_kv_cache(3, 4, 16, 2, 64, torch.bfloat16, "cuda")
@@ -119,6 +126,5 @@ def test_model_logits_with_the_ops_match_pytorch(monkeypatch):
     ours = logits()
     monkeypatch.setattr(kernels, "op_for", lambda name, x: None)
     ref = logits()
-    kernels._gpu_ops.cache_clear()  # the next test reads the environment anew
     assert ((ours - ref).norm() / ref.norm()).item() < 2e-2  # bf16 through 3 layers
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

@@ -32,11 +32,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """(weight * RMSNorm(x + residual), x + residual) for (N, hidden) x; the sum is x itself
     without a residual."""
     n, hidden = x.shape
+    has_residual = residual is not None
+    residual = residual if has_residual else x  # never read without HAS_RESIDUAL; any tensor will do
     normed = torch.empty_like(x)
-    total = torch.empty_like(x) if residual is not None else x
-    _add_rms_norm[(n,)](x, residual if residual is not None else x, weight, normed, total, hidden, eps,
-                        x.stride(0), (residual if residual is not None else x).stride(0),
-                        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+    total = torch.empty_like(x) if has_residual else x
+    _add_rms_norm[(n,)](x, residual, weight, normed, total, hidden, eps, x.stride(0), residual.stride(0),
+                        HAS_RESIDUAL=has_residual, BLOCK=triton.next_power_of_2(hidden))
     return normed, total
 
 
