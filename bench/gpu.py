@@ -9,13 +9,15 @@ There, from the repository's root, with .gpu carried:
 figures first, so that a run cut off at its time limit still has them:
 1. bandwidth: a device-to-device copy (bytes read + written), the ceiling of batch-1 decode;
 2. model: an HF folder of R1-1.5B's shapes with random bf16 weights (transformers' own init);
-3. graphs_against_eager: greedy tokens with CUDA graphs against --enforce-eager, 1 and 16
-   sequences (batch sizes that need no padding);
+3. graphs_against_eager: greedy tokens with CUDA graphs and async scheduling against
+   --enforce-eager with steps run to their end, 1 and 16 sequences (batch sizes that need no
+   padding);
 4. bench: `r1 bench latency` (512-token prompt, 256 generated, 3 repeats) with graphs and eager,
    batch-1 decode against the roofline (bandwidth / weight bytes per token), `r1 bench
-   throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out), and an eager decode
-   step under the profiler: its kernels, and the GPU time they take against the step's; then
-   latency again with r1's Triton layer ops (R1_GPU_LAYER_OPS=on), the A/B that decides them;
+   throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out), both again without
+   async scheduling (its A/B), and an eager decode step under the profiler: its kernels, and
+   the GPU time they take against the step's; then latency again with r1's Triton layer ops
+   (R1_GPU_LAYER_OPS=on), the A/B that decides them;
 5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
 6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
@@ -167,7 +169,9 @@ def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> 
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     runs = {}
     for eager in (True, False):
-        llm = _llm(folder, device, eager, kv_tokens, max_num_seqs=16, enable_prefix_caching=False)
+        # The eager reference also runs each step to its end: the graphs' run, async, checks both.
+        llm = _llm(folder, device, eager, kv_tokens, max_num_seqs=16, enable_prefix_caching=False,
+                   async_scheduling=not eager)
         runs[eager] = {n: [c.token_ids for c in llm.generate(prompts[:n], greedy)] for n in (1, 16)}
         _free(llm)
     same = {n: sum(a == b for a, b in zip(runs[True][n], runs[False][n])) for n in (1, 16)}
@@ -177,11 +181,15 @@ def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> 
 def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, weight_bytes: int, gb_s: float | None,
                            smoke: bool) -> dict:
     out = {}
-    # graphs_layer_ops: r1's Triton layer ops (R1_GPU_LAYER_OPS=on, opt-in until this A/B says they pay)
-    for name, eager in (("graphs", False), ("eager", True), ("graphs_layer_ops", False)):
+    # graphs: the defaults (CUDA graphs, async scheduling); graphs_sync: each step run to its end,
+    # the A/B of async scheduling; graphs_layer_ops: r1's Triton layer ops (R1_GPU_LAYER_OPS=on,
+    # opt-in until this A/B says they pay).
+    variants = (("graphs", False, {}), ("graphs_sync", False, {"async_scheduling": False}), ("eager", True, {}),
+                ("graphs_layer_ops", False, {}))
+    for name, eager, options in variants:
         _gpu_layer_ops(name == "graphs_layer_ops")
         started = time.perf_counter()
-        llm = _llm(folder, device, eager, kv_tokens)
+        llm = _llm(folder, device, eager, kv_tokens, **options)
         out[f"engine_{name}"] = _engine_record(llm, started)
 
         def latency():
@@ -200,8 +208,8 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
             return r
 
         _attempt(out, f"latency_{name}", latency)
-        if name == "graphs":
-            _attempt(out, "throughput_graphs", throughput)
+        if name in ("graphs", "graphs_sync"):
+            _attempt(out, f"throughput_{name}", throughput)
         elif name == "eager":
             _attempt(out, "decode_profile_eager", lambda: decode_profile(llm, device))
         _free(llm)

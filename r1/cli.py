@@ -36,6 +36,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "decode long contexts faster on a CPU")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run decode steps without CUDA graphs (slower at small batches; to compare)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step's forward before the last step's tokens are read, so the host's "
+                        "work overlaps the GPU's (default: on a GPU)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +64,7 @@ def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
     from r1.llm import LLM
     return LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
                max_model_len=a.max_model_len, quant=a.quant, kv_dtype=a.kv_dtype, enforce_eager=a.enforce_eager,
-               progress=progress,
+               async_scheduling=a.async_scheduling, progress=progress,
                **engine_options)
 
 

@@ -177,6 +177,10 @@ class EngineConfig:
     quant: str = "none"  # weight-only quantization of the linears: none | int8 | int4 (r1/quant.py)
     kv_dtype: str = "auto"  # the KV cache: auto (the model's dtype) | bf16 | int8 (a scale per token and head)
     enforce_eager: bool = False  # on a GPU: run decode steps without CUDA graphs (to compare, or to debug)
+    # Launch each step's forward before the last step's tokens are read (r1/engine/llm_engine.py);
+    # None: on a GPU, where the host's work then overlaps the device's. A CPU runs the forward
+    # itself, so there it only delays each output by a step.
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
@@ -204,6 +208,9 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def resolved_async_scheduling(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return {"int8": torch.int8, "bf16": torch.bfloat16}.get(self.kv_dtype, model_dtype)

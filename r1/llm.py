@@ -87,7 +87,7 @@ class LLM:
         scheduler_config = self._scheduler_config(runner.num_sequence_blocks)
         runner.capture_decode_graphs(scheduler_config.max_num_seqs, scheduler_config.max_model_len)
         self.engine = LLMEngine(runner, self.tokenizer, scheduler_config, self.files.sampling_defaults,
-                                self._end_of_turn_ids())
+                                self._end_of_turn_ids(), self.engine_config.resolved_async_scheduling(self.device))
         self._ids = itertools.count()
 
     # ---- sizing ------------------------------------------------------------------------------

@@ -219,9 +219,11 @@ def activation_bytes(cfg: ModelConfig, step_tokens: int, context: int, act_items
     return stream + max(gathered_kv, mlp)
 
 
-def logits_bytes(cfg: ModelConfig, rows: int, act_itemsize: int) -> int:
-    """The head's output for the rows that sample, its fp32 copy and two sampling copies."""
-    return rows * cfg.vocab_size * (act_itemsize + 3 * 4)
+def logits_bytes(cfg: ModelConfig, rows: int, act_itemsize: int, async_scheduling: bool = False) -> int:
+    """The head's output for the rows that sample, its fp32 copy and two sampling copies; with
+    async scheduling, the next step's output and fp32 copy beside them."""
+    step = act_itemsize + 4
+    return rows * cfg.vocab_size * (step + 2 * 4 + (step if async_scheduling else 0))
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -302,8 +304,10 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
                 f"prefill chunk C={step:,}: C x (3 x {cfg.hidden_size} x 4 + (3 x {cfg.q_size} + 4 x {cfg.kv_size})"
                 f" x {a}) + max(attention's gathered K, V and scores {gathered:,} tokens x (2 x {cfg.kv_size} x {a}"
                 f" + 2 x {cfg.num_attention_heads} x 4), MLP 3 x C x {cfg.intermediate_size} x {a})")
-    logits = Line("logits", logits_bytes(cfg, rows, a),
-                  f"{rows} rows x {cfg.vocab_size:,} vocab x ({a} + 3 x 4 B) (head output, fp32, sampling copies)")
+    ahead = engine.resolved_async_scheduling(torch.device(device))
+    logits = Line("logits", logits_bytes(cfg, rows, a, ahead),
+                  f"{rows} rows x {cfg.vocab_size:,} vocab x ({a} + 3 x 4 B" + (f" + {a} + 4 B" if ahead else "")
+                  + ") (head output, fp32, sampling copies" + (", the next step's output, fp32" if ahead else "") + ")")
     loading, reclaimable = None, 0
     if device == "cuda":
         slack = int(CUDA_ALLOCATOR_SLACK * (weights.bytes + kv.bytes + acts.bytes + logits.bytes))
@@ -454,7 +458,8 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
         def room(context: int) -> int:  # KV bytes left once a step at this context has its activations
             step = activation_bytes(cfg, engine.resolved_max_num_batched_tokens(device.type), context,
                                     dtype.itemsize, engine.max_num_seqs)
-            return budget - step - logits_bytes(cfg, engine.max_num_seqs, dtype.itemsize)
+            return budget - step - logits_bytes(cfg, engine.max_num_seqs, dtype.itemsize,
+                                                engine.resolved_async_scheduling(device))
 
         if room(max_len) >= max_len * per_token:
             tokens = room(max_len) // per_token

@@ -27,6 +27,10 @@ def test_generate_json_raw(small_gguf, capsys):
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 8
     assert out["text"].strip() and out["answer"] == out["text"].strip() and out["reasoning"] == ""
     assert set(out["timing"]) == {"prefill_seconds", "decode_seconds"}
+    # The GPU's default scheduling, asked for on the CPU, gives the same tokens.
+    assert main(["generate", "def add(a, b):", "--raw", "--json", "--model", str(small_gguf),
+                 "--temperature", "0", "--max-tokens", "8", "--async-scheduling"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
 
 
 def test_generate_streams_reasoning_then_answer_with_r1_format(small_gguf, r1_header, capsys):

@@ -73,7 +73,7 @@ def test_padding_rows_write_only_the_scratch_block(tiny_model_folder, quant):
     runner.kv_cache.normal_()
     before = runner.kv_cache.clone()
     slots = [5 * 16 + 2, 7 * 16 + 3, 2 * 16 + 15]
-    hidden = graphs.run([11, 12, 13], [2, 19, 15], slots, [3, 20, 16], [[5], [9, 7], [2]])
+    hidden = graphs.run(torch.tensor([11, 12, 13]), [2, 19, 15], slots, [3, 20, 16], [[5], [9, 7], [2]])
     assert hidden.shape == (3, llm.config.hidden_size) and torch.isfinite(hidden).all()
     written = (runner.kv_cache != before).any(-1).any(-1).any(1).any(0)  # (blocks, block_size): each slot
     assert set(written.flatten().nonzero().flatten().tolist()) == {*slots, scratch * 16}

@@ -1,5 +1,6 @@
 """The serving engine on a tiny random model: continuous batching, chunked prefill, preemption,
-prefix caching, aborts and seeds, each checked against the same requests run alone (fp32)."""
+prefix caching, aborts and seeds, each checked against the same requests run alone (fp32), with
+each step run to its end and with async scheduling."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ def _llm(folder, **kw):
     return LLM(str(folder), progress=False, **kw)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def make_llm(request, tiny_model_folder):
+    """_llm with each step run to its end, then with async scheduling (the GPU's default), which on
+    a CPU changes only the order of the work: every output must stay the same."""
+    def make(**kw):
+        llm = _llm(tiny_model_folder, async_scheduling=request.param, **kw)
+        assert llm.engine.async_scheduling is request.param
+        return llm
+    return make
+
+
 @pytest.fixture(scope="module")
 def alone(tiny_model_folder):
     """Each prompt's greedy tokens with the engine running nothing else."""
@@ -36,16 +48,16 @@ def _assert_no_leaks(llm):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_batch_with_chunked_prefill_equals_alone(tiny_model_folder, alone):
-    llm = _llm(tiny_model_folder, max_num_batched_tokens=16)  # 40-token prompts take 3+ steps
+def test_batch_with_chunked_prefill_equals_alone(make_llm, alone):
+    llm = make_llm(max_num_batched_tokens=16)  # 40-token prompts take 3+ steps
     prompts = _prompts(6)
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
     assert got == [alone[tuple(p)] for p in prompts]
     _assert_no_leaks(llm)
 
 
-def test_requests_joining_mid_flight_equal_alone(tiny_model_folder, alone):
-    llm = _llm(tiny_model_folder)
+def test_requests_joining_mid_flight_equal_alone(make_llm, alone):
+    llm = make_llm()
     engine, prompts = llm.engine, _prompts(6)
     tokens = {i: [] for i in range(6)}
     done = set()
@@ -63,9 +75,9 @@ def test_requests_joining_mid_flight_equal_alone(tiny_model_folder, alone):
     _assert_no_leaks(llm)
 
 
-def test_preemption_recomputes_and_changes_nothing(tiny_model_folder, alone):
+def test_preemption_recomputes_and_changes_nothing(make_llm, alone):
     # 20 blocks of 4 tokens cannot hold six sequences of up to 52 tokens at once.
-    llm = _llm(tiny_model_folder, kv_cache_tokens=80, max_model_len=80)
+    llm = make_llm(kv_cache_tokens=80, max_model_len=80)
     prompts = _prompts(6)
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
     assert llm.engine.scheduler.num_preemptions > 0
@@ -73,12 +85,12 @@ def test_preemption_recomputes_and_changes_nothing(tiny_model_folder, alone):
     _assert_no_leaks(llm)
 
 
-def test_prefix_cache_computes_a_shared_prompt_once(tiny_model_folder):
+def test_prefix_cache_computes_a_shared_prompt_once(make_llm):
     shared = _prompts(1, seed=5, lo=33, hi=33)[0]  # 8 full blocks + 1 token
     prompts = [shared + [7, 8, 9], shared + [100, 200], shared + [1]]
-    cold = _llm(tiny_model_folder, enable_prefix_caching=False)
+    cold = make_llm(enable_prefix_caching=False)
     expected = [c.token_ids for c in cold.generate(prompts, GREEDY)]
-    llm = _llm(tiny_model_folder)
+    llm = make_llm()
     first = llm.generate(prompts[0], GREEDY)[0]
     assert first.usage["cached_tokens"] == 0
     rest = llm.generate(prompts[1:], GREEDY)
@@ -89,8 +101,8 @@ def test_prefix_cache_computes_a_shared_prompt_once(tiny_model_folder):
     _assert_no_leaks(llm)
 
 
-def test_aborts_free_every_block(tiny_model_folder):
-    llm = _llm(tiny_model_folder)
+def test_aborts_free_every_block(make_llm):
+    llm = make_llm()
     engine = llm.engine
     for i, p in enumerate(_prompts(4)):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
@@ -107,8 +119,8 @@ def test_aborts_free_every_block(tiny_model_folder):
     _assert_no_leaks(llm)
 
 
-def test_seeded_samples_are_the_same_batched_or_alone(tiny_model_folder):
-    llm = _llm(tiny_model_folder)
+def test_seeded_samples_are_the_same_batched_or_alone(make_llm):
+    llm = make_llm()
     p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
     prompts = _prompts(3, seed=9)
     solo = llm.generate(prompts[1], p)[0].token_ids
@@ -121,10 +133,10 @@ def test_seeded_samples_are_the_same_batched_or_alone(tiny_model_folder):
 
 
 @pytest.mark.parametrize("kv_dtype, cache_dtype", [("int8", torch.int8), ("bf16", torch.bfloat16)])
-def test_a_smaller_kv_cache_batches_like_alone_and_frees_everything(tiny_model_folder, kv_dtype, cache_dtype):
+def test_a_smaller_kv_cache_batches_like_alone_and_frees_everything(make_llm, kv_dtype, cache_dtype):
     # Each token's keys and values are rounded on their own (int8: to a scale of their own), so
     # batching changes nothing; the float32 model keeps its dtype.
-    llm = _llm(tiny_model_folder, kv_dtype=kv_dtype)
+    llm = make_llm(kv_dtype=kv_dtype)
     prompts = _prompts(4, seed=3)
     solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == solo

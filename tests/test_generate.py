@@ -124,3 +124,41 @@ def test_reasoning_split_with_the_r1_template(small_gguf, r1_header):
     assert c.token_ids[6] == think_end  # the thinking budget closed the block
     assert "</think>" in c.text and c.reasoning == c.text.split("</think>")[0].strip()
     assert c.answer == c.text.split("</think>", 1)[1].strip()
+
+
+def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
+    # Stops found a step late (a stop token, a stop string), logprobs,
+    # penalties, a seeded draw and a reasoning budget, batched: launching each step before the
+    # last one's tokens are read must change none of them.
+    r1 = LLM(str(small_gguf), tokenizer=str(r1_header), dtype="fp32", device="cpu", kv_cache_tokens=4096,
+             progress=False)
+    chats = [[{"role": "user", "content": c}] for c in ("What is 2+2?", "Name a colour.", "Say hi.")]
+    probe = r1.chat(chats[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
+    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[probe.token_ids[5]]),
+              SamplingParams(temperature=0, max_tokens=16, stop=[probe.text[12:16]]),
+              SamplingParams(temperature=0, max_tokens=20, max_reasoning_tokens=4, logprobs=2),
+              SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=14, seed=3),
+              SamplingParams(temperature=0, max_tokens=64)]
+    batch = [chats[0], chats[0], chats[1], chats[2], chats[2]]
+
+    def outputs(async_scheduling):
+        r1.engine.async_scheduling = async_scheduling
+        completions = r1.chat(batch, params)
+        logprobs = [[(lp["logprob"], *(v for _, v in lp["top"])) for lp in c.logprobs] for c in completions]
+        return [(c.token_ids, c.text, c.reasoning, c.answer, c.finish_reason,
+                 [(lp["token_id"], [i for i, _ in lp["top"]]) for lp in c.logprobs]) for c in completions], logprobs
+
+    sync, sync_logprobs = outputs(False)
+    launched_ahead = []
+    run = r1.engine.runner.run
+    r1.engine.runner.run = lambda scheduled, sampled=None: launched_ahead.append(sampled is not None) or run(
+        scheduled, sampled)
+    got, got_logprobs = outputs(True)
+    assert got == sync
+    # Batches differ by the rows of sequences that ended a step late, which moves fp32 sums a little.
+    torch.testing.assert_close(got_logprobs, sync_logprobs, rtol=0, atol=1e-4)
+    assert sum(launched_ahead) > 10
+    assert [o[4] for o in sync] == ["stop", "stop", "length", "length", "length"]
+    assert len(sync[2][5]) == 20 and sync[2][0][4] == r1.tokenizer.token_to_id("</think>")
+    bm = r1.engine.scheduler.block_manager
+    assert not r1.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks

@@ -262,7 +262,7 @@ def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
     def reserve(context):
         return (memory.activation_bytes(R1_1_5B, engine.resolved_max_num_batched_tokens("cuda"), context, 2,
                                         engine.max_num_seqs)
-                + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2))
+                + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2, async_scheduling=True))
 
     big = memory.kv_pool_tokens(R1_1_5B, engine, cuda, torch.bfloat16, free_bytes=120 * GiB)
     assert big > 20 * R1_1_5B.max_position_embeddings  # room for many full-length sequences

@@ -69,10 +69,11 @@ class DecodeGraphs:
             pool, self.graphs[size] = graph.pool(), graph
         torch.cuda.synchronize()
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+    def run(self, input_ids: torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
-        """Hidden states (n, hidden) of n <= max_batch sequences that decode one token each."""
-        n = len(token_ids)
+        """Hidden states (n, hidden) of n <= max_batch sequences that decode one token each; their
+        n input ids are on the device (the last step's samples may be among them, unread)."""
+        n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
         width = max(len(t) for t in block_tables)
@@ -80,7 +81,7 @@ class DecodeGraphs:
         def fill(buffer: torch.Tensor, values: list) -> None:
             buffer.copy_(torch.tensor(values, dtype=torch.long), non_blocking=True)
 
-        fill(self.input_ids[:n], token_ids)
+        self.input_ids[:n].copy_(input_ids)
         fill(self.positions[:n], positions)
         # Padding rows write their key and value to the scratch slot and attend to it alone.
         fill(self.slot_mapping[:size], slots + [self.scratch_slot] * pad)

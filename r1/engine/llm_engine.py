@@ -4,6 +4,14 @@ Owns the life of a request: its sequence, resolved sampling parameters, random g
 streaming detokenizer, stop conditions and timing. A step is: schedule, run the model, sample,
 postprocess (append, detokenize, check stops), collect the finished. It does not own the batching
 policy (scheduler.py), the tensors (model_runner.py) or the HTTP or CLI surface.
+
+With async scheduling (vLLM's name; on by default on a GPU) a step launches the next step's
+forward before it reads its own sampled tokens: the next inputs take those tokens from the
+device, and the GPU runs the forward while the host detokenizes, checks stops and hands out
+outputs, time it would otherwise sit idle. The price is a sequence that stops unforeseen (an eos,
+a stop string) runs one more token, whose result is dropped; one that reaches its length is left
+out of the next step, since that end is known ahead. Sampling still follows postprocessing, so
+penalties, structured output and the reasoning budget see every token before the next draw.
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ from typing import Protocol
 import torch
 
 from r1.engine.model_runner import ModelRunner
-from r1.engine.scheduler import Scheduler, SchedulerConfig
-from r1.engine.sequence import Sequence
+from r1.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from r1.engine.sequence import Sequence, pending_token
 from r1.reasoning import ReasoningStream
 from r1.sampling import compute_logprobs, make_generator, sample_next
 from r1.sampling_params import SamplingParams
@@ -77,7 +85,7 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler_config: SchedulerConfig,
-                 sampling_defaults: dict, eos_token_ids: set[int]):
+                 sampling_defaults: dict, eos_token_ids: set[int], async_scheduling: bool = False):
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_token_ids = eos_token_ids
         self.think_start_id = tokenizer.token_to_id("<think>")
@@ -89,6 +97,9 @@ class LLMEngine:
         self.by_request_id: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._pending: list[RequestOutput] = []  # outputs made outside step() (aborts)
+        self.async_scheduling = async_scheduling
+        # The step launched ahead (async scheduling) and its logits, which the next step() samples.
+        self._ahead: tuple[list[ScheduledSeq], torch.Tensor] | None = None
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -131,14 +142,23 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return outputs
-        logits = self.runner.run(scheduled)
+        if self._ahead is not None:  # launched by the last step, its forward perhaps still running
+            (scheduled, logits), self._ahead = self._ahead, None
+        else:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return outputs
+            logits = self.runner.run(scheduled)
         self.scheduler.update_after_step(scheduled)
-        reqs = [self.requests[s.seq.seq_id] for s in scheduled if s.samples]
-        if not reqs:
+        sampling = [s.seq for s in scheduled if s.samples]  # the rows of logits
+        # A sequence that ended while its step ran (a stop found a step late, an abort) has no
+        # request left; its row is dropped.
+        live = [i for i, seq in enumerate(sampling) if not seq.is_finished]
+        if not live:
             return outputs
+        if len(live) < len(sampling):
+            logits = logits[torch.tensor(live, device=logits.device)]
+        reqs = [self.requests[sampling[i].seq_id] for i in live]
         raw_logits = logits
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.in_reasoning]
         if constrained:
@@ -147,16 +167,42 @@ class LLMEngine:
                 allowed = reqs[i].constraint.allowed_tokens().to(logits.device)
                 logits[i, :allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
                 logits[i, allowed.shape[0]:] = float("-inf")  # the model's padding rows
-        token_ids = sample_next(logits, [r.params for r in reqs], [r.seq.prompt_token_ids for r in reqs],
-                                [r.seq.output_token_ids for r in reqs], [r.generator for r in reqs]).tolist()
-        for i, req in enumerate(reqs):
-            cap = req.params.max_reasoning_tokens
-            if req.in_reasoning and cap is not None and req.num_reasoning_tokens >= cap:
-                token_ids[i] = self.think_end_id  # thinking budget spent: close it, the answer follows
-        logprobs = self._logprobs(raw_logits, token_ids, reqs)
+        tokens = sample_next(logits, [r.params for r in reqs], [r.seq.prompt_token_ids for r in reqs],
+                             [r.seq.output_token_ids for r in reqs], [r.generator for r in reqs])
+        capped = [i for i, r in enumerate(reqs) if r.in_reasoning and r.params.max_reasoning_tokens is not None
+                  and r.num_reasoning_tokens >= r.params.max_reasoning_tokens]
+        if capped:
+            tokens[capped] = self.think_end_id  # thinking budget spent: close it, the answer follows
+        # Logprobs are read before the next step is launched, which reading would wait for.
+        logprobs = self._logprobs(raw_logits, tokens, reqs)
+        token_ids = self._read_tokens(tokens, reqs)
         for req, token_id, lp in zip(reqs, token_ids, logprobs):
             outputs.append(self._append_token(req, token_id, lp))
+        if self._ahead is not None and all(s.seq.is_finished for s in self._ahead[0]):
+            self._ahead = None  # everything it ran has ended
         return outputs
+
+    def _read_tokens(self, tokens: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        """The sampled ids as numbers; with async scheduling, once the next step is launched."""
+        if not self.async_scheduling:
+            return tokens.tolist()
+        read = self.runner.start_reading(tokens)  # queued ahead of the next forward
+        # Each sequence that goes on holds its coming token's place with a stand-in for its row,
+        # so that the scheduler sees it one token further on.
+        going_on = [(row, r.seq) for row, r in enumerate(reqs) if not self._reaches_length(r.seq, 1)]
+        for row, seq in going_on:
+            seq.append_token(pending_token(row))
+        scheduled = self.scheduler.schedule()
+        if scheduled:
+            self._ahead = scheduled, self.runner.run(scheduled, tokens)
+        for _, seq in going_on:
+            seq.pop_token()
+        return read()
+
+    def _reaches_length(self, seq: Sequence, new_tokens: int) -> bool:
+        """Whether seq is at its length (max_tokens, or the context) with new_tokens more."""
+        return (seq.num_output_tokens + new_tokens >= seq.max_tokens
+                or seq.num_tokens + new_tokens >= self.max_model_len)
 
     def _track_reasoning(self, req: _Request, token_id: int) -> bool:
         """Follow <think> ... </think> by token id; True if the constraint governs this token."""
@@ -170,12 +216,13 @@ class LLMEngine:
             return False
         return req.constraint is not None
 
-    def _logprobs(self, logits, token_ids, reqs) -> list[list[dict]]:
+    def _logprobs(self, logits, tokens: torch.Tensor, reqs) -> list[list[dict]]:
         wanted = [r.params.logprobs for r in reqs]
         if all(w is None for w in wanted):
             return [[] for _ in reqs]
         top_n = max(w or 0 for w in wanted)
-        chosen, top_ids, top_lps = compute_logprobs(logits, torch.tensor(token_ids, device=logits.device), top_n)
+        chosen, top_ids, top_lps = compute_logprobs(logits, tokens, top_n)
+        token_ids = tokens.tolist()
         out = []
         for i, w in enumerate(wanted):
             if w is None:
@@ -200,7 +247,7 @@ class LLMEngine:
         else:
             if token_id in self.eos_token_ids and not params.ignore_eos or token_id in params.stop_token_ids:
                 reason = "stop"
-            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif self._reaches_length(seq, 0):
                 reason = "length"
             if reason is not None:  # bytes held back for an unfinished character come out now
                 req.text += req.detokenizer.flush()

@@ -10,6 +10,7 @@ sequence runs one token. It does not decide what runs (the scheduler) or what th
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -53,8 +54,9 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledSeq]):
         """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached
-        tokens per sequence, block tables, and which rows to sample."""
-        token_ids, positions, slots, query_lens, seq_lens, sample_rows = [], [], [], [], [], []
+        tokens per sequence, block tables, which rows to sample, and (flat row, sampled row) of
+        each token still on the device (a pending_token stand-in)."""
+        token_ids, positions, slots, query_lens, seq_lens, sample_rows, pending = [], [], [], [], [], [], []
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
@@ -66,22 +68,47 @@ class ModelRunner:
             seq_lens.append(end)
             if s.samples:
                 sample_rows.append(len(token_ids) - 1)
+                if token_ids[-1] < 0:  # only a sequence's last token can be pending
+                    pending.append((len(token_ids) - 1, -1 - token_ids[-1]))
         tables = [s.seq.block_table for s in scheduled]
-        return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows
+        return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; float32 logits (M, vocab) for the M scheduled sequences that sample."""
-        token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows = self.prepare(scheduled)
+    def run(self, scheduled: list[ScheduledSeq], sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; float32 logits (M, vocab) for the M scheduled sequences that sample.
 
-        def tensor(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
+        `sampled` holds the last step's tokens where the step's inputs have stand-ins for them
+        (async scheduling): they go from there into the inputs on the device, unread.
+        """
+        token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending = self.prepare(scheduled)
 
+        def tensor(x):  # non-blocking: an in-flight forward need not finish before this one is queued
+            return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
+
+        input_ids = tensor(token_ids)
+        if pending:
+            rows, sources = zip(*pending)
+            input_ids[tensor(rows)] = sampled[tensor(sources)]
         if self.graphs is not None and len(scheduled) <= self.graphs.max_batch and all(n == 1 for n in query_lens):
-            hidden = self.graphs.run(token_ids, positions, slots, seq_lens, tables)
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
         else:
             width = max(len(t) for t in tables)
             meta = AttentionMetadata(tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]),
                                      query_lens, seq_lens)
-            hidden = self.model(tensor(token_ids), tensor(positions), self.kv_cache, meta)
+            hidden = self.model(input_ids, tensor(positions), self.kv_cache, meta)
         return self.model.compute_logits(hidden[tensor(sample_rows)])
+
+    def start_reading(self, x: torch.Tensor) -> Callable[[], list]:
+        """Start copying x to the host behind the work queued so far, ahead of any queued later;
+        the function returned waits for the copy and gives x as a list."""
+        if x.device.type != "cuda":
+            return x.tolist
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        host.copy_(x, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> list:
+            copied.synchronize()
+            return host.tolist()
+        return read

@@ -92,11 +92,15 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preemptions_before = self.num_preemptions
 
-        # Running sequences first, oldest first; a decode's gap is its one sampled token.
+        # Running sequences first, oldest first; a decode's gap is its one sampled token. One
+        # without a gap is ending: async scheduling left it out, its token being read its last.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
             if not self._allocate_or_preempt(seq, num_new):
                 break  # seq was the newest running sequence and preempted itself
             scheduled.append(ScheduledSeq(seq, num_new))

@@ -11,6 +11,14 @@ from __future__ import annotations
 import enum
 
 
+def pending_token(row: int) -> int:
+    """A stand-in for a token sampled on the device but not yet read back: row `row` of the
+    step's sampled tokens, as a negative id. Async scheduling (llm_engine.py) appends stand-ins
+    while it schedules and launches the next step, and takes them back before the real ids land."""
+    return -1 - row
+
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -53,6 +61,11 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
+
+    def pop_token(self) -> None:
+        """Take back the last token (a pending_token stand-in)."""
+        self.output_token_ids.pop()
+        self.token_ids.pop()
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "
