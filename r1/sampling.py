@@ -36,6 +36,8 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     if any(p.temperature is None or p.top_p is None or p.top_k is None for p in params):
         raise ValueError("sample_next needs concrete params: call SamplingParams.with_defaults first")
     logits = apply_penalties(logits.float(), prompt_ids, output_ids, params)
+    if all(p.greedy for p in params):  # no row index to copy over: nothing waits on the device
+        return greedy_tokens(logits)
     tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
 
     def rows(index: list[int]) -> torch.Tensor:  # whole batches, the usual case, are not copied

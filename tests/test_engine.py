@@ -148,3 +148,29 @@ def test_a_smaller_kv_cache_batches_like_alone_and_frees_everything(make_llm, kv
 def test_unknown_kv_dtype_is_refused(tiny_model_folder):
     with pytest.raises(ValueError, match="kv_dtype must be one of auto, bf16, int8; got 'fp4'"):
         _llm(tiny_model_folder, kv_dtype="fp4")
+
+
+def test_a_failed_launch_ahead_leaves_no_stand_ins(tiny_model_folder, alone):
+    # Async scheduling appends stand-ins for the tokens it has not read; a launch that raises
+    # (out of memory, say) must take them back and rewind, so that the engine goes on unharmed.
+    llm = _llm(tiny_model_folder, async_scheduling=True)
+    engine, prompt = llm.engine, _prompts(1)[0]
+    run, failures = engine.runner.run, []
+
+    def failing_once(scheduled, sampled=None):
+        if sampled is not None and not failures:
+            failures.append(1)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return run(scheduled, sampled)
+
+    engine.runner.run = failing_once
+    engine.add_request("0", prompt, GREEDY)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    seq = engine.by_request_id["0"].seq
+    assert min(seq.token_ids) >= 0 and seq.num_output_tokens == 0  # the sampled token was never read
+    tokens = []
+    for _ in range(4 * GREEDY.max_tokens):  # bounded: a sequence left with nothing to compute never ends
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == alone[tuple(prompt)]
+    _assert_no_leaks(llm)

@@ -25,7 +25,7 @@ import torch
 
 from r1.engine.model_runner import ModelRunner
 from r1.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from r1.engine.sequence import Sequence, pending_token
+from r1.engine.sequence import Sequence, SequenceStatus, pending_token
 from r1.reasoning import ReasoningStream
 from r1.sampling import compute_logprobs, make_generator, sample_next
 from r1.sampling_params import SamplingParams
@@ -192,11 +192,21 @@ class LLMEngine:
         going_on = [(row, r.seq) for row, r in enumerate(reqs) if not self._reaches_length(r.seq, 1)]
         for row, seq in going_on:
             seq.append_token(pending_token(row))
-        scheduled = self.scheduler.schedule()
-        if scheduled:
-            self._ahead = scheduled, self.runner.run(scheduled, tokens)
-        for _, seq in going_on:
-            seq.pop_token()
+        try:
+            scheduled = self.scheduler.schedule()
+            if scheduled:
+                self._ahead = scheduled, self.runner.run(scheduled, tokens)
+        except Exception:
+            # A failed launch (out of memory, say) loses these tokens unread: each sequence still
+            # running computes its last token again next step, to sample anew.
+            self._ahead = None
+            for req in reqs:
+                if req.seq.status is SequenceStatus.RUNNING:
+                    req.seq.num_computed_tokens -= 1
+            raise
+        finally:  # and no stand-in stays behind
+            for _, seq in going_on:
+                seq.pop_token()
         return read()
 
     def _reaches_length(self, seq: Sequence, new_tokens: int) -> bool:
