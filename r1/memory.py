@@ -103,15 +103,18 @@ def _ggml_bytes(qtype: str, numel: int) -> int:
     return numel // block * block_bytes
 
 
-def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig, compute: str) -> tuple[str, int]:
-    """(how one tensor is stored, its bytes) under a non-float quant."""
+def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig, compute: str,
+                  device: str) -> tuple[str, int]:
+    """(how one tensor is stored, its bytes) under a non-float quant, served on `device`."""
     numel = math.prod(shape)
     if quant in GGUF_PRESETS:
         qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
         return qtype, _ggml_bytes(qtype, numel)
     linear = (name.startswith("blk.") and len(shape) == 2) or name == "output.weight"
+    if linear and quant == "int4" and device == "cuda":  # packed nibbles; bf16 scale and zero per group
+        return f"int4 + bf16 scale, zero / {INT4_GROUP_SIZE}", int4_nbytes(*shape, device)
     if linear and quant == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row
-        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(*shape)
+        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(*shape, device)
     if linear:  # int8 with a bf16 scale per output row
         return "int8 + bf16 scale / row", numel + shape[0] * 2
     return f"{compute}: embedding, norms, biases", numel * DTYPES[compute].itemsize
@@ -130,14 +133,15 @@ class Line:
         return self.bytes / GiB
 
 
-def weight_line(cfg: ModelConfig, quant: str, compute: str) -> Line:
-    """Weight bytes of a model stored as `quant`; what a format leaves unquantized is in `compute`."""
+def weight_line(cfg: ModelConfig, quant: str, compute: str, device: str = "cpu") -> Line:
+    """Weight bytes of a model stored as `quant` and served on `device`; what a format leaves
+    unquantized is in `compute`."""
     if quant in FLOAT_QUANTS:
         n, size = cfg.num_parameters(), DTYPES[quant].itemsize
         return Line("weights", n * size, f"{n:,} params x {size} B ({quant})")
     parts: dict[str, list[int]] = {}  # storage -> [weights, bytes]
     for name, shape in gguf_tensors(cfg):
-        label, nbytes = _tensor_bytes(quant, name, shape, cfg, compute)
+        label, nbytes = _tensor_bytes(quant, name, shape, cfg, compute, device)
         part = parts.setdefault(label, [0, 0])
         part[0] += math.prod(shape)
         part[1] += nbytes
@@ -289,7 +293,7 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
     if quant == source.file_quant and source.file_weight_bytes:
         weights = Line("weights", source.file_weight_bytes, f"exact tensor bytes in {source.name} ({quant})")
     else:
-        weights = weight_line(cfg, quant, compute)
+        weights = weight_line(cfg, quant, compute, device)
     per_token = cfg.kv_bytes_per_token(KV_DTYPES[kv_dtype])
     tokens = batch * -(-context // engine.block_size) * engine.block_size
     kv = Line("kv cache", tokens * per_token,

@@ -111,10 +111,14 @@ def int4_grid(scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> 
     return scales * steps[0, :, None], lows * steps[1, :, None]
 
 
-def int4_nbytes(out_features: int, in_features: int) -> int:
-    """The bytes of one int4 weight as int4_groups stores it (PyTorch's portable and CUDA
-    kernels hold its scales and lows in bf16 instead: 2 bytes more per group)."""
+def int4_nbytes(out_features: int, in_features: int, device: str = "cpu") -> int:
+    """The bytes of one int4 weight as r1 holds it on `device`: levels two to a byte, then on the
+    CPU (r1's kernel, Int4KernelLinear) an 8-bit scale and low per group and two float32 steps
+    per row; on CUDA (Int4CudaLinear) a bf16 scale and zero per group, 11% more in all.
+    PyTorch's portable CPU kernel, the fallback where r1's cannot run, holds CUDA's layout."""
     groups = out_features * -(-in_features // INT4_GROUP_SIZE)
+    if device == "cuda":
+        return out_features * in_features // 2 + 4 * groups
     return out_features * in_features // 2 + 2 * groups + 8 * out_features
 
 
@@ -225,7 +229,7 @@ class Int4KernelLinear(QuantizedLinear):
 class Int4CudaLinear(_PyTorchInt4Linear):
     """The same int4 groups on PyTorch's CUDA kernel (tinygemm, bf16 tensor cores; gpt-fast's
     int4), packed for the GPU. Its scales and zeros are bf16, 2 bytes a group of 32 more than r1's
-    8-bit ones (int4_nbytes): 11% more bytes in the linears than the memory calculator plans."""
+    8-bit ones on the CPU (int4_nbytes plans both)."""
 
     INNER_K_TILES = 8  # the packing's k tiles: in_features must be a multiple of 8 * 16
 

@@ -116,6 +116,23 @@ def test_r1_weight_only_formats_by_hand():
     assert "bf16" in memory.weight_line(cfg, "int4", "bf16").formula
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_int4_bytes_are_what_each_devices_linear_holds(device, monkeypatch):
+    """The plan's int4 bytes are the buffers of the linear r1 builds on that device: r1's kernel
+    layout on the CPU, tinygemm's on CUDA (packed on the meta device, which needs no GPU)."""
+    from r1 import quant
+    monkeypatch.setattr(quant, "_cuda_nibble_order", lambda device: True)  # a GPU finds it by a multiply
+    out_features, in_features = 256, 1536
+    linear = (quant.Int4KernelLinear if device == "cpu" else quant.Int4CudaLinear)(in_features, out_features, False)
+    linear.set_weight(torch.randn(out_features, in_features, device="cpu" if device == "cpu" else "meta"))
+    held = sum(b.nbytes for b in linear.buffers())
+    assert quant.int4_nbytes(out_features, in_features, device) == held
+    # R1-1.5B's whole plan moves by the difference in its linears: tinygemm's bf16 scales, 11% more.
+    on_cpu, on_cuda = (memory.weight_line(R1_1_5B, "int4", "bf16", d) for d in ("cpu", "cuda"))
+    assert 1.05 < on_cuda.bytes / on_cpu.bytes < 1.15 and "bf16 scale, zero" in on_cuda.formula
+    assert memory.plan(R1_1_5B, "int4", 4096, device="cuda").line("weights").bytes == on_cuda.bytes
+
+
 def test_weight_formats_order_by_size():
     sizes = {q: memory.weight_line(R1_1_5B, q, "bf16").bytes for q in memory.QUANTS}
     # r1's int4 is 4.5 bits a weight (an 8-bit scale and low per 32) but keeps the embedding in bf16.
