@@ -1,14 +1,21 @@
 """Logits to next tokens for a batch whose rows each have their own SamplingParams.
 
 Owns the logit processors (penalties, temperature, top-k, top-p, min-p), the draw (greedy at
-temperature 0, otherwise seeded per row), per-row generators and OpenAI-style logprobs.
-Penalties and temperature are pure functions on float32 logits of shape (B, V). The three
-filters work on each row's likeliest tokens in descending order (`filter_candidates`), since
-what they keep is always a run of the top of the distribution: sorting a 152k vocabulary costs
-~6 ms a row on CPU, and a sampled token at R1's settings nearly always comes from the top few
-dozen. On the CPU r1's `softmax_topk` kernel finds those tokens, and `greedy_tokens` stands in
-for argmax: PyTorch's CPU topk and argmax are scalar loops, 12 and 2 ms of a 16-sequence step.
-It does not own which rows are in the batch, stopping, or filling model defaults into the params
+temperature 0, otherwise from uniform numbers drawn per row), per-row generators and
+OpenAI-style logprobs. Penalties and temperature are pure functions on float32 logits (B, V).
+
+The three filters keep a run of the top of the distribution, and at R1's settings that run is
+nearly always a few dozen tokens, so a row is first filtered among its CANDIDATES likeliest
+tokens (`softmax_topk`: on the CPU r1's kernel, since PyTorch's topk is a scalar loop). A row
+whose kept run may reach past them (a flat distribution under top-p or min-p alone) is sampled
+over the whole vocabulary by rejection rather than by sorting its 152k probabilities (~6 ms a
+row on the CPU, a full topk on the GPU): a token drawn from the softmax, min-p's cut applied, is
+accepted if top-p keeps it, which one sum over the row tells (the mass of the likelier tokens).
+Every step draws TRIES + 1 uniform numbers per row, so a seed gives the same tokens whichever
+rows share the batch; a row rejected TRIES times (a chance of at most (1 - top_p) ** TRIES) is
+filtered exactly by sorting. On a GPU the only wait on the device is for which rows were settled
+among the candidates (penalties add torch.unique's). `greedy_tokens` stands in for argmax, a
+scalar loop on the CPU too. It does not own which rows are in the batch, stopping, or filling model defaults into the params
 (SamplingParams.with_defaults).
 """
 
@@ -23,10 +30,8 @@ from r1.sampling_params import SamplingParams
 
 PerRow = float | Sequence[float] | torch.Tensor  # one value for every row, or one per row
 
-# The filters first look at each row's CANDIDATES likeliest tokens, and widen the look by
-# CANDIDATES_GROWTH (then to the whole vocabulary) only for rows whose kept set may reach past it.
-CANDIDATES = 64
-CANDIDATES_GROWTH = 64
+CANDIDATES = 64  # each row's likeliest tokens that the filters look at first
+TRIES = 3  # draws a wide row may have rejected before it is filtered by sorting
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -38,26 +43,29 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     logits = apply_penalties(logits.float(), prompt_ids, output_ids, params)
     if all(p.greedy for p in params):  # no row index to copy over: nothing waits on the device
         return greedy_tokens(logits)
-    tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
+    device, vocab = logits.device, logits.shape[1]
 
     def rows(index: list[int]) -> torch.Tensor:  # whole batches, the usual case, are not copied
-        return logits if len(index) == len(params) else logits[index]
+        return logits if len(index) == len(params) else logits[_on(index, torch.int64, device)]
 
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
-        tokens[greedy] = greedy_tokens(rows(greedy))
-    vocab = logits.shape[1]
     filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
-    if filtered:
-        ps = [params[i] for i in filtered]
-        kept, ids = filter_candidates(rows(filtered), [p.top_k for p in ps], [p.top_p for p in ps],
-                                      [p.min_p for p in ps], temperature=[p.temperature for p in ps])
-        chosen = draw(kept, [generators[i] for i in filtered])
-        tokens[filtered] = ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
     unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
+    # Drawn on the host, then copied once.
+    u = uniforms([generators[i] for i in filtered + unfiltered], TRIES + 1).to(device, non_blocking=True)
+    parts = []  # (rows, their tokens)
+    if greedy:
+        parts.append((greedy, greedy_tokens(rows(greedy))))
+    if filtered:
+        parts.append((filtered, _sample_filtered(rows(filtered), [params[i] for i in filtered], u[:len(filtered)])))
     if unfiltered:
         scaled = apply_temperature(rows(unfiltered), [params[i].temperature for i in unfiltered])
-        tokens[unfiltered] = draw(scaled.softmax(dim=1), [generators[i] for i in unfiltered])
+        parts.append((unfiltered, draw(scaled.softmax(dim=1), u[len(filtered):, 0])))
+    if len(parts) == 1:
+        return parts[0][1]
+    tokens = torch.empty(len(params), dtype=torch.int64, device=device)
+    for index, part in parts:
+        tokens[_on(index, torch.int64, device)] = part
     return tokens
 
 
@@ -113,7 +121,7 @@ def apply_temperature(logits: torch.Tensor, temperature: PerRow) -> torch.Tensor
     if bool(((t == 0) | (t == 1)).all()):
         return logits
     t = torch.where(t == 0, torch.ones_like(t), t)
-    return logits / t.to(logits.device).unsqueeze(1)
+    return logits / t.to(logits.device, non_blocking=True).unsqueeze(1)
 
 
 def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow,
@@ -122,35 +130,100 @@ def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p:
     softmax(logits / temperature) (temperatures positive).
 
     Returns (R, W) probabilities in descending order, 0 past each row's kept tokens, and their
-    token ids. Per row: top_k keeps the k likeliest tokens and any tied with the k-th (0 or >= V
-    disables it); top_p keeps the smallest run of likeliest tokens whose probability reaches
-    top_p, always the top one (1 disables it); min_p drops tokens below min_p times the top
-    token's probability (0 disables it). Every row must enable at least one of them: a row
-    without any keeps all V tokens.
+    token ids: W is the candidates' width, or V when some row's kept tokens reach past them. Per
+    row: top_k keeps the k likeliest tokens and any tied with the k-th (0 or >= V disables it);
+    top_p keeps the smallest run of likeliest tokens whose probability reaches top_p, always the
+    top one (1 disables it); min_p drops tokens below min_p times the top token's probability
+    (0 disables it). Every row must enable at least one of them: a row without any keeps all V
+    tokens.
     """
     vocab = logits.shape[1]
-    k, p, m = (_per_row(v, logits, dtype).to(logits.device)
-               for v, dtype in ((top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32)))
+    (k, p, m, t), width = _filter_settings(logits, top_k, top_p, min_p, temperature)
+    values, ids = _softmax_topk(logits, t, width)
+    kept, settled = _filter_sorted(values, k, p, m)
+    if width == vocab:
+        return kept, ids
+    wide = (~settled).nonzero().squeeze(1)
+    if not len(wide):
+        return kept, ids
+    kept, ids = (torch.nn.functional.pad(x, (0, vocab - width)) for x in (kept, ids))
+    values, wide_ids = _softmax_topk(logits[wide], t[wide], vocab)
+    kept[wide], ids[wide] = _filter_sorted(values, k[wide], p[wide], m[wide])[0], wide_ids
+    return kept, ids
+
+
+def _filter_settings(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow,
+                     temperature: PerRow) -> tuple[tuple[torch.Tensor, ...], int]:
+    """((k, p, m, t) as (R,) tensors on the logits' device, a k of V or more as 0), and the
+    candidates' width: one past the largest k, so that the candidates show whether the k-th
+    token's ties go on. Decided on the host when the values are numbers."""
+    vocab = logits.shape[1]
+    k = _per_row(top_k, logits, torch.int64)
     k = torch.where(k < vocab, k, torch.zeros_like(k))
-    t = _per_row(temperature, logits, torch.float32).to(logits.device)
-    # One past the largest k, so that the candidates show whether the k-th token's ties go on.
     width = min(vocab, max(CANDIDATES, int(k.max()) + 1))
-    pending = torch.arange(logits.shape[0], device=logits.device)
-    found = []  # (rows, kept probabilities, ids) of the rows settled at each width
-    while len(pending):
-        first = len(found) == 0  # every row: no copy
-        values, ids = _softmax_topk(logits if first else logits[pending], t if first else t[pending], width)
-        kept, settled = _filter_sorted(values, k[pending], p[pending], m[pending])
-        settled |= width == vocab
-        found.append((pending[settled], kept[settled], ids[settled]))
-        pending = pending[~settled]
-        width = min(vocab, width * CANDIDATES_GROWTH)
-    widest = found[-1][1].shape[1]
-    out = torch.zeros((logits.shape[0], widest), device=logits.device)
-    out_ids = torch.zeros((logits.shape[0], widest), dtype=torch.int64, device=logits.device)
-    for rows, kept, ids in found:
-        out[rows, :kept.shape[1]], out_ids[rows, :ids.shape[1]] = kept, ids
-    return out, out_ids
+    settings = (k, _per_row(top_p, logits, torch.float32), _per_row(min_p, logits, torch.float32),
+                _per_row(temperature, logits, torch.float32))
+    return tuple(x.to(logits.device, non_blocking=True) for x in settings), width
+
+
+def _sample_filtered(logits: torch.Tensor, params: Sequence[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Tokens (R,) for rows that each enable a filter, from their uniform numbers u (R, TRIES + 1):
+    the candidates' draw where the row's kept tokens all lie among them, otherwise `_sample_wide`'s."""
+    vocab = logits.shape[1]
+    (k, p, m, t), width = _filter_settings(logits, [x.top_k for x in params], [x.top_p for x in params],
+                                           [x.min_p for x in params], [x.temperature for x in params])
+    values, ids = _softmax_topk(logits, t, width)
+    kept, settled = _filter_sorted(values, k, p, m)
+    tokens = ids.gather(1, draw(kept, u[:, 0]).unsqueeze(1)).squeeze(1)
+    if width == vocab:
+        return tokens
+    wide = (~settled).nonzero().squeeze(1)  # the one wait on the device
+    if len(wide):
+        rows = slice(None) if len(wide) == len(logits) else wide  # flat rows, often all of them
+        tokens[rows] = _sample_wide(logits[rows], k[rows], p[rows], m[rows], t[rows], u[rows],
+                                    min_p=any(x.min_p > 0 for x in params))
+    return tokens
+
+
+def _sample_wide(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor, m: torch.Tensor, t: torch.Tensor,
+                 u: torch.Tensor, min_p: bool) -> torch.Tensor:
+    """Tokens (R,) over the whole vocabulary for rows whose kept tokens may reach past the
+    candidates, with filter_candidates' semantics, except that tokens tied at top-p's edge are all
+    kept (where a sort keeps those it reaches first; equal float probabilities are rare there).
+    `min_p`: whether any row has min-p on.
+
+    min-p keeps the tokens at or above a level, which masks the softmax exactly; top-p keeps a
+    token when the tokens likelier than it hold less than top_p, so a draw from the masked softmax
+    is kept or rejected from one sum over the row, and is kept with probability at least top_p.
+    Rows rejected TRIES times are filtered by sorting (filter_candidates), each with the uniform
+    number the candidates' draw left unused; so are rows with top-k on, wide only when ties at
+    the k-th token run past the candidates.
+    """
+    probs = (logits / t.unsqueeze(1)).softmax(dim=1)
+    allowed = torch.where(probs >= (m * probs.amax(dim=1)).unsqueeze(1), probs, 0) if min_p else probs
+    cdf = allowed.cumsum(dim=1)
+    tokens = torch.zeros(len(logits), dtype=torch.int64, device=logits.device)
+    pending = torch.arange(len(logits), device=logits.device)
+    for attempt in range(1, TRIES + 1):
+        rows = slice(None) if attempt == 1 else pending  # the first try takes every row: no copies
+        drawn, row_probs = _invert(cdf[rows], u[rows, attempt]), probs[rows]
+        likelier = _mass_above(row_probs, row_probs.gather(1, drawn.unsqueeze(1)))
+        kept = (k[rows] == 0) & ((p[rows] >= 1) | (likelier < p[rows]))
+        tokens[pending[kept]] = drawn[kept]
+        pending = pending[~kept]
+        if not len(pending):
+            return tokens
+    probs, ids = filter_candidates(logits[pending], k[pending], p[pending], m[pending], t[pending])
+    tokens[pending] = ids.gather(1, draw(probs, u[pending, 0]).unsqueeze(1)).squeeze(1)
+    return tokens
+
+
+def _mass_above(probs: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of the probabilities above its level (R, 1), strictly: the sum of
+    relu(probs - level), plus level once for each token above it. Arithmetic in place, where a
+    mask and where() cost ~5x as much on the CPU."""
+    excess = (probs - level).relu_()
+    return excess.sum(dim=1) + level.squeeze(1) * excess.sign_().sum(dim=1)
 
 
 def _softmax_topk(logits: torch.Tensor, temperature: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +231,7 @@ def _softmax_topk(logits: torch.Tensor, temperature: torch.Tensor, width: int) -
     op = kernels.op_for("softmax_topk", logits)
     if op is not None:
         return op(logits.contiguous(), temperature.contiguous(), width)
-    return apply_temperature(logits, temperature).softmax(dim=1).topk(width, dim=1)
+    return (logits / temperature.unsqueeze(1)).softmax(dim=1).topk(width, dim=1)
 
 
 def _filter_sorted(values: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
@@ -190,36 +263,37 @@ def _filter_sorted(values: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
     return values.masked_fill(~keep, 0), settled.squeeze(1)
 
 
-def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Column indices (R,): one draw per row in proportion to `probs` (R, W), which need not
-    sum to 1.
+    sum to 1, from each row's uniform number u (R,) in [0, 1)."""
+    return _invert(probs.cumsum(dim=1), u)
 
-    Each row inverts its cumulative distribution at one uniform number drawn from its own
-    generator (rows without one share a single draw from the global RNG), so a seed gives the
-    same tokens whichever rows share the batch. One number per row rather than W keeps the
-    random number generation negligible.
-    """
-    u = torch.empty(probs.shape[0], device=probs.device)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    seeded = [i for i, g in enumerate(generators) if g is not None]
-    if unseeded:
-        u[unseeded] = torch.rand(len(unseeded), device=probs.device)
-    if seeded:
-        # Drawn where each generator lives: a CPU generator gives the same tokens on any device.
-        draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
-        u[seeded] = torch.cat(draws).to(probs.device)
-    cdf = probs.cumsum(dim=1)
-    # 1 - u lies in (0, 1], so the first column to reach it never has probability 0; scaling by
-    # the last entry absorbs the rounding that leaves the total a little off 1.
+
+def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each row's first column whose cumulative probability cdf (R, W) reaches 1 - u of the row's
+    total. 1 - u lies in (0, 1], so that column never has probability 0; scaling by the last entry
+    absorbs the rounding that leaves the total a little off 1."""
     target = (1 - u).unsqueeze(1) * cdf[:, -1:]  # (R, 1)
-    return torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[1] - 1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_max(cdf.shape[1] - 1)
 
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A generator seeded with `seed` on `device`, or None (the global RNG) when seed is None."""
+def uniforms(generators: Sequence[torch.Generator | None], n: int) -> torch.Tensor:
+    """(R, n) uniform numbers in [0, 1) on the host, each row's from its generator (rows without
+    one from the global RNG). A fixed n a step, whatever a row does with them, and generators on
+    the CPU, so a seed gives the same tokens whichever rows share the batch, on any device; one
+    draw per row rather than one per token keeps the random number generation negligible."""
+    u = torch.rand(len(generators), n)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            u[row] = torch.rand(n, generator=generator)
+    return u
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A CPU generator seeded with `seed`, or None (the global RNG) when seed is None."""
     if seed is None:
         return None
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
 
@@ -245,7 +319,12 @@ def _per_row(value: PerRow, logits: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def _values(values: list, logits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype or logits.dtype, device=logits.device)
+    return _on(values, dtype or logits.dtype, logits.device)
+
+
+def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a tensor on `device`, copied without waiting for the device's queue."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _token_counts(ids: list[list[int]],

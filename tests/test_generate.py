@@ -137,7 +137,8 @@ def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
     params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[probe.token_ids[5]]),
               SamplingParams(temperature=0, max_tokens=16, stop=[probe.text[12:16]]),
               SamplingParams(temperature=0, max_tokens=20, max_reasoning_tokens=4, logprobs=2),
-              SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=14, seed=3),
+              SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=14, seed=3,
+                             ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=64)]
     batch = [chats[0], chats[0], chats[1], chats[2], chats[2]]
 

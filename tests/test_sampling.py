@@ -9,10 +9,13 @@ import math
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from r1 import kernels
-from r1.sampling import (CANDIDATES, CANDIDATES_GROWTH, apply_penalties, apply_temperature, compute_logprobs,
-                         draw, filter_candidates, greedy_tokens, make_generator, sample_next)
+from r1 import sampling
+from r1.sampling import (CANDIDATES, apply_penalties, apply_temperature, compute_logprobs, draw, filter_candidates,
+                         greedy_tokens, make_generator, sample_next, uniforms)
 from r1.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -80,7 +83,6 @@ def test_filters_widen_past_the_candidates_only_when_needed():
     # first candidates; three quarters need the wider look. Whatever widens, the hand table
     # padded with impossible tokens keeps its own set.
     vocab = 4 * CANDIDATES
-    assert CANDIDATES * CANDIDATES_GROWTH > vocab  # the second look is the whole vocabulary
     table = torch.cat([logits_of(TABLE)[0], torch.full((vocab - 5,), NEG_INF)])
     flat = torch.zeros(vocab)
     rows = torch.stack([flat, table])
@@ -220,7 +222,7 @@ def test_filters_keep_the_same_tokens_with_or_without_the_kernel(monkeypatch):
     ours = filter_candidates(*args, temperature=temperature)
     monkeypatch.setattr(kernels, "op_for", lambda name, x: None)
     portable = filter_candidates(*args, temperature=temperature)
-    assert ours[0].shape == portable[0].shape == (4, CANDIDATES * CANDIDATES_GROWTH)  # row 3 widened
+    assert ours[0].shape == portable[0].shape == (4, 151936)  # row 3 widened to the whole vocabulary
     for probs, ids, want_probs, want_ids in zip(*ours, *portable):
         kept = want_probs > 0
         assert torch.equal(probs > 0, kept) and torch.equal(ids[kept], want_ids[kept])
@@ -244,9 +246,85 @@ def test_draw_frequencies_match_table(kw, expected):
     assert torch.all(freq[expected == 0] == 0)  # filtered tokens are never drawn
 
 
+# A row whose kept tokens reach past the candidates: probabilities in proportion to
+# exp(-0.02 i) over 128 tokens in shuffled places, so its first 64 hold 78% of the mass.
+WIDE_VOCAB = 128
+
+
+def wide_row(temperature: float) -> torch.Tensor:
+    place = torch.randperm(WIDE_VOCAB, generator=torch.Generator().manual_seed(6))
+    logits = torch.empty(1, WIDE_VOCAB)
+    logits[0, place] = -0.02 * torch.arange(WIDE_VOCAB, dtype=torch.float32) * temperature
+    return logits
+
+
+@pytest.mark.parametrize("kw", [
+    {"top_p": 0.95},  # ~105 tokens; a draw is rejected 5% of the time
+    {"top_p": 0.8, "temperature": 0.6},  # 67 tokens: rejected 20%, so some rows run out of tries
+    {"top_p": 0.95, "min_p": 0.2},  # min-p's 81 tokens: nothing to reject
+])
+def test_wide_rows_draw_the_kept_distribution(monkeypatch, kw):
+    p = params(**{"temperature": 1.0, **kw})
+    logits = wide_row(p.temperature)
+    keep = reference_kept(logits[0] / p.temperature, 0, p.top_p, p.min_p)
+    assert len(keep) > CANDIDATES  # kept past the candidates: the row is sampled over the vocabulary
+    probs = (logits[0] / p.temperature).softmax(0)
+    expected = torch.zeros(WIDE_VOCAB)
+    expected[list(keep)] = probs[list(keep)] / probs[list(keep)].sum()
+    sorted_rows = []  # rows rejected on every try, filtered by sorting instead
+    exact = sampling.filter_candidates
+    monkeypatch.setattr(sampling, "filter_candidates", lambda x, *a: sorted_rows.append(len(x)) or exact(x, *a))
+    freq = frequencies(logits, p, draws=100_000)
+    assert torch.all(freq[expected == 0] == 0)  # filtered tokens are never drawn
+    # Over ~100 tokens, sampling noise puts the total variation near 0.013.
+    assert 0.5 * (freq - expected).abs().sum() < 0.03
+    if p.top_p == 0.8:
+        assert sum(sorted_rows) > 0  # 0.2 ** 3 of 100,000 rows: ~800
+
+
+def test_wide_rows_keep_every_token_tied_with_the_kth():
+    # top-k on a flat row keeps its ties however far they go, here every token.
+    freq = frequencies(torch.zeros(1, WIDE_VOCAB), params(temperature=0.7, top_k=2))
+    assert torch.all((freq - 1 / WIDE_VOCAB).abs() < TOL)
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the reads of numbers computed from `source` (nonzero, item, bool): on a GPU each
+    waits for the device's queue to drain."""
+    READS = {torch.ops.aten.nonzero, torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero}
+
+    def __init__(self, source: torch.Tensor):
+        super().__init__()
+        self.derived = {id(source): source}  # held, so that ids are not reused
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        from_source = any(id(x) in self.derived for x in inputs)
+        self.count += from_source and func.overloadpacket in self.READS
+        out = func(*args, **(kwargs or {}))
+        if from_source:
+            self.derived.update((id(x), x) for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+        return out
+
+
+def test_sampling_waits_on_the_device_once_a_step():
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(8))
+    logits[:, :10] += 12  # a model's few likely tokens: every row settles among the candidates
+    batch = [params(temperature=0), params(top_p=0.95), params(temperature=0.6, top_p=0.95),
+             params(temperature=1.0), params(top_k=20, min_p=0.05), params(temperature=0)]
+    gens = [None, make_generator(1), None, make_generator(2), None, None]
+    with DeviceReads(logits) as reads:
+        sample_next(logits, batch, [[]] * 6, [[]] * 6, gens)
+    assert reads.count == 1  # which rows were settled among the candidates
+    with DeviceReads(logits) as reads:
+        sample_next(logits, [params(temperature=0)] * 6, [[]] * 6, [[]] * 6, [None] * 6)
+    assert reads.count == 0
+
+
 def test_seeded_row_draws_match_table():
-    g = make_generator(1234, "cpu")
-    tokens = [draw(logits_of(TABLE).softmax(dim=1), [g]).item() for _ in range(4000)]
+    g = make_generator(1234)
+    tokens = [draw(logits_of(TABLE).softmax(dim=1), uniforms([g], 1)[:, 0]).item() for _ in range(4000)]
     freq = torch.bincount(torch.tensor(tokens), minlength=5).float() / 4000
     assert torch.all((freq - torch.tensor(TABLE)).abs() < 0.03)  # std <= 0.008 at 4,000 draws
 
@@ -259,7 +337,7 @@ def run_seeded(batch: list[tuple[SamplingParams, int | None]], steps: int = 25) 
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(99))
     logits = logits.expand(len(batch), -1)
     ps = [p for p, _ in batch]
-    gens = [make_generator(seed, "cpu") for _, seed in batch]
+    gens = [make_generator(seed) for _, seed in batch]
     outputs = [[] for _ in batch]
     for _ in range(steps):
         tokens = sample_next(logits, ps, [[0, 1]] * len(batch), outputs, gens)
@@ -286,8 +364,9 @@ def test_different_seeds_differ_and_seeds_repeat():
 
 
 def test_make_generator():
-    assert make_generator(None, "cpu") is None
-    g1, g2 = make_generator(5, "cpu"), make_generator(5, "cpu")
+    assert make_generator(None) is None
+    g1, g2 = make_generator(5), make_generator(5)
+    assert g1.device == torch.device("cpu")  # the same draws whatever device samples
     assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
 
 

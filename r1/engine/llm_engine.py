@@ -119,7 +119,7 @@ class LLMEngine:
         room = self.max_model_len - n
         max_tokens = min(params.max_tokens or room, room)
         seq = Sequence(next(self._seq_ids), list(prompt_token_ids), max_tokens)
-        req = _Request(request_id, seq, params, make_generator(params.seed, self.runner.device),
+        req = _Request(request_id, seq, params, make_generator(params.seed),
                        IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
                        ReasoningStream(prompt_opened_think=prompt_opens_reasoning), prompt_opens_reasoning, constraint)
         if params.max_reasoning_tokens is not None and self.think_end_id is None:
