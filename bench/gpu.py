@@ -21,9 +21,12 @@ figures first, so that a run cut off at its time limit still has them:
 5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
 6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
-7. tests: tests/test_paged_decode.py, tests/test_gpu_layer_ops.py, tests/test_cuda_graphs.py
-   (graphs captured and replayed against eager steps, fp32) and the packed int8/int4 kernels'
-   test on the GPU (the slowest: each test's shapes compile the kernel anew).
+7. sampler: sample_next at R1's settings on 256 rows of peaked and of flat logits, and the flat
+   rows filtered by sorting (what they took before rejection sampling);
+8. tests: tests/test_paged_decode.py, tests/test_gpu_layer_ops.py, tests/test_cuda_graphs.py
+   (graphs captured and replayed against eager steps, fp32), tests/test_sampling.py (seeded
+   tokens on CUDA against the CPU's) and the packed int8/int4 kernels' test on the GPU (the
+   slowest: each test's shapes compile the kernel anew).
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
 table last. `run --smoke` runs the same steps but the tests on a tiny config, on this machine's
 CPU, to check the script itself before spending device time on it.
@@ -105,11 +108,35 @@ def kernel(device: torch.device, cases: list[tuple[int, int]], cfg: ModelConfig)
     return rows
 
 
+def sampler(device: torch.device, rows: int, vocab: int) -> dict:
+    """sample_next's milliseconds at R1's settings (temperature 0.6, top-p 0.95, seeded rows) on
+    `rows` rows of logits: peaked (a trained model's usual row: settled among the candidates) and
+    flat (every row of random weights: sampled over the whole vocabulary), and the flat rows'
+    exact filter by sorting, which they took before (filter_candidates and a draw)."""
+    from r1.sampling import draw, filter_candidates, make_generator, sample_next, uniforms
+    params = [SamplingParams(temperature=0.6, top_p=0.95).with_defaults({})] * rows
+    generators = [make_generator(seed) for seed in range(rows)]
+    flat = torch.randn(rows, vocab, device=device)
+    peaked = flat.clone()
+    peaked[:, :30] += 10
+
+    def sample(logits):
+        return sample_next(logits, params, [[]] * rows, [[]] * rows, generators)
+
+    def sort():
+        probs, ids = filter_candidates(flat, 0, 0.95, 0.0, temperature=0.6)
+        return ids.gather(1, draw(probs, uniforms(generators, 1)[:, 0].to(device)).unsqueeze(1))
+
+    return {"rows": rows, **{name: _median_seconds(fn, device, repeats=5, calls=5) * 1e3 for name, fn in
+                             (("peaked_ms", lambda: sample(peaked)), ("flat_ms", lambda: sample(flat)),
+                              ("flat_sorted_ms", sort))}}
+
+
 def tests(device: torch.device) -> dict:
     # R1_KERNELS=off: the tests' CPU cases take PyTorch's paths rather than compile r1's kernels there.
     env = {**os.environ, "R1_TEST_TOKENIZER": str(PREPARED / "tokenizer.json"), "R1_KERNELS": "off"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_decode.py",
-           "tests/test_cuda_graphs.py", "tests/test_gpu_layer_ops.py",
+           "tests/test_cuda_graphs.py", "tests/test_gpu_layer_ops.py", "tests/test_sampling.py",
            "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return {"rc": done.returncode, "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
@@ -308,6 +335,7 @@ def run(out: Path, smoke: bool) -> None:
         ("quantized", lambda: quantized(folder, device, kv_tokens, smoke)),
         ("kernel", lambda: kernel(device, [(1, 200), (3, 70)] if smoke else
                                   [(1, 1024), (1, 16384), (16, 4096), (64, 2048), (256, 1024)], cfg)),
+        ("sampler", lambda: sampler(device, 8 if smoke else 256, cfg.vocab_size)),
         ("tests", lambda: None if smoke else tests(device)),
     ]
     for name, step in steps:
@@ -340,6 +368,10 @@ def summary(steps: dict) -> str:
     for row in steps.get("kernel", []) if isinstance(steps.get("kernel"), list) else []:
         lines.append(f"kernel {row['num_seqs']:>3} x {row['context']:>5}: err {row['relative_error']:.1e}, "
                      f"{row['kernel_us']:.1f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered")
+    if ok(steps.get("sampler"), "flat_ms"):
+        r = steps["sampler"]
+        lines.append(f"sampler, {r['rows']} rows at T 0.6, top-p 0.95: peaked {r['peaked_ms']:.2f} ms, flat "
+                     f"{r['flat_ms']:.2f} ms, flat sorted {r['flat_sorted_ms']:.2f} ms")
     if ok(steps.get("tests"), "rc"):
         lines.append(f"tests: rc {steps['tests']['rc']}, {steps['tests']['summary']}")
     if ok(steps.get("graphs_against_eager"), "sequences_equal"):

@@ -280,13 +280,10 @@ def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def uniforms(generators: Sequence[torch.Generator | None], n: int) -> torch.Tensor:
     """(R, n) uniform numbers in [0, 1) on the host, each row's from its generator (rows without
     one from the global RNG). A fixed n a step, whatever a row does with them, and generators on
-    the CPU, so a seed gives the same tokens whichever rows share the batch, on any device; one
-    draw per row rather than one per token keeps the random number generation negligible."""
-    u = torch.rand(len(generators), n)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            u[row] = torch.rand(n, generator=generator)
-    return u
+    the CPU, so a seed gives the same tokens whichever rows share the batch, on any device; a few
+    numbers a row rather than one per vocabulary entry keep the random number generation
+    negligible."""
+    return torch.stack([torch.rand(n, generator=generator) for generator in generators])
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

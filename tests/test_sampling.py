@@ -322,6 +322,35 @@ def test_sampling_waits_on_the_device_once_a_step():
     assert reads.count == 0
 
 
+def mixed_batch(rows: int = 48) -> tuple[torch.Tensor, list[SamplingParams], list]:
+    """R1-sized logits, peaked and flat rows, under every kind of setting, each row seeded."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(rows, 151936, generator=gen)
+    logits[::2, :30] += 10  # peaked: settled among the candidates; the odd rows are flat
+    settings = [dict(temperature=0), dict(temperature=0.6, top_p=0.95), dict(temperature=1.0),
+                dict(temperature=0.8, min_p=0.05), dict(top_k=40, top_p=0.9), dict(temperature=1.3, top_p=0.99, min_p=0.5)]
+    ps = [params(**settings[i % len(settings)]) for i in range(rows)]
+    return logits, ps, [make_generator(100 + i) for i in range(rows)]
+
+
+@pytest.mark.parametrize("where", [
+    "pytorch",  # PyTorch's softmax and topk in place of r1's kernel
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_same_seeds_same_tokens_on_every_path(monkeypatch, where):
+    logits, ps, gens = mixed_batch()
+    expected = sample_next(logits, ps, [[]] * len(ps), [[]] * len(ps), gens)
+    logits, ps, gens = mixed_batch()
+    if where == "pytorch":
+        monkeypatch.setattr(kernels, "op_for", lambda name, x: None)
+    else:
+        logits = logits.to(where)
+    got = sample_next(logits, ps, [[]] * len(ps), [[]] * len(ps), gens)
+    assert got.device == logits.device
+    # Equal, bar a uniform number landing within rounding of a probability's edge (~1e-7 a row).
+    assert torch.equal(got.cpu(), expected)
+
+
 def test_seeded_row_draws_match_table():
     g = make_generator(1234)
     tokens = [draw(logits_of(TABLE).softmax(dim=1), uniforms([g], 1)[:, 0]).item() for _ in range(4000)]
