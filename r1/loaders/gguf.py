@@ -4,29 +4,44 @@ Owns reading a `.gguf` file: a metadata-only parse that also works on a file who
 is cut off (the R1 tokenizer header asset), the map from llama.cpp tensor names to HF names, and
 dequantization into torch tensors. It does not own the model config (config.py reads the
 metadata dict this returns) or the tokenizer (tokenizer.py builds one from the same dict).
+
+The header is untrusted input: every count, length and size is checked against the bytes that
+are actually there before it is used, and every problem is a `GGUFError` naming the file and the
+byte offset, so a corrupt or hostile file fails in one clear way instead of exhausting memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import gguf as _gguf  # owns the block layouts and dequantizers
 import numpy as np
 import torch
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 20  # far above any writer's (llama.cpp writes 32); bounds the padding we trust
+GGML_MAX_DIMS = 4
+INT64_MAX = 2**63 - 1  # ggml counts elements in int64
 
 # GGUF metadata value types (gguf.GGUFValueType) and their struct formats.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# The fewest bytes a key-value pair (key length, type, a 1-byte value) and a tensor info (name
+# length, n_dims, type, offset) can take: a count that cannot fit in the bytes left is corrupt.
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
 
 
 class GGUFError(ValueError):
-    """A GGUF file that cannot be read: not GGUF, corrupt, truncated or of an unsupported type."""
+    """A GGUF file that cannot be read: not GGUF, corrupt, truncated or of an unsupported type.
+
+    The message names the file and the byte offset where the problem was found.
+    """
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,22 @@ class GGUFHeader:
 
 
 class _Cursor:
-    """Reads little-endian values from a memory map, failing clearly at the end of the file."""
+    """Reads little-endian values from a memory map, refusing any read past the end of the file."""
 
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise GGUFError(f"{self.path}: truncated GGUF header (needed {n} bytes at offset {self.pos}, file has {len(self.buf)})")
+    def error(self, message: str, at: int | None = None) -> GGUFError:
+        return GGUFError(f"{self.path}: {message} (at offset {self.pos if at is None else at})")
+
+    def expect(self, n_bytes: int, what: str, at: int | None = None) -> None:
+        """Refuse a length field that points past the end: a cut-off file or a corrupt one."""
+        remaining = len(self.buf) - self.pos
+        if n_bytes > remaining:
+            raise self.error(f"truncated or corrupt GGUF header: {what} needs {n_bytes} bytes, {remaining} remain", at)
+
+    def take(self, n: int) -> memoryview:
+        self.expect(n, "a field")
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
@@ -63,16 +86,9 @@ class _Cursor:
     def scalar(self, fmt: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
-    def expect(self, n_bytes: int, what: str) -> None:
-        """Refuse a length field that points past the end: a cut-off file or a corrupt one."""
-        remaining = len(self.buf) - self.pos
-        if n_bytes > remaining:
-            raise GGUFError(f"{self.path}: truncated or corrupt GGUF header ({what} at offset {self.pos} "
-                            f"needs {n_bytes} bytes; {remaining} remain)")
-
     def string(self) -> str:
-        n = self.scalar("<Q")
-        self.expect(n, f"a string of {n} bytes")
+        at, n = self.pos, self.scalar("<Q")
+        self.expect(n, f"a string of {n} bytes", at)
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
@@ -81,15 +97,46 @@ class _Cursor:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            elem_type, n = self.scalar("<I"), self.scalar("<Q")
-            min_size = struct.calcsize(_SCALAR_FORMATS[elem_type]) if elem_type in _SCALAR_FORMATS else 8
-            self.expect(n * min_size, f"an array of {n} items")
+            at, elem_type, n = self.pos, self.scalar("<I"), self.scalar("<Q")
             if elem_type in _SCALAR_FORMATS:  # read numeric arrays in one go
-                fmt = _SCALAR_FORMATS[elem_type]
-                size = struct.calcsize(fmt)
-                return np.frombuffer(bytes(self.take(size * n)), dtype=np.dtype(fmt)).tolist()
-            return [self.value(elem_type) for _ in range(n)]
-        raise GGUFError(f"{self.path}: corrupt GGUF header (unknown value type {vtype} at offset {self.pos})")
+                dtype = np.dtype(_SCALAR_FORMATS[elem_type])
+                self.expect(n * dtype.itemsize, f"an array of {n} items", at)
+                return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype).tolist()
+            if elem_type == _STRING:
+                self.expect(n * 8, f"an array of {n} strings", at)
+                return [self.string() for _ in range(n)]
+            # arrays of arrays are refused as llama.cpp does: nesting would recurse without bound
+            raise self.error(f"corrupt GGUF header: an array of value type {elem_type}", at)
+        raise self.error(f"corrupt GGUF header: unknown value type {vtype}", self.pos - 4)
+
+
+def _is_alignment(value) -> bool:
+    return type(value) is int and 0 < value <= MAX_ALIGNMENT and value & (value - 1) == 0
+
+
+def _tensor_info(cur: _Cursor, alignment: int) -> TensorInfo:
+    """One tensor info, checked as llama.cpp checks it: dims, element count, type, block, offset."""
+    name = cur.string()
+    n_dims = cur.scalar("<I")
+    if n_dims > GGML_MAX_DIMS:
+        raise cur.error(f"corrupt GGUF header: tensor {name!r} has {n_dims} dimensions "
+                        f"(GGUF allows at most {GGML_MAX_DIMS})", cur.pos - 4)
+    dims_at = cur.pos
+    dims = [cur.scalar("<Q") for _ in range(n_dims)]  # innermost first
+    if any(d > INT64_MAX for d in dims) or math.prod(dims) > INT64_MAX:
+        raise cur.error(f"corrupt GGUF header: tensor {name!r} of dims {dims} has more elements "
+                        f"than int64 holds", dims_at)
+    type_at, ggml_type, offset = cur.pos, cur.scalar("<I"), cur.scalar("<Q")
+    if ggml_type not in _gguf.GGML_QUANT_SIZES:
+        raise cur.error(f"corrupt GGUF header: tensor {name!r} has unknown type {ggml_type}", type_at)
+    block = _gguf.GGML_QUANT_SIZES[ggml_type][0]
+    if (dims[0] if dims else 1) % block:
+        raise cur.error(f"corrupt GGUF header: tensor {name!r} of type {type_name(ggml_type)} has rows of "
+                        f"{dims[0] if dims else 1} elements, not a multiple of its block of {block}", dims_at)
+    if offset % alignment:
+        raise cur.error(f"corrupt GGUF header: tensor {name!r} has data offset {offset}, "
+                        f"not a multiple of the alignment {alignment}", type_at + 4)
+    return TensorInfo(name, tuple(reversed(dims)), ggml_type, offset)
 
 
 def read_header(path: str | os.PathLike) -> GGUFHeader:
@@ -98,28 +145,36 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     file_size = path.stat().st_size
-    if file_size < 24:
-        raise GGUFError(f"{path}: too small to be a GGUF file ({file_size} bytes)")
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(memoryview(buf), path)
+    if file_size < 24:  # magic, version, the two counts; numpy cannot map an empty file
+        raise GGUFError(f"{path}: truncated GGUF header: {file_size} bytes, the fixed header needs 24 "
+                        f"(at offset {file_size})")
+    cur = _Cursor(memoryview(np.memmap(path, dtype=np.uint8, mode="r")), path)
     if bytes(cur.take(4)) != GGUF_MAGIC:
-        raise GGUFError(f"{path}: not a GGUF file (bad magic bytes)")
+        raise cur.error("not a GGUF file (bad magic bytes)", 0)
     version = cur.scalar("<I")
     if version not in (2, 3):
-        raise GGUFError(f"{path}: unsupported GGUF version {version}")
+        raise cur.error(f"unsupported GGUF version {version}", 4)
     n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    cur.expect(n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES,
+               f"{n_tensors} tensor infos and {n_kv} key-value pairs", 8)
     metadata = {}
     for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
-    tensors = []
+        key_at, key = cur.pos, cur.string()
+        if key in metadata:
+            raise cur.error(f"corrupt GGUF header: duplicate key {key!r}", key_at)
+        vtype = cur.scalar("<I")
+        value_at, metadata[key] = cur.pos, cur.value(vtype)
+        if key == "general.alignment" and not _is_alignment(metadata[key]):
+            raise cur.error(f"corrupt GGUF header: general.alignment is {metadata[key]!r}, "
+                            f"not a power of two up to {MAX_ALIGNMENT}", value_at)
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    tensors, names = [], set()
     for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.scalar("<I")
-        dims = [cur.scalar("<Q") for _ in range(n_dims)]
-        ggml_type, offset = cur.scalar("<I"), cur.scalar("<Q")
-        tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, offset))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        info_at, t = cur.pos, _tensor_info(cur, alignment)
+        if t.name in names:
+            raise cur.error(f"corrupt GGUF header: duplicate tensor {t.name!r}", info_at)
+        names.add(t.name)
+        tensors.append(t)
     data_offset = -(-cur.pos // alignment) * alignment
     return GGUFHeader(path, version, metadata, tensors, data_offset, file_size)
 
@@ -127,8 +182,6 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
 # ---- tensors ----------------------------------------------------------------------------------
 
 # The types we dequantize: every type in the project's assets and the common llama.cpp ones.
-import gguf as _gguf  # noqa: E402  (the library owns the block layouts and dequantizers)
-
 _Q = _gguf.GGMLQuantizationType
 DEQUANTIZE_ROWS = 1024  # rows per call: bounds the temporaries (a few MB), amortizes numpy's overhead
 SUPPORTED_TYPES = {_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
@@ -168,19 +221,26 @@ def type_name(ggml_type: int) -> str:
 
 def tensor_nbytes(info: TensorInfo) -> int:
     block, block_bytes = _gguf.GGML_QUANT_SIZES[_Q(info.ggml_type)]
-    return int(np.prod(info.shape)) // block * block_bytes
+    return math.prod(info.shape) // block * block_bytes  # Python ints: no overflow on a hostile shape
 
 
 def check_tensors(header: GGUFHeader) -> None:
-    """Fail before loading anything if a tensor is of an unsupported type or lies past the end."""
+    """Fail before loading anything if a tensor is unknown to qwen2, of an unsupported type, or
+    lies past the end of the file."""
     for t in header.tensors:
+        try:
+            hf_name(t.name)
+        except GGUFError as e:
+            raise GGUFError(f"{header.path}: {e}") from None
         if t.ggml_type not in SUPPORTED_TYPES:
             raise GGUFError(f"{header.path}: tensor {t.name} has quantization type {type_name(t.ggml_type)}, "
                             f"which r1 cannot load (supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})")
-        end = header.data_offset + t.offset + tensor_nbytes(t)
+        start = header.data_offset + t.offset
+        end = start + tensor_nbytes(t)
         if end > header.file_size:
-            raise GGUFError(f"{header.path}: truncated GGUF file: tensor {t.name} ends at byte {end} but the file "
-                            f"has {header.file_size} bytes (an interrupted download?)")
+            raise GGUFError(f"{header.path}: truncated GGUF file: tensor {t.name}'s data runs from offset "
+                            f"{start} to {end}, past the end of the file at {header.file_size} bytes "
+                            f"(an interrupted download?)")
 
 
 def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
@@ -195,7 +255,7 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
     else:
         # gguf's own dequantize goes 16 rows at a time through np.memmap's Python hooks; its
         # per-type dequantize_rows on a plain view of the bytes, 1024 rows a call, is 2-3x faster.
-        rows = raw.view(np.ndarray).reshape(int(np.prod(info.shape[:-1])), -1)
+        rows = raw.view(np.ndarray).reshape(math.prod(info.shape[:-1]), -1)
         if qtype in _TORCH_DEQUANTIZERS:
             block_bytes = _gguf.GGML_QUANT_SIZES[qtype][1]
             out = torch.empty(rows.shape[0], info.shape[-1])
@@ -252,6 +312,7 @@ _TORCH_DEQUANTIZERS = {_Q.Q4_K: _dequantize_q4_k, _Q.Q6_K: _dequantize_q6_k}
 def iter_tensors(header: GGUFHeader) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, float tensor) for every tensor, reading the file through a memory map."""
     check_tensors(header)
-    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_offset)
+    data = np.memmap(header.path, dtype=np.uint8, mode="r")  # whole file: numpy refuses an offset at its end
     for t in header.tensors:
-        yield hf_name(t.name), dequantize(data[t.offset:t.offset + tensor_nbytes(t)], t)
+        start = header.data_offset + t.offset
+        yield hf_name(t.name), dequantize(data[start:start + tensor_nbytes(t)], t)
