@@ -1,4 +1,8 @@
-"""BlockManager: allocation, reference counts, the prefix cache's hash chain and its LRU eviction."""
+"""BlockManager: allocation, reference counts, the prefix cache's hash chain, its cache salts and
+its LRU eviction."""
+
+import hashlib
+import struct
 
 import pytest
 
@@ -8,8 +12,8 @@ from r1.engine.sequence import Sequence
 BS = 4  # block size in these tests
 
 
-def seq_of(tokens, seq_id=0):
-    return Sequence(seq_id, list(tokens), max_tokens=8)
+def seq_of(tokens, seq_id=0, salt=None):
+    return Sequence(seq_id, list(tokens), max_tokens=8, cache_salt=salt)
 
 
 def admit_and_compute(bm: BlockManager, seq: Sequence) -> list[int]:
@@ -95,6 +99,62 @@ def test_hash_chain_needs_the_same_parent():
     assert len(bm.lookup_prefix(seq_of([3] * 4 + [2] * 4 + [0], 2))) == 1
     assert len(bm.lookup_prefix(seq_of([1] * 4 + [2] * 4 + [0], 3))) == 2
     assert bm.lookup_prefix(seq_of([9] * 4 + [2] * 4 + [0], 4)) == []
+
+
+def test_equal_block_behind_another_prefix_is_not_reused():
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    a_block, b_block, c_block = [1] * 4, [2] * 4, [3] * 4
+    ab = seq_of(a_block + b_block + [0], 0)
+    admit_and_compute(bm, ab)
+    cb = seq_of(c_block + b_block + [0], 1)
+    assert admit_and_compute(bm, cb) == []
+    # The two B blocks hold equal tokens but follow different parents: two digests, two blocks.
+    ab_b, cb_b = bm.blocks[ab.block_table[1]], bm.blocks[cb.block_table[1]]
+    assert ab_b.block_id != cb_b.block_id and ab_b.hash != cb_b.hash
+    assert bm.lookup_prefix(seq_of(c_block + b_block + [0], 2)) == cb.block_table[:2]
+    assert bm.lookup_prefix(seq_of(a_block + b_block + [0], 3)) == ab.block_table[:2]
+
+
+@pytest.mark.parametrize("salt_a, salt_b, shared", [
+    ("tenant-1", "tenant-1", True),
+    ("tenant-1", "tenant-2", False),
+    (None, "tenant-1", False),
+    ("tenant-1", None, False),
+    (None, None, True),
+    ("", None, False),  # an empty salt is a salt, not the unsalted namespace
+    ("\ud800", "\ud800", True),  # a lone surrogate (valid in JSON) hashes without raising
+    ("\ud800", "\udc00", False),
+])
+def test_cache_salt_separates_prefix_caches(salt_a, salt_b, shared):
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    tokens = list(range(30, 39))  # two full blocks and one token
+    a = seq_of(tokens, 0, salt_a)
+    assert admit_and_compute(bm, a) == []
+    b = seq_of(tokens, 1, salt_b)
+    assert admit_and_compute(bm, b) == (a.block_table[:2] if shared else [])
+    assert bm.prefix_hits == (8 if shared else 0)
+    if not shared:  # b's own blocks are cached too, under its salt only
+        assert bm.lookup_prefix(seq_of(tokens, 2, salt_b)) == b.block_table[:2]
+        assert bm.lookup_prefix(seq_of(tokens, 3, salt_a)) == a.block_table[:2]
+
+
+@pytest.mark.parametrize("salt", [None, "tenant-1"])
+def test_block_hash_is_blake2b_over_parent_digest_and_token_ids(salt):
+    """The chain, worked out here with hashlib alone: the same bytes in every process and run,
+    unlike Python's hash(), which is not cryptographic and salts str per process."""
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    tokens = [151646, 0, 7, 2**40, 9, 10, 11, 12, 13]
+    seq = seq_of(tokens, 0, salt)
+    admit_and_compute(bm, seq)
+
+    def blake(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=32).digest()
+
+    seed = bytes(32) if salt is None else hashlib.blake2b(
+        salt.encode(), digest_size=32, person=b"r1 cache salt").digest()
+    first = blake(seed + struct.pack("<4q", *tokens[:4]))
+    second = blake(first + struct.pack("<4q", *tokens[4:8]))
+    assert [bm.blocks[b].hash for b in seq.block_table] == [first, second, None]
 
 
 def test_full_hit_still_computes_the_last_token():

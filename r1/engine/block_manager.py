@@ -1,27 +1,51 @@
 """BlockManager: the paged KV cache's bookkeeping, with automatic prefix caching.
 
 Owns which of the pool's fixed-size blocks each sequence holds (its block table), reference counts
-for blocks shared by several sequences, and the prefix cache: full blocks are found again by a hash
-chain over their tokens, and blocks no sequence holds stay findable until reused, the least
-recently freed reused first. It does not own the KV tensors (the model runner), nor decide who
-runs or how many tokens (the scheduler).
+for blocks shared by several sequences, and the prefix cache: full blocks are found again by a
+BLAKE2b chain over their tokens, seeded with the sequence's cache salt, and blocks no sequence
+holds stay findable until reused, the least recently freed reused first. It does not own the KV
+tensors (the model runner), nor decide who runs or how many tokens (the scheduler).
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from r1.engine.sequence import Sequence
+
+DIGEST_SIZE = 32  # bytes: a 256-bit chain, so no two prefixes ever share a digest in practice
+
+
+def chain_seed(cache_salt: str | None) -> bytes:
+    """The parent digest of a sequence's first block: equal tokens under other salts never match.
+
+    Unsalted sequences share one seed, so they share the cache with each other.
+    """
+    if cache_salt is None:
+        return bytes(DIGEST_SIZE)
+    # surrogatepass: any Python str encodes (one from JSON may hold a lone surrogate), injectively.
+    return hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"), digest_size=DIGEST_SIZE,
+                           person=b"r1 cache salt").digest()
+
+
+def block_digest(parent: bytes, token_ids: list[int]) -> bytes:
+    """BLAKE2b over the parent block's digest and this block's token ids, as little-endian int64s.
+
+    Fixed-width fields make the input unambiguous, and the digest the same in every process.
+    """
+    return hashlib.blake2b(parent + struct.pack(f"<{len(token_ids)}q", *token_ids),
+                           digest_size=DIGEST_SIZE).digest()
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    # Set once the block is full and its KV computed: hash((parent block's hash, token_ids)).
-    hash: int | None = None
-    token_ids: tuple[int, ...] = ()
+    # Set once the block is full and its KV computed: block_digest(parent block's hash, tokens).
+    hash: bytes | None = None
 
 
 class BlockManager:
@@ -33,7 +57,7 @@ class BlockManager:
         # Blocks no sequence holds, oldest freed first: allocation takes (and evicts) from the
         # front, so cached blocks freed recently survive longest.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[bytes, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found cached
 
@@ -57,13 +81,14 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent = None
+        parent = chain_seed(seq.cache_salt)
         for start in range(0, seq.num_tokens - self.block_size, self.block_size):
-            tokens = tuple(seq.token_ids[start:start + self.block_size])
-            parent = hash((parent, tokens))
+            parent = block_digest(parent, seq.token_ids[start:start + self.block_size])
+            # The digest alone decides: it covers the salt and every token up to the block's end,
+            # and finding two inputs with one 256-bit BLAKE2b digest is out of reach, so comparing
+            # the block's own tokens as well would add nothing.
             block_id = self._cached.get(parent)
-            # Comparing the tokens too keeps a hash collision from serving another prompt's KV.
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is None:
                 break
             hits.append(block_id)
         return hits
@@ -109,11 +134,13 @@ class BlockManager:
             return
         bs = self.block_size
         first, end = num_computed_before // bs, seq.num_computed_tokens // bs
-        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        if first:
+            parent = self.blocks[seq.block_table[first - 1]].hash
+        else:
+            parent = chain_seed(seq.cache_salt)
         for i in range(first, end):
             block = self.blocks[seq.block_table[i]]
-            block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            block.hash = parent = hash((parent, block.token_ids))
+            block.hash = parent = block_digest(parent, seq.token_ids[i * bs:(i + 1) * bs])
             # Two sequences may compute the same block side by side; the first one stays findable.
             self._cached.setdefault(block.hash, block.block_id)
 
@@ -134,6 +161,6 @@ class BlockManager:
         if block.hash is not None:  # evict it from the prefix cache
             if self._cached.get(block.hash) == block_id:
                 del self._cached[block.hash]
-            block.hash, block.token_ids = None, ()
+            block.hash = None
         block.ref_count = 1
         return block_id

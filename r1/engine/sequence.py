@@ -28,7 +28,8 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """A prompt and the tokens generated after it, with its KV-cache bookkeeping."""
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], max_tokens: int):
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], max_tokens: int, *,
+                 cache_salt: str | None = None):
         self.seq_id = seq_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -36,6 +37,9 @@ class Sequence:
         # the model runner slice it every step.
         self.token_ids = list(prompt_token_ids)
         self.max_tokens = max_tokens
+        # Prefix-cache namespace (vLLM's request field): only sequences with an equal salt, or
+        # all without one, share cached blocks, so one tenant cannot probe another's prompts.
+        self.cache_salt = cache_salt
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of the prompt, found in the prefix cache at the last admission
