@@ -162,11 +162,14 @@ def cmd_info(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
-    from r1.server.app import ServerConfig, serve
-    llm = _load(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+    from r1.server.app import ServerConfig, check_exposure, host_allowlist, serve
     # The environment keeps the key out of the process list.
-    config = ServerConfig(served_model_name=a.served_model_name or a.model,
-                          api_key=a.api_key or os.environ.get("R1_API_KEY"), max_requests=a.max_requests)
+    api_key = a.api_key or os.environ.get("R1_API_KEY")
+    check_exposure(a.host, api_key, a.insecure)  # before the minutes a load can take
+    llm = _load(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
+    config = ServerConfig(served_model_name=a.served_model_name or a.model, api_key=api_key,
+                          max_requests=a.max_requests, allowed_hosts=host_allowlist(a.host, tuple(a.allowed_host)),
+                          cors_origins=tuple(a.cors_origin))
     serve(llm, config, host=a.host, port=a.port)
 
 
@@ -343,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $R1_API_KEY, else no key)")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback --host without an API key (only on a network that is yours alone)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header to answer besides localhost, 127.0.0.1 and [::1] (repeatable); "
+                        "on a non-loopback --host, the list of names answered")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (https://app.example) whose pages may call the API (repeatable)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     s.add_argument("--max-requests", type=int, default=256,

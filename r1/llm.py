@@ -22,7 +22,7 @@ from r1.engine.llm_engine import LLMEngine, RequestOutput
 from r1.engine.model_runner import ModelRunner
 from r1.engine.scheduler import SchedulerConfig
 from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files, resolve_path
-from r1.sampling_params import SamplingParams
+from r1.sampling_params import INT64, SamplingParams
 from r1.tokenizer import Tokenizer
 
 # Tokens that end a turn in the Qwen2 family besides the declared eos (llama.cpp treats them so).
@@ -48,6 +48,7 @@ class Completion:
     usage: dict  # prompt_tokens, completion_tokens, cached_tokens
     timing: dict  # prefill_seconds, decode_seconds
     logprobs: list[dict] = field(default_factory=list)
+    error: str | None = None  # why it failed, when finish_reason is "error"; the others are unharmed
 
 
 def load_tokenizer(source: str | None, files: ModelFiles) -> Tokenizer:
@@ -130,6 +131,7 @@ class LLM:
         elif isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            self.engine.check_prompt_ids(prompt)  # before decoding, which takes only valid ids
             text, ids = self.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)
         else:
             raise TypeError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
@@ -203,10 +205,13 @@ def _checked(params) -> SamplingParams:
 
 
 def expand_samples(params: SamplingParams) -> list[SamplingParams]:
-    """n samples as n requests; a seed becomes seed, seed + 1, ... so the samples differ."""
+    """n samples as n requests; a seed becomes seed, seed + 1, ... (wrapping within int64) so the
+    samples differ."""
     if params.n == 1:
         return [params]
-    seeds = [None] * params.n if params.seed is None else [params.seed + i for i in range(params.n)]
+    low, high = INT64
+    seeds = [None] * params.n if params.seed is None else [
+        (params.seed + i - low) % (high - low + 1) + low for i in range(params.n)]
     return [dataclasses.replace(params, n=1, seed=seed) for seed in seeds]
 
 
@@ -227,4 +232,5 @@ def _collect(request_id: str, prompt_index: int, sample_index: int, prompt_ids: 
                "cached_tokens": last.num_cached_tokens},
         timing={"prefill_seconds": last.time_to_first_token, "decode_seconds": last.decode_seconds},
         logprobs=[lp for o in outputs for lp in o.new_logprobs],
+        error=last.error,
     )

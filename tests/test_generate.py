@@ -110,8 +110,11 @@ def test_bad_requests_get_clear_errors(llm):
         llm.generate("hi", SamplingParams(stop=5))
     with pytest.raises(TypeError, match="SamplingParams"):
         llm.generate("hi", {"temperature": 0})
-    with pytest.raises(ValueError, match="token ids must lie in"):
+    with pytest.raises(ValueError, match=r"prompt token ids must be integers in \[0, 151936\)"):
         llm.generate([10**7], GREEDY)
+    for ids in ([-1], [2**32], [5, 2**64]):  # refused before decoding, which takes only valid ids
+        with pytest.raises(ValueError, match="prompt token ids"):
+            llm.generate(ids, GREEDY)
 
 
 def test_reasoning_split_with_the_r1_template(small_gguf, r1_header):

@@ -433,24 +433,40 @@ def test_compute_logprobs_matches_log_softmax():
     ({"top_k": -2}, ValueError, "top_k must be -1 or 0 .* got -2"),
     ({"top_k": 2.5}, TypeError, "top_k must be an int, got 2.5"),
     ({"min_p": 1.1}, ValueError, "min_p"),
-    ({"repetition_penalty": 0}, ValueError, "repetition_penalty must be a finite number > 0.0"),
+    ({"top_k": 2**63}, ValueError, r"top_k must be -1 or 0 \(disabled\) or in \[1, 2147483647\], got 9223372036854775808"),
+    ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be a finite number in \[0.01, 100.0\], got 0"),
+    ({"repetition_penalty": 1e300}, ValueError, "repetition_penalty"),
     ({"presence_penalty": 2.5}, ValueError, r"presence_penalty .*\[-2.0, 2.0\], got 2.5"),
     ({"frequency_penalty": -3}, ValueError, "frequency_penalty"),
     ({"stop": [1, 2]}, TypeError, r"stop must be a str or a list of str, got \[1, 2\]"),
     ({"stop": 5}, TypeError, "stop must be a str or a list of str, got 5"),
     ({"stop": ["a", ""]}, ValueError, "stop strings must be non-empty"),
+    ({"stop": ["x"] * 17}, ValueError, "at most 16 stop strings, got 17"),
+    ({"stop": "x" * 513}, ValueError, "stop strings must be at most 512 characters, got one of 513"),
     ({"stop_token_ids": ["1"]}, TypeError, "stop_token_ids must be a list of int"),
+    ({"stop_token_ids": [2**32]}, ValueError, "stop_token_ids must lie in"),
+    ({"stop_token_ids": list(range(65))}, ValueError, "at most 64 stop_token_ids"),
     ({"n": 0}, ValueError, "n must be >= 1, got 0"),
     ({"n": True}, TypeError, "n must be an int, got True"),
     ({"max_tokens": 0}, ValueError, "max_tokens must be >= 1, got 0"),
     ({"logprobs": 21}, ValueError, r"logprobs must be in \[0, 20\], got 21"),
     ({"logprobs": -1}, ValueError, "logprobs"),
     ({"seed": "1"}, TypeError, "seed must be an int"),
+    ({"seed": 2**64}, ValueError, r"seed must be in \[-9223372036854775808, 9223372036854775807\]"),
+    ({"seed": -2**63 - 1}, ValueError, "seed must be in"),
     ({"ignore_eos": 1}, TypeError, "ignore_eos must be a bool"),
 ])
 def test_validation_errors(kw, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as refused:
         SamplingParams(**kw)
+    if error is ValueError:  # names the field, for an API's 400
+        assert refused.value.param == next(iter(kw))
+
+
+def test_tiny_temperatures_are_greedy():
+    # logits / 1e-40 would overflow float32 to inf, and the softmax to NaN.
+    assert SamplingParams(temperature=1e-40).temperature == 0 and SamplingParams(temperature=1e-40).greedy
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
 
 
 def test_stop_is_normalized_to_tuples():

@@ -12,20 +12,18 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import jsonschema
 import openai
 import pytest
-import uvicorn
 
 from r1 import LLM
 from r1.server.app import ServerConfig, build_app
+
+from conftest import Live, serving
 
 NAME = "r1-test"
 KEY = "sk-test-key"
@@ -37,44 +35,12 @@ QUESTION = [{"role": "user", "content": "Say hello."}]
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "chat.png"
 
 
-@dataclass
-class Live:
-    url: str
-    llm: LLM
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx2.get(self.url + "/metrics", trust_env=False).text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines() if line and not line.startswith("#")}
-
-    def wait_all_free(self, timeout: float = 60.0) -> dict[str, float]:
-        """Metrics once nothing runs or waits and every KV block is free; fails after timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            idle = m["r1_requests_running"] == m["r1_requests_waiting"] == 0
-            if idle and m["r1_kv_cache_free_blocks"] == m["r1_kv_cache_blocks"]:
-                return m
-            assert time.monotonic() < deadline, f"still busy after {timeout}s: {m}"
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def live():
     llm = LLM("demo-small", tokenizer="r1-tokenizer", dtype="fp32", device="cpu", kv_cache_tokens=8192,
               max_model_len=1024, max_num_seqs=MAX_REQUESTS, progress=False)
-    app = build_app(llm, ServerConfig(NAME, api_key=KEY, max_requests=MAX_REQUESTS))
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server failed to start"
-        time.sleep(0.05)
-    yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", llm)
-    server.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive(), "the server did not shut down"
+    with serving(build_app(llm, ServerConfig(NAME, api_key=KEY, max_requests=MAX_REQUESTS))) as url:
+        yield Live(url, llm)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """AsyncLLM, the engine thread behind the server, on a tiny random Qwen2 (milliseconds a step):
 results equal the blocking API's, groups are added all or none, the queue is bounded, aborts and
-failures free every KV block, and close() ends the thread."""
+failures free every KV block, close() ends the thread, and a dead engine fails every caller at once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from r1 import LLM, SamplingParams
-from r1.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest, QueueFullError
+from r1.engine.async_llm import MAX_FAILED_STEPS, AsyncLLM, EngineDeadError, EngineRequest, QueueFullError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 11], [8, 8, 8]]
@@ -132,3 +132,74 @@ def test_close_aborts_what_is_running(llm):
     assert asyncio.run(main()) == ["abort"]
     assert not front.is_alive
     assert all_blocks_free(llm)
+
+
+class Panic(BaseException):
+    """What a Rust extension's panic raises: not an Exception."""
+
+
+@pytest.fixture
+def breakable(llm, monkeypatch):
+    """A monkeypatch to break llm's engine with; afterwards the engine is mended and emptied of
+    what a dead front left in it."""
+    yield monkeypatch
+    monkeypatch.undo()
+    for request_id in list(llm.engine.by_request_id):
+        llm.engine.abort(request_id)
+    llm.engine.step()
+    assert all_blocks_free(llm)
+
+
+def test_the_engine_thread_dying_fails_every_waiter_at_once(llm, breakable):
+    deaths = []
+    front = AsyncLLM(llm.engine, on_dead=deaths.append)
+    real_step = llm.engine.step
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    def panicking_step():
+        if "doomed0" in llm.engine.by_request_id:
+            raise Panic("injected")
+        return real_step()
+
+    breakable.setattr(llm.engine, "step", panicking_step)
+
+    async def main():
+        running = await front.add(requests(PROMPTS[:2], long))
+        await anext(running)
+        doomed = await front.add(requests(PROMPTS[2:], prefix="doomed"))
+        started = asyncio.get_running_loop().time()
+        for stream in (running, doomed):
+            with pytest.raises(EngineDeadError, match="the engine died: Panic: injected"):
+                await collect(stream)
+        assert asyncio.get_running_loop().time() - started < 1.0
+        with pytest.raises(EngineDeadError, match="Panic"):  # later callers hear it at once
+            await front.add(requests(PROMPTS[:1], prefix="late"))
+        with pytest.raises(EngineDeadError):
+            front.check_room(1)
+
+    asyncio.run(main())
+    front.close()  # no thread is left to stop: it only joins
+    assert not front.is_alive and [str(d) for d in deaths] == ["the engine died: Panic: injected"]
+
+
+@pytest.mark.parametrize("error, failures_to_die", [
+    (RuntimeError("out of luck"), MAX_FAILED_STEPS),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), 1),  # sticky: no retry helps
+])
+def test_steps_failing_in_a_row_kill_the_engine(llm, breakable, error, failures_to_die):
+    def failing_run(*args, **kwargs):
+        raise error
+
+    breakable.setattr(llm.engine.runner, "run", failing_run)
+    front = AsyncLLM(llm.engine)
+
+    async def main():
+        for attempt in range(1, failures_to_die + 1):
+            stream = await front.add(requests(PROMPTS[:1], prefix=f"try{attempt}-"))
+            dies = attempt == failures_to_die
+            with pytest.raises(EngineDeadError if dies else RuntimeError, match=str(error)[:10]):
+                await collect(stream)
+            assert front.is_alive != dies
+
+    asyncio.run(main())
+    front.close()

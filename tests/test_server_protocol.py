@@ -1,18 +1,25 @@
 """The server's parts that need no model: request validation and its 400s, sampling parameters
-from requests, logprob shapes, grammar constraints over R1's real tokenizer, and metrics."""
+from requests, logprob shapes, grammar constraints over R1's real tokenizer, metrics, and who may
+reach the server."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from r1.engine.async_llm import EngineStats
 from r1.engine.llm_engine import RequestOutput
+from r1.sampling_params import ParamError
 from r1.server.errors import APIError
 from r1.server.metrics import Metrics
-from r1.server.protocol import ChatCompletionRequest, CompletionRequest, LogprobFormatter, engine_messages
+from r1.cli import main
+from r1.server.app import check_exposure, host_allowlist
+from r1.server.protocol import (LOWEST_LOGPROB, ChatCompletionRequest, CompletionRequest, LogprobFormatter,
+                                engine_messages)
 from r1.server.structured import StructuredOutputs
 from r1.tokenizer import Tokenizer
 
@@ -67,7 +74,8 @@ def test_messages_for_the_template():
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content.str"),
     ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
-    ({"stop": ["x"] * 17}, None),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": "s" * 257}, "cache_salt"),
 ])
 def test_invalid_fields_are_400s_naming_the_field(fields, param):
     err = error_of(json.dumps({"messages": [USER], **fields}))
@@ -94,6 +102,20 @@ def test_inconsistent_requests_say_why(fields, words):
 def test_malformed_bodies_are_400s(body):
     err = error_of(body)
     assert (err.status, err.code) == (400, "invalid_json")
+
+
+def test_sampling_bounds_name_the_field():
+    # Refused by SamplingParams, where every caller's values are checked, with the field named.
+    for fields, param in (({"stop": ["x"] * 17}, "stop"), ({"top_k": 2**63}, "top_k"), ({"seed": 2**64}, "seed")):
+        with pytest.raises(ParamError) as refused:
+            chat(**fields).to_sampling_params()
+        assert refused.value.param == param
+
+
+def test_completion_prompt_count_is_bounded():
+    err = error_of(json.dumps({"prompt": [[0]] * 257}), CompletionRequest)
+    assert err.status == 400 and "at most 256 prompts a call, got 257" in err.message
+    assert len(CompletionRequest.model_validate_json(json.dumps({"prompt": ["a"] * 256})).prompts()) == 256
 
 
 def test_required_field_message():
@@ -135,8 +157,9 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 def test_json_schema_constraint_allows_exactly_valid_continuations(tokenizer):
     structured = StructuredOutputs(tokenizer, vocab_size=151936, eos_token_ids=[tokenizer.eos_token_id])
-    c = structured.constraint({"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
-    assert c.allowed_tokens().shape == (151936,)
+    c, copy = structured.constraints({"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}, 2)
+    start = c.allowed_tokens()
+    assert start.shape == (151936,)
     assert not c.is_done()
     for token_id in tokenizer.encode('{"name":"Ada","age":36}', add_special_tokens=False):
         mask = c.allowed_tokens()
@@ -144,10 +167,12 @@ def test_json_schema_constraint_allows_exactly_valid_continuations(tokenizer):
         c.accept(token_id)
     assert c.is_done()  # the object is closed and nothing may follow
     assert c.allowed_tokens().nonzero().flatten().tolist() == [tokenizer.eos_token_id]
+    # The copy made for a second sample walked none of that: it is where c started.
+    assert not copy.is_done() and torch.equal(copy.allowed_tokens(), start)
     # A second constraint starts from scratch: '{' leads, a bare digit may not.
-    fresh = structured.constraint({"type": "json_object"})
+    [fresh] = structured.constraints({"type": "json_object"}, 1)
     assert not fresh.allowed_tokens()[tokenizer.encode("7", add_special_tokens=False)[0]]
-    assert structured.constraint({"type": "text"}) is None
+    assert structured.constraints({"type": "text"}, 3) == [None] * 3
 
 
 def test_bad_schemas_are_value_errors(tokenizer):
@@ -155,7 +180,7 @@ def test_bad_schemas_are_value_errors(tokenizer):
     for fmt in ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
                 {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/missing"}}}):
         with pytest.raises(ValueError, match="invalid JSON schema"):
-            structured.constraint(fmt)
+            structured.constraints(fmt, 1)
 
 
 def output(request_id, n_new, ttft, decode, finished=False, reason=None) -> RequestOutput:
@@ -180,3 +205,42 @@ def test_metrics_histograms_and_gauges():
                  "r1_prefix_cache_hit_rate 0.25"):
         assert line in text
     assert not seen  # finished requests leave no state behind
+
+
+def test_logprobs_are_finite_json(tokenizer):
+    # -inf (a token the model rules out) and NaN (a broken forward) have no JSON spelling.
+    fmt = LogprobFormatter(tokenizer)
+    entries = [{"token_id": 9, "logprob": float("nan"), "top": [(9, float("-inf")), (10, -1e30)]}]
+    chat_content = fmt.chat(entries)["content"][0]
+    assert chat_content["logprob"] == LOWEST_LOGPROB
+    assert [t["logprob"] for t in chat_content["top_logprobs"]] == [LOWEST_LOGPROB] * 2
+    legacy = fmt.completion(entries)
+    assert legacy["token_logprobs"] == [LOWEST_LOGPROB] and list(legacy["top_logprobs"][0].values()) == [LOWEST_LOGPROB] * 2
+    json.dumps([chat_content, legacy], allow_nan=False)
+
+
+@pytest.mark.parametrize("host, key, insecure, refused", [
+    ("127.0.0.1", None, False, False), ("localhost", None, False, False), ("::1", None, False, False),
+    ("0.0.0.0", None, False, True), ("192.168.1.5", None, False, True), ("::", None, False, True),
+    ("0.0.0.0", "sk-x", False, False), ("0.0.0.0", None, True, False),
+])
+def test_a_server_beyond_loopback_needs_a_key(host, key, insecure, refused):
+    if refused:
+        with pytest.raises(ValueError, match="--api-key"):
+            check_exposure(host, key, insecure)
+    else:
+        check_exposure(host, key, insecure)
+
+
+def test_host_allowlist():
+    assert host_allowlist("127.0.0.1") == ("localhost", "127.0.0.1", "[::1]")
+    assert host_allowlist("::1", ("r1.lan",)) == ("localhost", "127.0.0.1", "[::1]", "r1.lan")
+    assert host_allowlist("0.0.0.0") is None  # beyond loopback the API key guards it
+    assert host_allowlist("0.0.0.0", ("r1.example",)) == ("r1.example",)
+
+
+def test_serve_refuses_an_open_host_before_loading(capsys):
+    start = time.perf_counter()
+    assert main(["serve", "--host", "0.0.0.0", "--model", "no-such-model"]) == 1
+    assert "--api-key" in capsys.readouterr().err  # not "not found": nothing was loaded
+    assert time.perf_counter() - start < 5

@@ -10,6 +10,13 @@ requests' KV blocks are freed.
 It owns the bounded queue (at most `max_requests` unfinished requests; past that `QueueFullError`)
 and a snapshot of the scheduler's numbers for metrics. It does not own tokenizing prompts or
 building sampling parameters (the caller's), nor HTTP (r1/server).
+
+A failed step fails the requests it ran, and the engine goes on. The engine is dead, for good,
+when its thread ends by anything but close() (a BaseException such as a Rust extension's panic),
+when MAX_FAILED_STEPS steps fail in a row, or at the first device fault (a CUDA error other than
+running out of memory leaves the context unusable). Then every caller waiting and every later one
+gets the same EngineDeadError at once, and `on_dead` tells the owner (the server exits, so that a
+supervisor restarts it: vLLM's EngineDeadError).
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from r1.engine.llm_engine import LLMEngine, RequestOutput
 from r1.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3  # failed steps in a row after which the engine is taken for dead
 
 
 class QueueFullError(RuntimeError):
@@ -42,6 +53,7 @@ class EngineRequest:
     params: SamplingParams
     prompt_opens_reasoning: bool = False
     constraint: Any = None  # allowed_tokens() / accept() / is_done(), applied to the answer
+    cache_salt: str | None = None  # its prefix-cache blocks are shared only under the same salt
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,18 @@ class EngineStats:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, max_requests: int = 256):
+    def __init__(self, engine: LLMEngine, max_requests: int = 256,
+                 on_dead: Callable[[EngineDeadError], None] | None = None):
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
         self.engine = engine
         self.max_requests = max_requests
+        self.on_dead = on_dead  # called on the engine thread, once, when the engine dies
         self.stats = EngineStats()
+        self.dead: EngineDeadError | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # Orders queueing commands against death, so that no command is queued after the last drain.
+        self._lock = threading.Lock()
         # request id -> (its caller's loop, its output queue); touched only on the engine thread.
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
@@ -74,7 +91,18 @@ class AsyncLLM:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.dead is None and self._thread.is_alive()
+
+    def check_room(self, count: int) -> None:
+        """Raise QueueFullError or EngineDeadError now if `count` more requests cannot be taken:
+        the cheap check a server makes before it tokenizes anything. add() checks again."""
+        if self.dead is not None:
+            raise self.dead
+        if len(self._sinks) + count > self.max_requests:
+            raise self._queue_full()
+
+    def _queue_full(self) -> QueueFullError:
+        return QueueFullError(f"the server is at its limit of {self.max_requests} unfinished requests")
 
     # ---- the asyncio side --------------------------------------------------------------------
 
@@ -89,7 +117,7 @@ class AsyncLLM:
         added = loop.create_future()
         ids = [r.request_id for r in requests]
         if not self._submit(lambda: self._add_all(requests, loop, sink, added)):
-            raise EngineDeadError("the engine has stopped")
+            raise self.dead or EngineDeadError("the engine has stopped")
         try:
             await added
         except asyncio.CancelledError:
@@ -109,15 +137,27 @@ class AsyncLLM:
         self._thread.join(timeout)
 
     def _submit(self, command: Callable[[], None]) -> bool:
-        """Queue a command for the engine thread; False if that thread has stopped."""
-        if not self._thread.is_alive():
-            return False
-        self._commands.put(command)
+        """Queue a command for the engine thread; False if that thread has stopped or died."""
+        with self._lock:
+            if self.dead is not None or not self._thread.is_alive():
+                return False
+            self._commands.put(command)
         return True
 
     # ---- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a panic or an exit too: whatever ends the thread
+            log.critical("the engine died", exc_info=e)
+            if isinstance(e, EngineDeadError):
+                self._die(e)
+            else:
+                self._die(EngineDeadError(f"the engine died: {type(e).__name__}: {e}"))
+
+    def _serve(self) -> None:
+        failed_steps = 0
         while True:
             # Idle: sleep until a command comes. Busy: take what has come, then step.
             self._run_commands(block=not self.engine.has_unfinished())
@@ -131,8 +171,16 @@ class AsyncLLM:
                 outputs = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
+                failed_steps += 1
+                if _is_device_fault(e):
+                    raise EngineDeadError(f"the device failed: {type(e).__name__}: {e}") from e
+                if failed_steps >= MAX_FAILED_STEPS:
+                    raise EngineDeadError(f"{failed_steps} steps failed in a row, the last with "
+                                          f"{type(e).__name__}: {e}") from e
                 self._fail_all(e)
                 continue
+            if any(out.finish_reason != "abort" for out in outputs):  # a forward ran, not just aborts
+                failed_steps = 0
             self._deliver(outputs)
             self._publish_stats()
 
@@ -150,14 +198,16 @@ class AsyncLLM:
 
     def _add_all(self, requests: list[EngineRequest], loop, sink, added: asyncio.Future) -> None:
         try:
+            if self.dead is not None:
+                raise self.dead
             if len(self._sinks) + len(requests) > self.max_requests:
-                raise QueueFullError(f"the server is at its limit of {self.max_requests} unfinished requests")
+                raise self._queue_full()
             done = []
             try:
                 for r in requests:
                     self.engine.add_request(r.request_id, r.prompt_token_ids, r.params,
                                             prompt_opens_reasoning=r.prompt_opens_reasoning,
-                                            constraint=r.constraint)
+                                            constraint=r.constraint, cache_salt=r.cache_salt)
                     done.append(r.request_id)
             except Exception:
                 # All or none. The aborts' outputs come out of the next step to no sink.
@@ -186,10 +236,20 @@ class AsyncLLM:
 
     def _fail_all(self, error: Exception) -> None:
         failed, self._sinks = self._sinks, {}
-        self._abort_all(list(failed))
         for loop, sink in {id(s): (lp, s) for lp, s in failed.values()}.values():
             _call_soon(loop, sink.put_nowait, error)
-        self._publish_stats()
+        if self.dead is None:  # a dead engine keeps its blocks: nothing will use them again
+            self._abort_all(list(failed))
+            self._publish_stats()
+
+    def _die(self, error: EngineDeadError) -> None:
+        """Fail every waiting caller and every command still queued; refuse all later ones."""
+        with self._lock:
+            self.dead = error
+        self._run_commands(block=False)  # queued adds now fail with `error`
+        self._fail_all(error)
+        if self.on_dead is not None:
+            self.on_dead(error)
 
     def _publish_stats(self) -> None:
         sched = self.engine.scheduler
@@ -227,6 +287,11 @@ class RequestStream:
             self._llm.abort(list(self.unfinished))
             self.unfinished.clear()
         return aborted
+
+
+def _is_device_fault(error: Exception) -> bool:
+    """A CUDA error (not out-of-memory, which is its own class) that every later call repeats."""
+    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -12,11 +12,17 @@ outputs, time it would otherwise sit idle. The price is a sequence that stops un
 a stop string) runs one more token, whose result is dropped; one that reaches its length is left
 out of the next step, since that end is known ahead. Sampling still follows postprocessing, so
 penalties, structured output and the reasoning budget see every token before the next draw.
+
+A failure stays with its request where it can be traced to one: a request whose sampling,
+constraint or postprocessing raises finishes with finish_reason "error" and its message, and the
+others go on. Only a failure of the forward itself, which every row shares, leaves step().
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +36,8 @@ from r1.reasoning import ReasoningStream
 from r1.sampling import compute_logprobs, make_generator, sample_next
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class TokenConstraint(Protocol):
@@ -63,6 +71,7 @@ class RequestOutput:
     time_to_first_token: float  # seconds from arrival to the first token (the prefill)
     decode_seconds: float  # seconds since the first token
     new_logprobs: list[dict] = field(default_factory=list)  # per new token, when asked for
+    error: str | None = None  # why the request failed (finish_reason "error")
 
 
 @dataclass
@@ -103,22 +112,34 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt_opens_reasoning: bool = False, constraint: TokenConstraint | None = None) -> None:
-        if request_id in self.by_request_id:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def check_prompt_ids(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError unless the ids are a non-empty list of the model's token ids."""
+        vocab = self.runner.model.config.vocab_size
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt_opens_reasoning: bool = False, constraint: TokenConstraint | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Queue a request; raises (ValueError, PromptTooLongError) having queued nothing.
+
+        cache_salt keeps its prompt's prefix-cache blocks apart from those of any other salt.
+        """
+        if request_id in self.by_request_id:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_prompt_ids(prompt_token_ids)
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n} tokens but the context holds {self.max_model_len} "
                                      f"(max_model_len), leaving no room to generate")
-        if max(prompt_token_ids) >= self.runner.model.config.vocab_size or min(prompt_token_ids) < 0:
-            raise ValueError(f"prompt token ids must lie in [0, {self.runner.model.config.vocab_size})")
         params = params.with_defaults(self.sampling_defaults)
+        if params.top_k >= self.runner.model.config.vocab_size:  # keeps every token: vLLM's clamp
+            params = dataclasses.replace(params, top_k=0)
         room = self.max_model_len - n
         max_tokens = min(params.max_tokens or room, room)
-        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), max_tokens)
+        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), max_tokens, cache_salt=cache_salt)
         req = _Request(request_id, seq, params, make_generator(params.seed),
                        IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
                        ReasoningStream(prompt_opened_think=prompt_opens_reasoning), prompt_opens_reasoning, constraint)
@@ -159,6 +180,25 @@ class LLMEngine:
         if len(live) < len(sampling):
             logits = logits[torch.tensor(live, device=logits.device)]
         reqs = [self.requests[sampling[i].seq_id] for i in live]
+        rng_states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
+        try:
+            tokens, logprobs = self._sample(logits, reqs)
+        except Exception:
+            reqs, tokens, logprobs = self._sample_apart(logits, reqs, rng_states, outputs)
+            if not reqs:
+                return outputs
+        token_ids = self._read_tokens(tokens, reqs)
+        for req, token_id, lp in zip(reqs, token_ids, logprobs):
+            try:
+                outputs.append(self._append_token(req, token_id, lp))
+            except Exception as e:  # its detokenizer, stop check or constraint: its failure alone
+                outputs.append(self._fail(req, e))
+        if self._ahead is not None and all(s.seq.is_finished for s in self._ahead[0]):
+            self._ahead = None  # everything it ran has ended
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[torch.Tensor, list[list[dict]]]:
+        """The next token of each row (B,) on the logits' device, and each row's logprobs."""
         raw_logits = logits
         constrained = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.in_reasoning]
         if constrained:
@@ -174,13 +214,40 @@ class LLMEngine:
         if capped:
             tokens[capped] = self.think_end_id  # thinking budget spent: close it, the answer follows
         # Logprobs are read before the next step is launched, which reading would wait for.
-        logprobs = self._logprobs(raw_logits, tokens, reqs)
-        token_ids = self._read_tokens(tokens, reqs)
-        for req, token_id, lp in zip(reqs, token_ids, logprobs):
-            outputs.append(self._append_token(req, token_id, lp))
-        if self._ahead is not None and all(s.seq.is_finished for s in self._ahead[0]):
-            self._ahead = None  # everything it ran has ended
-        return outputs
+        return tokens, self._logprobs(raw_logits, tokens, reqs)
+
+    def _sample_apart(self, logits: torch.Tensor, reqs: list[_Request], rng_states: list, outputs: list):
+        """After the batch's sampling raised: each row alone, from its generator's state before
+        the batch, so a row draws what it would have; the rows that raise fail their requests.
+        Returns the rows that go on: (reqs, tokens, logprobs)."""
+        kept, tokens, logprobs = [], [], []
+        for row, (req, state) in enumerate(zip(reqs, rng_states)):
+            if state is not None:
+                req.generator.set_state(state)
+            try:
+                token, lp = self._sample(logits[row:row + 1], [req])
+            except Exception as e:
+                outputs.append(self._fail(req, e))
+                continue
+            kept.append(row)
+            tokens.append(token)
+            logprobs += lp
+        if not kept:
+            return [], None, []
+        return [reqs[i] for i in kept], torch.cat(tokens), logprobs
+
+    def _fail(self, req: _Request, error: Exception) -> RequestOutput:
+        """Finish req with finish_reason "error": its blocks are freed, its text so far dropped."""
+        log.error("request %s failed", req.request_id, exc_info=error)
+        self.scheduler.finish(req.seq, "error")
+        req.finish_time = time.perf_counter()
+        self.requests.pop(req.seq.seq_id, None)  # _finish may have taken it out before it raised
+        self.by_request_id.pop(req.request_id, None)
+        seq = req.seq
+        first = req.first_token_time or req.finish_time
+        return RequestOutput(req.request_id, [], "", "", "", True, "error", seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_cached_tokens, first - req.arrival,
+                             req.finish_time - first, error=f"{type(error).__name__}: {error}")
 
     def _read_tokens(self, tokens: torch.Tensor, reqs: list[_Request]) -> list[int]:
         """The sampled ids as numbers; with async scheduling, once the next step is launched."""

@@ -2,24 +2,32 @@
 
 Owns the routes, the API key, the request-size limit, the served model's name, error responses
 in OpenAI's shape with the right status, and running uvicorn: printing where it listens, and on
-SIGINT or SIGTERM giving in-flight requests a grace period before aborting them. Generation
-(prompts, streams, usage) is serving.py's; the wire format is protocol.py's; the engine runs
-behind `AsyncLLM`.
+SIGINT or SIGTERM giving in-flight requests a grace period before aborting them. If the engine
+dies, /health answers 503 and `serve` returns with an error, so a supervisor restarts it.
+
+It also owns what keeps web pages the user visits from driving the server: API bodies must be
+JSON (a cross-origin page can only send JSON after a CORS preflight, which fails unless
+--cors-origin names it), a server on loopback answers only requests whose Host header is a
+loopback name or an --allowed-host (against DNS rebinding), and a server reachable from other
+machines needs an API key unless told --insecure. Generation (prompts, streams, usage) is
+serving.py's; the wire format is protocol.py's; the engine runs behind `AsyncLLM`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -34,6 +42,7 @@ from r1.server.serving import Serving
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20  # R1's whole 128K-token context is about 0.5 MiB of text
 SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight requests get this long to finish; then they are aborted
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # as Host headers spell them
 
 
 @dataclass
@@ -42,18 +51,46 @@ class ServerConfig:
     api_key: str | None = None
     max_requests: int = 256  # unfinished requests (running and waiting) before new ones get a 503
     max_body_bytes: int = MAX_BODY_BYTES
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host headers answered; None: any
+    cors_origins: tuple[str, ...] = field(default=())  # browser origins allowed to call the API
 
 
-def build_app(llm, config: ServerConfig) -> Starlette:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse (ValueError) to serve beyond this machine without an API key, unless insecure."""
+    if not is_loopback(host) and api_key is None and not insecure:
+        raise ValueError(f"--host {host} lets other machines reach the server, and without --api-key (or "
+                         f"R1_API_KEY) anyone who can reach it can use it; give a key, or --insecure "
+                         f"if the network is yours alone")
+
+
+def host_allowlist(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The Host headers a server bound to `host` answers: loopback names (and extra) on loopback,
+    where a DNS-rebinding page is the risk; only extra, if given, elsewhere; else any."""
+    if is_loopback(host):
+        return (*LOOPBACK_HOSTS, *extra)
+    return tuple(extra) or None
+
+
+def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
     """The ASGI app for a loaded `LLM`; its engine thread starts and stops with the app's lifespan.
 
-    One app per LLM: that thread must be the only one driving `llm.engine`.
+    One app per LLM: that thread must be the only one driving `llm.engine`. on_engine_dead is
+    called (on the engine's thread) with the error if the engine dies.
     """
     serving = Serving(llm, config.served_model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        serving.engine = AsyncLLM(llm.engine, max_requests=config.max_requests)
+        serving.engine = AsyncLLM(llm.engine, max_requests=config.max_requests, on_dead=on_engine_dead)
         try:
             yield
         finally:
@@ -61,6 +98,10 @@ def build_app(llm, config: ServerConfig) -> Starlette:
 
     async def parse(request: Request, model: type[protocol.APIModel]):
         _authorize(request, config.api_key)
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"the body must be JSON (Content-Type: application/json), not "
+                                f"{media_type or 'untyped'}", code="unsupported_media_type")
         body = await _read_body(request, config.max_body_bytes)
         try:
             parsed = model.model_validate_json(body)
@@ -94,8 +135,11 @@ def build_app(llm, config: ServerConfig) -> Starlette:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(request: Request) -> Response:
-        alive = serving.engine is not None and serving.engine.is_alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+        engine = serving.engine
+        if engine is not None and engine.is_alive:
+            return JSONResponse({"status": "ok"})
+        status = str(engine.dead) if engine is not None and engine.dead else "engine stopped"
+        return JSONResponse({"status": status}, status_code=503)
 
     async def metrics(request: Request) -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
@@ -117,6 +161,11 @@ def build_app(llm, config: ServerConfig) -> Starlette:
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    if config.allowed_hosts is not None:
+        app.add_middleware(_AllowedHosts, hosts=config.allowed_hosts)
     app.add_middleware(_CountRequests, metrics=serving.metrics)
     app.state.serving = serving
     return app
@@ -157,6 +206,24 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
 
 
+class _AllowedHosts:
+    """ASGI middleware: a 403 for a Host header outside the list (the port aside)."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app, self.hosts = app, {h.lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = header.rsplit(":", 1)[0] if header.rpartition(":")[2].isdigit() else header
+        if name in self.hosts:
+            return await self.app(scope, receive, send)
+        error = APIError(403, f"the Host header {header!r} is not one this server answers; start it with "
+                              f"--allowed-host NAME to allow a name", code="host_not_allowed")
+        await error.response()(scope, receive, send)
+
+
 class _CountRequests:
     """ASGI middleware: counts every HTTP response by route and status."""
 
@@ -181,11 +248,14 @@ class _CountRequests:
 
 
 def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Run the server until SIGINT or SIGTERM; prints where it listens once it does."""
+    """Run the server until SIGINT or SIGTERM; prints where it listens once it does.
+
+    Raises EngineDeadError, after the waiting requests have had their errors, if the engine dies.
+    """
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     bound_port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(llm, config), log_level=log_level,
-                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
+    app = build_app(llm, config, on_engine_dead=lambda error: setattr(server, "should_exit", True))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
 
     async def run():
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -198,3 +268,6 @@ def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, 
         await task
 
     asyncio.run(run())
+    engine = app.state.serving.engine
+    if engine is not None and engine.dead is not None:
+        raise engine.dead

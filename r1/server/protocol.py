@@ -3,24 +3,29 @@
 Requests are pydantic models validated in strict JSON mode straight from the body bytes, so
 malformed JSON, invalid UTF-8, runaway nesting and wrong types all come back as one
 `ValidationError` (a 400). Unknown fields are ignored, as OpenAI-compatible servers do; fields we
-know but cannot honour are rejected. Responses are plain dicts in the shapes the `openai` package
+know but cannot honour are rejected. Sizes are bounded here or in SamplingParams (which names the
+field it refuses), before any work is done on a request. Responses are plain dicts in the shapes the `openai` package
 parses, reasoning apart from the answer as `reasoning_content` (DeepSeek's and vLLM's convention).
 This module owns no I/O: routes, streaming and errors are app.py's.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from functools import cached_property
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from r1.sampling_params import MAX_LOGPROBS, SamplingParams
 from r1.tokenizer import Tokenizer
 
 MAX_N = 16  # samples per request: each is a sequence in the batch and a share of the queue
-MAX_STOP = 16
+MAX_PROMPTS = 256  # prompts per completions call; each is tokenized before the engine sees it
+MAX_SALT_CHARS = 256
+# What a logprob of -inf (or NaN, from a broken forward) is reported as: JSON has no infinities.
+LOWEST_LOGPROB = -9999.0
 
 
 class APIModel(BaseModel):
@@ -95,12 +100,8 @@ class _Sampling(APIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-
-    @model_validator(mode="after")
-    def _few_stops(self):
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        return self
+    # vLLM's: the prompt's prefix-cache blocks are shared only with requests of the same salt.
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT_CHARS)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, **extra) -> SamplingParams:
         """Raises ValueError or TypeError (a 400) for values SamplingParams refuses."""
@@ -151,6 +152,13 @@ class CompletionRequest(_Sampling):
         if self.prompt == [] or self.prompt == "" or any(p == "" or p == [] for p in self.prompts()):
             raise ValueError("the prompt is empty")
         return self
+
+    @field_validator("prompt")
+    @classmethod
+    def _few_prompts(cls, prompt):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts a call, got {len(prompt)}")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt or a batch: a string, token ids, or a list of either."""
@@ -261,7 +269,7 @@ class LogprobFormatter:
     def chat(self, entries: list[dict]) -> dict:
         def item(token_id: int, logprob: float) -> dict:
             raw = self.token_bytes(token_id)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
         return {"content": [{**item(e["token_id"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
                             for e in entries]}
 
@@ -271,6 +279,10 @@ class LogprobFormatter:
         for token in tokens:
             offsets.append(text_offset)
             text_offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{self.token_text(t): lp for t, lp in e["top"]} for e in entries],
+        return {"tokens": tokens, "token_logprobs": [_finite(e["logprob"]) for e in entries],
+                "top_logprobs": [{self.token_text(t): _finite(lp) for t, lp in e["top"]} for e in entries],
                 "text_offset": offsets}
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) and logprob > LOWEST_LOGPROB else LOWEST_LOGPROB

@@ -1,11 +1,14 @@
 """Serving OpenAI requests: prompts to engine requests, engine outputs to responses and streams.
 
-Owns what happens between a validated request and its answer: encoding the prompt (off the event
-loop), checking it against the context, expanding n into seeded samples with a grammar
-constraint each, adding them to the engine as one group, and then either collecting the outputs
-into one response or streaming them as server-sent events. A client that goes away mid-request
-aborts its group, so the KV blocks come back. It also keeps the usage and metrics accounting.
-It does not own routing, authentication or parsing (app.py, protocol.py).
+Owns what happens between a validated request and its answer: admission (whether the engine has
+room for the call's samples, asked before any tokenizing or grammar compiling), encoding the
+prompt (off the event loop), checking it against the context, expanding n into seeded samples
+with a grammar constraint each, adding them to the engine as one group, and then either
+collecting the outputs into one response or streaming them as server-sent events. A client that
+goes away mid-request aborts its group, so the KV blocks come back. A request that fails in the
+engine gets a 500 (in-band once a stream has begun) and leaves the others alone; a dead engine
+answers 503. It also keeps the usage and metrics accounting. It does not own routing,
+authentication or parsing (app.py, protocol.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from r1.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest, EngineStats, QueueFullError, RequestStream
 from r1.engine.llm_engine import PromptTooLongError, RequestOutput
 from r1.llm import expand_samples
+from r1.sampling_params import ParamError
 from r1.server import protocol
 from r1.server.errors import APIError
 from r1.server.metrics import Metrics
@@ -69,15 +73,15 @@ class Serving:
 
     async def chat(self, request: Request, req: protocol.ChatCompletionRequest) -> Response:
         params = _checked(req.to_sampling_params)
+        self._admit(params.n)
         ids, opens_reasoning = await self._encode(protocol.engine_messages(req.messages), chat=True)
         self._check_length(len(ids), params.max_tokens, "messages")
         samples = expand_samples(params)
         response_format = req.response_format.as_dict() if req.response_format else None
-        # Each sample walks its own grammar; the first one built also builds llguidance's tokenizer.
-        constraints = await asyncio.to_thread(
-            lambda: [_checked(self.structured.constraint, response_format) for _ in samples])
+        # The first grammar built also builds llguidance's tokenizer (~1 s), so off the event loop.
+        constraints = await asyncio.to_thread(_checked, self.structured.constraints, response_format, len(samples))
         id_ = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._add([EngineRequest(f"{id_}-{i}", ids, p, opens_reasoning, c)
+        stream = await self._add([EngineRequest(f"{id_}-{i}", ids, p, opens_reasoning, c, req.cache_salt)
                                   for i, (p, c) in enumerate(zip(samples, constraints))])
         usage = _Usage(len(ids))
         if req.stream:
@@ -92,12 +96,14 @@ class Serving:
 
     async def complete(self, request: Request, req: protocol.CompletionRequest) -> Response:
         params = _checked(req.to_sampling_params)
+        self._admit(len(req.prompts()) * params.n)
         encoded = [await self._encode(prompt, chat=False) for prompt in req.prompts()]
         for ids, _ in encoded:
             self._check_length(len(ids), params.max_tokens, "prompt")
         id_ = f"cmpl-{uuid.uuid4().hex}"
         samples = expand_samples(params)
-        stream = await self._add([EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, opens_reasoning)
+        stream = await self._add([EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, opens_reasoning,
+                                                cache_salt=req.cache_salt)
                                   for p, (ids, opens_reasoning) in enumerate(encoded)
                                   for j, sample in enumerate(samples)])
         usage = _Usage(sum(len(ids) for ids, _ in encoded))
@@ -127,6 +133,18 @@ class Serving:
 
     # ---- requests in ---------------------------------------------------------------------------
 
+    def _admit(self, num_samples: int) -> None:
+        """Whether the engine can take num_samples more requests: a 400 if it never could, a 503
+        while it is full or dead."""
+        limit = self.engine.max_requests
+        if num_samples > limit:
+            raise APIError(400, f"this call asks for {num_samples} samples (prompts x n) but this server "
+                                f"takes at most {limit} at once", param="n")
+        try:
+            self.engine.check_room(num_samples)
+        except (QueueFullError, EngineDeadError) as e:
+            raise _engine_error(e) from None
+
     async def _encode(self, prompt, chat: bool) -> tuple[list[int], bool]:
         """Token ids and whether they open the reasoning; tokenizing runs off the event loop."""
         try:
@@ -147,10 +165,8 @@ class Serving:
     async def _add(self, requests: list[EngineRequest]) -> RequestStream:
         try:
             return await self.engine.add(requests)
-        except QueueFullError as e:
-            raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_stopped") from None
+        except (QueueFullError, EngineDeadError) as e:
+            raise _engine_error(e) from None
         except PromptTooLongError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
@@ -168,13 +184,23 @@ class Serving:
             self.metrics.finished.labels("abort").inc(aborted)
 
     async def _outputs(self, stream: RequestStream, usage: _Usage) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) until all finish, accounted in usage and metrics."""
+        """(choice index, output) until all finish, accounted in usage and metrics; raises an
+        APIError when one of them, or the engine, fails."""
         index = {request_id: i for i, request_id in enumerate(stream.request_ids)}
         last_decode: dict[str, float] = {}
-        async for out in stream:
-            self.metrics.observe(out, last_decode)
-            usage.add(out)
-            yield index[out.request_id], out
+        try:
+            async for out in stream:
+                self.metrics.observe(out, last_decode)
+                if out.error is not None:
+                    raise APIError(500, f"generation failed: {out.error}", code="generation_failed")
+                usage.add(out)
+                yield index[out.request_id], out
+        except EngineDeadError as e:
+            raise _engine_error(e) from None
+        except APIError:
+            raise
+        except Exception as e:  # the step this request ran in failed
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
 
     async def _gather(self, stream: RequestStream, usage: _Usage) -> list[_Sample]:
         samples = [_Sample() for _ in stream.request_ids]
@@ -210,8 +236,8 @@ class Serving:
                     yield chunk([protocol.chunk_choice(i, delta, out.finish_reason, logprobs)])
             if req.include_usage:
                 yield chunk([], usage.as_dict())
-        except Exception as e:  # the engine failed mid-stream: the 200 is sent, so say it in-band
-            yield _event(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
+        except APIError as e:  # the 200 is sent, so the failure is said in-band
+            yield _event(e.body())
         yield "data: [DONE]\n\n"
 
     async def _completion_events(self, stream, req: protocol.CompletionRequest, id_: str, usage: _Usage):
@@ -228,8 +254,8 @@ class Serving:
                     yield _event(protocol.completion(id_, self.model_name, created, [choice], None))
             if req.include_usage:
                 yield _event(protocol.completion(id_, self.model_name, created, [], usage.as_dict()))
-        except Exception as e:
-            yield _event(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
+        except APIError as e:
+            yield _event(e.body())
         yield "data: [DONE]\n\n"
 
 
@@ -237,12 +263,21 @@ def _checked(fn, *args):
     """Calls fn; the ValueError or TypeError it raises about the request becomes a 400."""
     try:
         return fn(*args)
+    except ParamError as e:
+        raise APIError(400, str(e), param=e.param) from None
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e)) from None
 
 
+def _engine_error(e: QueueFullError | EngineDeadError) -> APIError:
+    if isinstance(e, QueueFullError):
+        return APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"})
+    return APIError(503, str(e), code="engine_dead")
+
+
 def _event(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    # allow_nan=False: a bare NaN is not JSON, and clients would fail on the whole event.
+    return f"data: {json.dumps(body, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 async def _unless_disconnected(request: Request, work):

@@ -3,7 +3,7 @@
 The grammar work is llguidance's: it compiles a JSON schema and, at each step, says which tokens
 may come next. This module adapts it to the engine's constraint hook (`allowed_tokens`,
 `accept`, `is_done`): it builds llguidance's tokenizer once from ours, turns a response_format
-into a fresh matcher per request, and turns llguidance's bitmask into a boolean mask as wide as
+into matchers (compiled once per API request, copied for each of its samples), and turns llguidance's bitmask into a boolean mask as wide as
 the model's logits. It does not decide where the constraint applies (the engine applies it to the
 answer, after the reasoning) nor parse HTTP requests (protocol.py).
 """
@@ -59,14 +59,15 @@ class StructuredOutputs:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()  # building takes ~1 s; concurrent first requests build it once
 
-    def constraint(self, response_format: dict | None) -> GrammarConstraint | None:
-        """A constraint for an OpenAI response_format dict; None for plain text.
+    def constraints(self, response_format: dict | None, n: int) -> list[GrammarConstraint | None]:
+        """n constraints for an OpenAI response_format dict, each walking the grammar on its own;
+        Nones for plain text. The schema is compiled once, whatever n is.
 
         Raises ValueError for an unknown type or a schema llguidance cannot compile.
         """
         kind = (response_format or {}).get("type", "text")
         if kind == "text":
-            return None
+            return [None] * n
         if kind == "json_object":
             schema = {"type": "object"}
         elif kind == "json_schema":
@@ -80,7 +81,8 @@ class StructuredOutputs:
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"invalid JSON schema: {matcher.get_error()}")
-        return GrammarConstraint(matcher, self.vocab_size)
+        matchers = [matcher] + [matcher.deep_copy() for _ in range(n - 1)]
+        return [GrammarConstraint(m, self.vocab_size) for m in matchers]
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
