@@ -164,13 +164,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     from r1.server.app import ServerConfig, check_exposure, host_allowlist, serve
     # The environment keeps the key out of the process list.
-    api_key = a.api_key or os.environ.get("R1_API_KEY")
+    api_key = (a.api_key or os.environ.get("R1_API_KEY") or "").strip() or None  # an empty one is none
     check_exposure(a.host, api_key, a.insecure)  # before the minutes a load can take
     llm = _load(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
     config = ServerConfig(served_model_name=a.served_model_name or a.model, api_key=api_key,
-                          max_requests=a.max_requests, allowed_hosts=host_allowlist(a.host, tuple(a.allowed_host)),
+                          max_requests=a.max_requests,
+                          allowed_hosts=host_allowlist(a.host, api_key, tuple(a.allowed_host)),
                           cors_origins=tuple(a.cors_origin))
-    serve(llm, config, host=a.host, port=a.port)
+    serve(llm, config, host=a.host, port=a.port, insecure=a.insecure)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -349,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback --host without an API key (only on a network that is yours alone)")
     s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a Host header to answer besides localhost, 127.0.0.1 and [::1] (repeatable); "
-                        "on a non-loopback --host, the list of names answered")
+                   help="a host name to answer besides localhost and IP addresses (repeatable); a page "
+                        "under any other name gets a 403, against DNS rebinding")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin (https://app.example) whose pages may call the API (repeatable)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")

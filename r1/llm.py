@@ -21,7 +21,7 @@ from r1.config import EngineConfig
 from r1.engine.llm_engine import LLMEngine, RequestOutput
 from r1.engine.model_runner import ModelRunner
 from r1.engine.scheduler import SchedulerConfig
-from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files, resolve_path
+from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files
 from r1.sampling_params import INT64, SamplingParams
 from r1.tokenizer import Tokenizer
 
@@ -143,12 +143,16 @@ class LLM:
                chat: bool = False) -> Iterator[RequestOutput]:
         """Run one request alone, yielding its incremental outputs."""
         request_id = self._add(prompt, _checked(params or SamplingParams()), chat)
-        while True:
-            for out in self.engine.step():
-                if out.request_id == request_id:
-                    yield out
-                    if out.finished:
-                        return
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:  # the caller stopped reading, or a step failed
+            if not finished:
+                self._take_back([request_id])
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[Completion]:
@@ -184,18 +188,26 @@ class LLM:
                     rid = self._add(prompt, sample_params, chat)
                     added.append((rid, i, j, self.engine.by_request_id[rid].seq.prompt_token_ids))
         except Exception:  # one bad prompt fails the call: take back the ones already queued
-            for rid, *_ in added:
-                self.engine.abort(rid)
-            self.engine.step()
+            self._take_back([rid for rid, *_ in added])
             raise
         parts: dict[str, list[RequestOutput]] = {rid: [] for rid, *_ in added}
         remaining = set(parts)
-        while remaining:
-            for out in self.engine.step():
-                parts[out.request_id].append(out)
-                if out.finished:
-                    remaining.discard(out.request_id)
+        try:
+            while remaining:
+                for out in self.engine.step():
+                    parts[out.request_id].append(out)
+                    if out.finished:
+                        remaining.discard(out.request_id)
+        except BaseException:  # a failed step, or an interrupt: the engine is left empty, usable
+            self._take_back(remaining)
+            raise
         return [_collect(rid, i, j, ids, parts[rid]) for rid, i, j, ids in added]
+
+    def _take_back(self, request_ids) -> None:
+        """Abort requests and let the engine hand out their final outputs, to nobody."""
+        for rid in request_ids:
+            self.engine.abort(rid)
+        self.engine.step()
 
 
 def _checked(params) -> SamplingParams:

@@ -50,17 +50,24 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     greedy = [i for i, p in enumerate(params) if p.greedy]
     filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
+    # A top_k past the candidates widens the candidates of every row filtered with it: apart.
+    filtered_groups = [g for g in ([i for i in filtered if params[i].top_k < CANDIDATES],
+                                   [i for i in filtered if params[i].top_k >= CANDIDATES]) if g]
     unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
-    # Drawn on the host, then copied once.
-    u = uniforms([generators[i] for i in filtered + unfiltered], TRIES + 1).to(device, non_blocking=True)
+    # Drawn on the host, then copied once; row r of u is the r-th of the filtered, then the rest.
+    drawing = [i for group in filtered_groups for i in group] + unfiltered
+    u = uniforms([generators[i] for i in drawing], TRIES + 1).to(device, non_blocking=True)
     parts = []  # (rows, their tokens)
     if greedy:
         parts.append((greedy, greedy_tokens(rows(greedy))))
-    if filtered:
-        parts.append((filtered, _sample_filtered(rows(filtered), [params[i] for i in filtered], u[:len(filtered)])))
+    start = 0
+    for group in filtered_groups:
+        group_u = u[start:start + len(group)]
+        parts.append((group, _sample_filtered(rows(group), [params[i] for i in group], group_u)))
+        start += len(group)
     if unfiltered:
         scaled = apply_temperature(rows(unfiltered), [params[i].temperature for i in unfiltered])
-        parts.append((unfiltered, draw(scaled.softmax(dim=1), u[len(filtered):, 0])))
+        parts.append((unfiltered, draw(scaled.softmax(dim=1), u[start:, 0])))
     if len(parts) == 1:
         return parts[0][1]
     tokens = torch.empty(len(params), dtype=torch.int64, device=device)

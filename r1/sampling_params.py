@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs
-MAX_TOP_K = 2**31 - 1  # any vocabulary fits; a k at or past the model's is "disabled" (the engine's clamp)
+MAX_TOKEN_ID = 2**31 - 1  # past any vocabulary, within every index type
+MAX_TOP_K = MAX_TOKEN_ID  # a k at or past the model's vocabulary is "disabled" (the engine's clamp)
 INT64 = (-2**63, 2**63 - 1)  # seeds: what a generator takes, and what an API client can name
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it would overflow
 REPETITION_PENALTY = (0.01, 100.0)  # past these a penalized logit over- or underflows float32
@@ -153,6 +154,6 @@ def _stop_token_ids(ids: Any) -> tuple[int, ...]:
         raise TypeError(f"stop_token_ids must be a list of int, got {ids!r}")
     if len(ids) > MAX_STOP_TOKEN_IDS:
         raise ParamError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(ids)}")
-    if any(not 0 <= i <= MAX_TOP_K for i in ids):
-        raise ParamError("stop_token_ids", f"stop_token_ids must lie in [0, {MAX_TOP_K}], got {list(ids)!r}")
+    if any(not 0 <= i <= MAX_TOKEN_ID for i in ids):
+        raise ParamError("stop_token_ids", f"stop_token_ids must lie in [0, {MAX_TOKEN_ID}], got {list(ids)!r}")
     return tuple(ids)

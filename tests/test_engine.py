@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from r1 import LLM, SamplingParams
+from r1.engine.llm_engine import StepError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -219,4 +220,27 @@ def test_a_request_that_fails_fails_alone(make_llm, where):
     assert [tokens["a"], tokens["b"]] == alone
     assert (last["broken"].finish_reason, last["broken"].error) == ("error", "RuntimeError: broken grammar")
     assert len(tokens["broken"]) == 2 and last["broken"].finished
+    _assert_no_leaks(llm)
+
+
+def test_a_failed_forward_fails_only_what_it_ran(make_llm, alone, monkeypatch):
+    llm = make_llm(max_num_seqs=1)  # the second request waits while the first runs
+    first, second = _prompts(2)
+    engine = llm.engine
+    engine.add_request("ran", first, GREEDY)
+    engine.add_request("waited", second, GREEDY)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as broken:
+        broken.setattr(engine.runner, "run", lost)
+        with pytest.raises(StepError) as failed:
+            engine.step()
+    assert [(o.request_id, o.finish_reason, o.error) for o in failed.value.outputs] == [
+        ("ran", "error", "RuntimeError: device lost")]
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == alone[tuple(second)]
     _assert_no_leaks(llm)

@@ -129,6 +129,7 @@ HOSTILE = {  # name: (file bytes, offset of the bad field, phrase in the message
     "n_dims 2**32-1": (_gguf(infos=[_info(NAME, [3, 2], n_dims=2**32 - 1)]), NDIMS_AT, "4294967295 dimensions"),
     "dims overflow int64": (_gguf(infos=[_info(NAME, [2**32, 2**32])]), DIMS_AT, "more elements than int64 holds"),
     "dim past int64": (_gguf(infos=[_info(NAME, [2**63, 0])]), DIMS_AT, "more elements than int64 holds"),
+    "empty dimension": (_gguf(infos=[_info(NAME, [32, 0], ggml_type=Q8_0)]), DIMS_AT, "a dimension of 0"),
     "unknown tensor type": (_gguf(infos=[_info(NAME, [3, 2], ggml_type=200)]), DIMS_AT + 16, "unknown type 200"),
     "row not a whole block": (_gguf(infos=[_info(NAME, [3, 2], ggml_type=Q8_0)]), DIMS_AT, "its block of 32"),
     "unaligned tensor offset": (_gguf(infos=[_info(NAME, [3, 2], offset=4)]), DIMS_AT + 20, "of the alignment"),

@@ -380,7 +380,7 @@ def test_same_seed_same_tokens_alone_or_batched():
     with torch.random.fork_rng():
         alone = run_seeded([(target, 7)])
         batched = run_seeded([(params(temperature=1.0), None), (params(top_k=3), 8),
-                              (params(temperature=0), None), (target, 7)])
+                              (params(temperature=0), None), (target, 7), (params(top_k=500), 9)])
     assert batched[3] == alone[0]
 
 
@@ -490,3 +490,19 @@ def test_with_defaults_fills_r1_generation_config():
     assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams().with_defaults({"top_p": 2.0})  # defaults are validated too
+
+
+def test_a_large_top_k_widens_only_its_own_rows(monkeypatch):
+    widths = []
+    real = sampling._softmax_topk
+
+    def recording(logits, temperature, width):
+        widths.append((len(logits), width))
+        return real(logits, temperature, width)
+
+    monkeypatch.setattr(sampling, "_softmax_topk", recording)
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5))
+    ps = [params(top_p=0.9, temperature=0.6), params(top_k=500, temperature=0.6), params(top_k=20)]
+    sample_next(logits, ps, [[]] * 3, [[]] * 3, [make_generator(i) for i in range(3)])
+    # Both narrow rows among 64 candidates; the top_k=500 row alone among 501.
+    assert widths[:2] == [(2, CANDIDATES), (1, 501)]

@@ -5,19 +5,20 @@ reach the server."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from r1.cli import main
 from r1.engine.async_llm import EngineStats
 from r1.engine.llm_engine import RequestOutput
 from r1.sampling_params import ParamError
+from r1.server.app import ServerConfig, check_exposure, host_allowlist
 from r1.server.errors import APIError
 from r1.server.metrics import Metrics
-from r1.cli import main
-from r1.server.app import check_exposure, host_allowlist
 from r1.server.protocol import (LOWEST_LOGPROB, ChatCompletionRequest, CompletionRequest, LogprobFormatter,
                                 engine_messages)
 from r1.server.structured import StructuredOutputs
@@ -233,14 +234,25 @@ def test_a_server_beyond_loopback_needs_a_key(host, key, insecure, refused):
 
 
 def test_host_allowlist():
-    assert host_allowlist("127.0.0.1") == ("localhost", "127.0.0.1", "[::1]")
-    assert host_allowlist("::1", ("r1.lan",)) == ("localhost", "127.0.0.1", "[::1]", "r1.lan")
-    assert host_allowlist("0.0.0.0") is None  # beyond loopback the API key guards it
-    assert host_allowlist("0.0.0.0", ("r1.example",)) == ("r1.example",)
+    # IP addresses always pass (a rebinding page comes under a name); these are the names.
+    assert host_allowlist("127.0.0.1", None) == ("localhost",)
+    assert host_allowlist("::1", "sk-x", ("R1.lan:8000", "box.")) == ("localhost", "r1.lan", "box")
+    assert host_allowlist("0.0.0.0", "sk-x") is None  # beyond loopback the API key guards it
+    assert host_allowlist("0.0.0.0", "sk-x", ("r1.example",)) == ("localhost", "r1.example")
+    # Beyond loopback without a key (--insecure) the names still guard it: this machine's own.
+    assert host_allowlist("0.0.0.0", None) == tuple(dict.fromkeys(
+        n.lower() for n in ("localhost", socket.gethostname(), socket.getfqdn())))
 
 
-def test_serve_refuses_an_open_host_before_loading(capsys):
-    start = time.perf_counter()
-    assert main(["serve", "--host", "0.0.0.0", "--model", "no-such-model"]) == 1
-    assert "--api-key" in capsys.readouterr().err  # not "not found": nothing was loaded
-    assert time.perf_counter() - start < 5
+def test_an_empty_api_key_is_refused():
+    with pytest.raises(ValueError, match="API key is empty"):
+        ServerConfig("m", api_key=" ")
+
+
+def test_serve_refuses_an_open_host_before_loading(capsys, monkeypatch):
+    for key in ("", "  "):  # an empty R1_API_KEY is no key
+        monkeypatch.setenv("R1_API_KEY", key)
+        start = time.perf_counter()
+        assert main(["serve", "--host", "0.0.0.0", "--model", "no-such-model"]) == 1
+        assert "--api-key" in capsys.readouterr().err  # not "not found": nothing was loaded
+        assert time.perf_counter() - start < 5

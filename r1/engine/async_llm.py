@@ -11,7 +11,8 @@ It owns the bounded queue (at most `max_requests` unfinished requests; past that
 and a snapshot of the scheduler's numbers for metrics. It does not own tokenizing prompts or
 building sampling parameters (the caller's), nor HTTP (r1/server).
 
-A failed step fails the requests it ran, and the engine goes on. The engine is dead, for good,
+A failed step fails the requests it ran (a failure outside the forward and the sampler, which no
+request can be told from, fails every request), and the engine goes on. The engine is dead, for good,
 when its thread ends by anything but close() (a BaseException such as a Rust extension's panic),
 when MAX_FAILED_STEPS steps fail in a row, or at the first device fault (a CUDA error other than
 running out of memory leaves the context unusable). Then every caller waiting and every later one
@@ -28,9 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
-from r1.engine.llm_engine import LLMEngine, RequestOutput
+from r1.engine.llm_engine import LLMEngine, RequestOutput, StepError, is_device_fault
 from r1.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -97,9 +96,13 @@ class AsyncLLM:
         """Raise QueueFullError or EngineDeadError now if `count` more requests cannot be taken:
         the cheap check a server makes before it tokenizes anything. add() checks again."""
         if self.dead is not None:
-            raise self.dead
+            raise self._dead_error()
         if len(self._sinks) + count > self.max_requests:
             raise self._queue_full()
+
+    def _dead_error(self) -> EngineDeadError:
+        # A fresh one each time: raising one instance again and again would grow its traceback.
+        return EngineDeadError(str(self.dead) if self.dead is not None else "the engine has stopped")
 
     def _queue_full(self) -> QueueFullError:
         return QueueFullError(f"the server is at its limit of {self.max_requests} unfinished requests")
@@ -117,7 +120,7 @@ class AsyncLLM:
         added = loop.create_future()
         ids = [r.request_id for r in requests]
         if not self._submit(lambda: self._add_all(requests, loop, sink, added)):
-            raise self.dead or EngineDeadError("the engine has stopped")
+            raise self._dead_error()
         try:
             await added
         except asyncio.CancelledError:
@@ -170,17 +173,21 @@ class AsyncLLM:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
+                cause = e.cause if isinstance(e, StepError) else e
+                log.error("engine step failed", exc_info=cause)
                 failed_steps += 1
-                if _is_device_fault(e):
-                    raise EngineDeadError(f"the device failed: {type(e).__name__}: {e}") from e
+                if is_device_fault(cause):
+                    raise EngineDeadError(f"the device failed: {type(cause).__name__}: {cause}") from cause
                 if failed_steps >= MAX_FAILED_STEPS:
                     raise EngineDeadError(f"{failed_steps} steps failed in a row, the last with "
-                                          f"{type(e).__name__}: {e}") from e
-                self._fail_all(e)
+                                          f"{type(cause).__name__}: {cause}") from cause
+                if isinstance(e, StepError):
+                    self._deliver(e.outputs)
+                else:
+                    self._fail_all(e)
+                self._publish_stats()
                 continue
-            if any(out.finish_reason != "abort" for out in outputs):  # a forward ran, not just aborts
-                failed_steps = 0
+            failed_steps = 0
             self._deliver(outputs)
             self._publish_stats()
 
@@ -199,7 +206,7 @@ class AsyncLLM:
     def _add_all(self, requests: list[EngineRequest], loop, sink, added: asyncio.Future) -> None:
         try:
             if self.dead is not None:
-                raise self.dead
+                raise self._dead_error()
             if len(self._sinks) + len(requests) > self.max_requests:
                 raise self._queue_full()
             done = []
@@ -209,13 +216,16 @@ class AsyncLLM:
                                             prompt_opens_reasoning=r.prompt_opens_reasoning,
                                             constraint=r.constraint, cache_salt=r.cache_salt)
                     done.append(r.request_id)
-            except Exception:
+            except BaseException:
                 # All or none. The aborts' outputs come out of the next step to no sink.
                 self._abort_all(done)
                 raise
         except Exception as e:
             _call_soon(loop, _settle, added, e)
             return
+        except BaseException as e:  # a panic: the engine dies, and this caller hears it too
+            _call_soon(loop, _settle, added, EngineDeadError(f"the engine died: {type(e).__name__}: {e}"))
+            raise
         for r in requests:
             self._sinks[r.request_id] = (loop, sink)
         _call_soon(loop, _settle, added, None)
@@ -287,11 +297,6 @@ class RequestStream:
             self._llm.abort(list(self.unfinished))
             self.unfinished.clear()
         return aborted
-
-
-def _is_device_fault(error: Exception) -> bool:
-    """A CUDA error (not out-of-memory, which is its own class) that every later call repeats."""
-    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

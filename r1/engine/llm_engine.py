@@ -15,7 +15,9 @@ penalties, structured output and the reasoning budget see every token before the
 
 A failure stays with its request where it can be traced to one: a request whose sampling,
 constraint or postprocessing raises finishes with finish_reason "error" and its message, and the
-others go on. Only a failure of the forward itself, which every row shares, leaves step().
+others go on. A failed forward fails the requests it ran, and step() raises StepError carrying
+their outputs; so does a step whose every sampled row failed (the sampler's fault, not a
+request's). A device fault is never pinned on a request: it leaves step() as it came.
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ class TokenConstraint(Protocol):
 
 class PromptTooLongError(ValueError):
     """A prompt that does not fit the context: never silently truncated."""
+
+
+class StepError(RuntimeError):
+    """A step that failed as a whole (see the module docstring); `outputs` holds what it made,
+    among them the final outputs ("error") of the requests it failed, for their callers."""
+
+    def __init__(self, cause: Exception, outputs: list[RequestOutput]):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause, self.outputs = cause, outputs
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """A CUDA error (out-of-memory is its own class) that leaves the context unusable: every later
+    call repeats it, so it is the engine's death, not a request's failure."""
+    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
 
 
 @dataclass
@@ -145,9 +162,9 @@ class LLMEngine:
                        ReasoningStream(prompt_opened_think=prompt_opens_reasoning), prompt_opens_reasoning, constraint)
         if params.max_reasoning_tokens is not None and self.think_end_id is None:
             raise ValueError("max_reasoning_tokens needs a tokenizer with a </think> token")
+        self.scheduler.add(seq)
         self.requests[seq.seq_id] = req
         self.by_request_id[request_id] = req
-        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         req = self.by_request_id.get(request_id)
@@ -169,7 +186,12 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return outputs
-            logits = self.runner.run(scheduled)
+            try:
+                logits = self.runner.run(scheduled)
+            except Exception as e:
+                if not is_device_fault(e):
+                    outputs += [self._fail(self.requests[s.seq.seq_id], e) for s in scheduled]
+                raise StepError(e, outputs) from e
         self.scheduler.update_after_step(scheduled)
         sampling = [s.seq for s in scheduled if s.samples]  # the rows of logits
         # A sequence that ended while its step ran (a stop found a step late, an abort) has no
@@ -183,15 +205,22 @@ class LLMEngine:
         rng_states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
         try:
             tokens, logprobs = self._sample(logits, reqs)
-        except Exception:
+        except Exception as e:
+            if is_device_fault(e):
+                raise
             reqs, tokens, logprobs = self._sample_apart(logits, reqs, rng_states, outputs)
             if not reqs:
-                return outputs
-        token_ids = self._read_tokens(tokens, reqs)
+                raise StepError(e, outputs) from e
+        try:
+            token_ids = self._read_tokens(tokens, reqs)
+        except Exception as e:  # the next step's launch: its sequences were rewound, not failed
+            raise StepError(e, outputs) from e
         for req, token_id, lp in zip(reqs, token_ids, logprobs):
             try:
                 outputs.append(self._append_token(req, token_id, lp))
             except Exception as e:  # its detokenizer, stop check or constraint: its failure alone
+                if is_device_fault(e):
+                    raise
                 outputs.append(self._fail(req, e))
         if self._ahead is not None and all(s.seq.is_finished for s in self._ahead[0]):
             self._ahead = None  # everything it ran has ended
@@ -227,6 +256,8 @@ class LLMEngine:
             try:
                 token, lp = self._sample(logits[row:row + 1], [req])
             except Exception as e:
+                if is_device_fault(e):
+                    raise
                 outputs.append(self._fail(req, e))
                 continue
             kept.append(row)

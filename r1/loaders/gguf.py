@@ -6,8 +6,9 @@ dequantization into torch tensors. It does not own the model config (config.py r
 metadata dict this returns) or the tokenizer (tokenizer.py builds one from the same dict).
 
 The header is untrusted input: every count, length and size is checked against the bytes that
-are actually there before it is used, and every problem is a `GGUFError` naming the file and the
-byte offset, so a corrupt or hostile file fails in one clear way instead of exhausting memory.
+are actually there before it is used, and every problem is a `GGUFError` naming the file (and,
+for the header's fields, the byte offset), so a corrupt or hostile file fails in one clear way
+instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
 class GGUFError(ValueError):
     """A GGUF file that cannot be read: not GGUF, corrupt, truncated or of an unsupported type.
 
-    The message names the file and the byte offset where the problem was found.
+    The message names the file and, for a header field, the byte offset where the problem was found.
     """
 
 
@@ -126,6 +127,8 @@ def _tensor_info(cur: _Cursor, alignment: int) -> TensorInfo:
     if any(d > INT64_MAX for d in dims) or math.prod(dims) > INT64_MAX:
         raise cur.error(f"corrupt GGUF header: tensor {name!r} of dims {dims} has more elements "
                         f"than int64 holds", dims_at)
+    if 0 in dims:  # no weight is empty, and the dequantizers cannot shape one
+        raise cur.error(f"corrupt GGUF header: tensor {name!r} of dims {dims} has a dimension of 0", dims_at)
     type_at, ggml_type, offset = cur.pos, cur.scalar("<I"), cur.scalar("<Q")
     if ggml_type not in _gguf.GGML_QUANT_SIZES:
         raise cur.error(f"corrupt GGUF header: tensor {name!r} has unknown type {ggml_type}", type_at)

@@ -20,7 +20,7 @@ import contextlib
 import ipaddress
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -42,7 +42,6 @@ from r1.server.serving import Serving
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20  # R1's whole 128K-token context is about 0.5 MiB of text
 SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight requests get this long to finish; then they are aborted
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # as Host headers spell them
 
 
 @dataclass
@@ -51,8 +50,13 @@ class ServerConfig:
     api_key: str | None = None
     max_requests: int = 256  # unfinished requests (running and waiting) before new ones get a 503
     max_body_bytes: int = MAX_BODY_BYTES
-    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host headers answered; None: any
-    cors_origins: tuple[str, ...] = field(default=())  # browser origins allowed to call the API
+    # The Host names answered besides IP addresses (None: any; see host_allowlist).
+    allowed_hosts: tuple[str, ...] | None = ("localhost",)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty, which any client would match: give a key, or none")
 
 
 def is_loopback(host: str) -> bool:
@@ -72,12 +76,34 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
                          f"if the network is yours alone")
 
 
-def host_allowlist(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """The Host headers a server bound to `host` answers: loopback names (and extra) on loopback,
-    where a DNS-rebinding page is the risk; only extra, if given, elsewhere; else any."""
-    if is_loopback(host):
-        return (*LOOPBACK_HOSTS, *extra)
-    return tuple(extra) or None
+def host_allowlist(host: str, api_key: str | None, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The Host names a server bound to `host` answers, IP addresses aside (None: any).
+
+    A page that rebinds its own DNS name to this machine reaches the server under that name, never
+    under an IP address, so names are what is checked. On loopback, and beyond it without an API
+    key, only localhost, this machine's names and `extra` pass; beyond loopback with a key, the key
+    guards the server and any name does (unless `extra` lists them).
+    """
+    if api_key is not None and not is_loopback(host):
+        return ("localhost", *map(_host_name, extra)) if extra else None
+    names = ("localhost",) if is_loopback(host) else ("localhost", socket.gethostname(), socket.getfqdn())
+    return tuple(dict.fromkeys(map(_host_name, (*names, *extra))))
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name: lowercase, without its port or a trailing dot ('[::1]' stays so)."""
+    name, _, port = host.rpartition(":")
+    if not (name and port.isascii() and port.isdigit()):
+        name = host
+    return name.lower().rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
@@ -162,8 +188,9 @@ def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     if config.cors_origins:
+        # The origins are the control; SDKs send headers of their own (x-stainless-*) in preflights.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"], expose_headers=["Retry-After"])
     if config.allowed_hosts is not None:
         app.add_middleware(_AllowedHosts, hosts=config.allowed_hosts)
     app.add_middleware(_CountRequests, metrics=serving.metrics)
@@ -207,17 +234,19 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 class _AllowedHosts:
-    """ASGI middleware: a 403 for a Host header outside the list (the port aside)."""
+    """ASGI middleware: a 403 for a Host header that names neither an IP address nor a listed name.
+
+    No Host at all passes: browsers always send one, and HTTP/1.0 health checks may not.
+    """
 
     def __init__(self, app, hosts: tuple[str, ...]):
-        self.app, self.hosts = app, {h.lower() for h in hosts}
+        self.app, self.hosts = app, set(map(_host_name, hosts))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
-        name = header.rsplit(":", 1)[0] if header.rpartition(":")[2].isdigit() else header
-        if name in self.hosts:
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if not header or _is_ip(_host_name(header)) or _host_name(header) in self.hosts:
             return await self.app(scope, receive, send)
         error = APIError(403, f"the Host header {header!r} is not one this server answers; start it with "
                               f"--allowed-host NAME to allow a name", code="host_not_allowed")
@@ -247,11 +276,14 @@ class _CountRequests:
             self.metrics.count_http(scope["path"], status)
 
 
-def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          insecure: bool = False) -> None:
     """Run the server until SIGINT or SIGTERM; prints where it listens once it does.
 
-    Raises EngineDeadError, after the waiting requests have had their errors, if the engine dies.
+    Raises ValueError for a host beyond loopback without an API key unless insecure (check_exposure),
+    and EngineDeadError, after the waiting requests have had their errors, if the engine dies.
     """
+    check_exposure(host, config.api_key, insecure)
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     bound_port = sock.getsockname()[1]
     app = build_app(llm, config, on_engine_dead=lambda error: setattr(server, "should_exit", True))

@@ -4,9 +4,9 @@ Requests are pydantic models validated in strict JSON mode straight from the bod
 malformed JSON, invalid UTF-8, runaway nesting and wrong types all come back as one
 `ValidationError` (a 400). Unknown fields are ignored, as OpenAI-compatible servers do; fields we
 know but cannot honour are rejected. Sizes are bounded here or in SamplingParams (which names the
-field it refuses), before any work is done on a request. Responses are plain dicts in the shapes the `openai` package
-parses, reasoning apart from the answer as `reasoning_content` (DeepSeek's and vLLM's convention).
-This module owns no I/O: routes, streaming and errors are app.py's.
+field it refuses), before any work is done on a request. Responses are plain dicts in the shapes
+the `openai` package parses, reasoning apart from the answer as `reasoning_content` (DeepSeek's
+and vLLM's convention). This module owns no I/O: routes, streaming and errors are app.py's.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Serving:
 
     async def chat(self, request: Request, req: protocol.ChatCompletionRequest) -> Response:
         params = _checked(req.to_sampling_params)
-        self._admit(params.n)
+        self._admit(params.n, "n")
         ids, opens_reasoning = await self._encode(protocol.engine_messages(req.messages), chat=True)
         self._check_length(len(ids), params.max_tokens, "messages")
         samples = expand_samples(params)
@@ -96,7 +96,7 @@ class Serving:
 
     async def complete(self, request: Request, req: protocol.CompletionRequest) -> Response:
         params = _checked(req.to_sampling_params)
-        self._admit(len(req.prompts()) * params.n)
+        self._admit(len(req.prompts()) * params.n, "n" if len(req.prompts()) == 1 else "prompt")
         encoded = [await self._encode(prompt, chat=False) for prompt in req.prompts()]
         for ids, _ in encoded:
             self._check_length(len(ids), params.max_tokens, "prompt")
@@ -133,13 +133,13 @@ class Serving:
 
     # ---- requests in ---------------------------------------------------------------------------
 
-    def _admit(self, num_samples: int) -> None:
-        """Whether the engine can take num_samples more requests: a 400 if it never could, a 503
-        while it is full or dead."""
+    def _admit(self, num_samples: int, param: str) -> None:
+        """Whether the engine can take num_samples more requests: a 400 (naming param) if it never
+        could, a 503 while it is full or dead."""
         limit = self.engine.max_requests
         if num_samples > limit:
             raise APIError(400, f"this call asks for {num_samples} samples (prompts x n) but this server "
-                                f"takes at most {limit} at once", param="n")
+                                f"takes at most {limit} at once", param=param)
         try:
             self.engine.check_room(num_samples)
         except (QueueFullError, EngineDeadError) as e:
@@ -236,8 +236,8 @@ class Serving:
                     yield chunk([protocol.chunk_choice(i, delta, out.finish_reason, logprobs)])
             if req.include_usage:
                 yield chunk([], usage.as_dict())
-        except APIError as e:  # the 200 is sent, so the failure is said in-band
-            yield _event(e.body())
+        except Exception as e:  # the 200 is sent, so the failure is said in-band
+            yield _event(_as_api_error(e).body())
         yield "data: [DONE]\n\n"
 
     async def _completion_events(self, stream, req: protocol.CompletionRequest, id_: str, usage: _Usage):
@@ -254,8 +254,8 @@ class Serving:
                     yield _event(protocol.completion(id_, self.model_name, created, [choice], None))
             if req.include_usage:
                 yield _event(protocol.completion(id_, self.model_name, created, [], usage.as_dict()))
-        except APIError as e:
-            yield _event(e.body())
+        except Exception as e:
+            yield _event(_as_api_error(e).body())
         yield "data: [DONE]\n\n"
 
 
@@ -267,6 +267,12 @@ def _checked(fn, *args):
         raise APIError(400, str(e), param=e.param) from None
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e)) from None
+
+
+def _as_api_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
 def _engine_error(e: QueueFullError | EngineDeadError) -> APIError:

@@ -3,9 +3,10 @@
 The grammar work is llguidance's: it compiles a JSON schema and, at each step, says which tokens
 may come next. This module adapts it to the engine's constraint hook (`allowed_tokens`,
 `accept`, `is_done`): it builds llguidance's tokenizer once from ours, turns a response_format
-into matchers (compiled once per API request, copied for each of its samples), and turns llguidance's bitmask into a boolean mask as wide as
-the model's logits. It does not decide where the constraint applies (the engine applies it to the
-answer, after the reasoning) nor parse HTTP requests (protocol.py).
+into matchers (compiled once per API request, copied for each of its samples), and turns
+llguidance's bitmask into a boolean mask as wide as the model's logits. It does not decide where
+the constraint applies (the engine applies it to the answer, after the reasoning) nor parse HTTP
+requests (protocol.py).
 """
 
 from __future__ import annotations
