@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from r1 import bench
+from r1 import bench, options
 from r1.loaders import open_model_files, resolve_path
 
 PEERS = ("llama.cpp", "transformers")
@@ -244,13 +244,14 @@ def print_table(engines: dict, ratios: dict, work: Workload) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="demo", help="a .gguf file or demo / demo-small (default: demo, the 1.5B stand-in)")
+    p.add_argument("--model", default="demo",
+                   help="a .gguf file or demo / demo-small (default: demo, the 1.5B stand-in)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quant", default="int4", choices=["none", "int8", "int4"],
+    p.add_argument("--quant", default="int4", choices=options.QUANT_MODES,
                    help="r1's weight-only quantization (default int4: the peer of llama.cpp's Q4_K_M)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="r1's dtype")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *options.DTYPES], help="r1's dtype")
+    p.add_argument("--kv-dtype", default="auto", choices=options.KV_CACHE_DTYPES,
                    help="r1's KV cache (llama.cpp keeps its default, f16)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)

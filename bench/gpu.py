@@ -82,30 +82,31 @@ def copy_bandwidth(device: torch.device, gib: float) -> dict:
 
 
 def kernel(device: torch.device, cases: list[tuple[int, int]], cfg: ModelConfig) -> list[dict]:
+    return [_kernel_case(device, num_seqs, context, cfg) for num_seqs, context in cases]
+
+
+def _kernel_case(device: torch.device, num_seqs: int, context: int, cfg: ModelConfig) -> dict:
+    """One case's figures; its cache is freed on return, before the next (larger) one is made."""
     from r1.kernels.paged_decode import paged_decode_attention
     from r1.model.attention import DecodeGroup, _gathered_decode_attention
-    rows = []
     heads, kv_heads, head_dim, block = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
-    for num_seqs, context in cases:
-        blocks_per_seq = -(-context // block)
-        num_blocks = num_seqs * blocks_per_seq + 16
-        cache = torch.randn(2, num_blocks, block, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
-        tables = torch.randperm(num_blocks, device=device)[:num_seqs * blocks_per_seq].view(num_seqs, -1)
-        lens = torch.full((num_seqs,), context, device=device)
-        group = DecodeGroup(None, tables, lens, block)
-        q = torch.randn(num_seqs, heads, head_dim, device=device, dtype=torch.bfloat16)
-        scale = head_dim ** -0.5
-        ours = paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale)
-        ref = _gathered_decode_attention(q.float(), cache.float(), group, scale)
-        error = ((ours.float() - ref).norm() / ref.norm()).item()
-        ours_s = _median_seconds(lambda: paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale),
-                                 device)
-        gathered_s = _median_seconds(lambda: _gathered_decode_attention(q, cache, group, scale), device)
-        kv_bytes = num_seqs * context * 2 * kv_heads * head_dim * 2
-        rows.append({"num_seqs": num_seqs, "context": context, "relative_error": error, "kernel_us": ours_s * 1e6,
-                     "gathered_us": gathered_s * 1e6, "speedup": gathered_s / ours_s, "kernel_gb_s": kv_bytes / ours_s / 1e9})
-        del cache
-    return rows
+    blocks_per_seq = -(-context // block)
+    num_blocks = num_seqs * blocks_per_seq + 16
+    cache = torch.randn(2, num_blocks, block, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, device=device)[:num_seqs * blocks_per_seq].view(num_seqs, -1)
+    lens = torch.full((num_seqs,), context, device=device)
+    group = DecodeGroup(None, tables, lens, block)
+    q = torch.randn(num_seqs, heads, head_dim, device=device, dtype=torch.bfloat16)
+    scale = head_dim ** -0.5
+    ours = paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale)
+    ref = _gathered_decode_attention(q.float(), cache.float(), group, scale)
+    error = ((ours.float() - ref).norm() / ref.norm()).item()
+    ours_s = _median_seconds(lambda: paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale),
+                             device)
+    gathered_s = _median_seconds(lambda: _gathered_decode_attention(q, cache, group, scale), device)
+    kv_bytes = num_seqs * context * 2 * kv_heads * head_dim * 2
+    return {"num_seqs": num_seqs, "context": context, "relative_error": error, "kernel_us": ours_s * 1e6,
+            "gathered_us": gathered_s * 1e6, "speedup": gathered_s / ours_s, "kernel_gb_s": kv_bytes / ours_s / 1e9}
 
 
 def sampler(device: torch.device, rows: int, vocab: int) -> dict:
@@ -182,9 +183,8 @@ def _attempt(out: dict, key: str, measure) -> None:
 def _engine_record(llm: LLM, started: float) -> dict:
     """What a measurement ran on: the start's seconds (loading, the KV pool, graph capture), the
     pool, the graphs, and the GPU memory at its peak since _llm reset it."""
-    runner = llm.engine.runner
     return {"start_seconds": time.perf_counter() - started, "kv_pool_tokens": llm.kv_pool_tokens,
-            "graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
+            "graph_sizes": llm.engine.config_record()["cuda_graph_sizes"],
             "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
@@ -231,7 +231,7 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
             sizes = (8, (16, 64), (16, 64)) if smoke else (256, (100, 1024), (100, 1024))
             prompts, output_lens = bench.throughput_workload(sizes[0], sizes[1], sizes[2], llm.config.vocab_size)
             r = bench.throughput(llm, prompts, output_lens)
-            r["preemptions"] = llm.engine.scheduler.num_preemptions
+            r["preemptions"] = llm.engine.stats().num_preemptions
             return r
 
         _attempt(out, f"latency_{name}", latency)

@@ -46,7 +46,7 @@ def child(model: str, dtype: str, context: int, batch: int) -> dict:
     load_seconds = time.perf_counter() - start
     peak_loading, rss_loaded = _peak_rss(), _rss()
     params = {id(p): p.numel() * p.element_size() for p in llm.model.parameters()}
-    kv = llm.engine.runner.kv_cache
+    kv_bytes = llm.engine.config_record()["kv_cache_bytes"]
     # Reset the high-water mark so the next reading is the serving phase alone (Linux >= 4.0).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -59,7 +59,7 @@ def child(model: str, dtype: str, context: int, batch: int) -> dict:
         "peak_rss_serving": _peak_rss(),
         "rss_after_loading": rss_loaded,
         "engine_param_bytes": sum(params.values()),
-        "engine_kv_bytes": kv.nbytes,
+        "engine_kv_bytes": kv_bytes,
         "prompt_tokens": sum(c.usage["prompt_tokens"] for c in out),
         "load_seconds": round(load_seconds, 1),
         "run_seconds": round(time.perf_counter() - start, 1),

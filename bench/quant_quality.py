@@ -8,7 +8,7 @@ token is the same (as llama.cpp's `perplexity --kl-divergence` reports; steadier
 on a short text), and greedy agreement as the share of generated positions whose token equals
 bf16's and the mean number of tokens before the first difference.
 
-    python bench/quant_quality.py                       # the 1.5B stand-in, writes bench/results/quant_quality_demo.json
+    python bench/quant_quality.py  # the 1.5B stand-in, writes bench/results/quant_quality_demo.json
     python bench/quant_quality.py --model demo-small --tokens 16 --out /tmp/q.json
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 # (name, dtype, weight quant, KV cache dtype); the first is the reference the others are compared with.
 MODES = (("bf16", "bf16", "none", "auto"), ("fp32", "fp32", "none", "auto"), ("int8", "fp32", "int8", "auto"),
-         ("int4", "fp32", "int4", "auto"), ("kv-int8", "fp32", "none", "int8"), ("int4+kv-int8", "fp32", "int4", "int8"))
+         ("int4", "fp32", "int4", "auto"), ("kv-int8", "fp32", "none", "int8"),
+         ("int4+kv-int8", "fp32", "int4", "int8"))
 PROMPTS = (
     "Please reason step by step, and put your final answer within \\boxed{}. What is 17 * 23?",
     "Write a Python function that returns the n-th Fibonacci number.",

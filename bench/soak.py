@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:<28} {sum(c.values()):>6}  {outcomes}")
     print("errors of well-formed requests: " + (", ".join(f"{k} x{n}" for k, n in failed.items()) or "none"))
     unexpected = {k: n for k, n in errors.items() if k not in failed}
-    print("hostile requests not answered with a 4xx: " + (", ".join(f"{k} x{n}" for k, n in unexpected.items()) or "none"))
+    print("hostile requests not answered with a 4xx: "
+          + (", ".join(f"{k} x{n}" for k, n in unexpected.items()) or "none"))
     print("engine requests finished by reason: " + ", ".join(f"{k} x{n}" for k, n in sorted(finished.items())))
     print(f"server idle after: {idle}; leaked KV blocks: {leaked} of {result['kv_cache_blocks']}")
     print(f"server RSS: {rss_start:.0f} MiB after loading, {rss_end:.0f} MiB at the end; "

@@ -115,13 +115,9 @@ def throughput(llm, prompts: list[list[int]], output_lens: list[int], temperatur
 def engine_settings(llm, model: str) -> dict:
     import torch
 
-    from r1 import kernels
-    cpu_kernels = kernels.running_build().name if kernels.op("add_rms_norm") is not None else None
     return {"model": model, "quant": llm.engine_config.quant, "dtype": str(llm.dtype).removeprefix("torch."),
-            "kv_dtype": llm.engine_config.kv_dtype,
-            "device": llm.device.type, "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels,
-            "cuda_graphs": llm.engine.runner.graphs is not None,
-            "max_num_batched_tokens": llm.engine.scheduler.config.max_num_batched_tokens}
+            "kv_dtype": llm.engine_config.kv_dtype, "device": llm.device.type, "threads": torch.get_num_threads(),
+            **llm.engine.config_record()}
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -13,6 +13,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from r1 import options
 from r1.loaders import hub
 
 out = Console(highlight=False, soft_wrap=True)
@@ -24,13 +25,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="HF folder, hub id, .gguf file, or demo / demo-small (offline stand-ins)")
     p.add_argument("--tokenizer", default=None,
                    help="use this tokenizer and chat template instead of the model's (HF folder, hub id, .gguf)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *options.DTYPES])
+    p.add_argument("--device", default="auto", choices=["auto", *options.DEVICES])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+    p.add_argument("--quant", default="none", choices=options.QUANT_MODES,
                    help="weight-only quantization of the linears: int8 per channel, int4 group-wise")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "bf16", "int8"],
+    p.add_argument("--kv-dtype", default="auto", choices=options.KV_CACHE_DTYPES,
                    help="the KV cache: auto (the model's dtype), bf16 (half of fp32's memory, as llama.cpp's "
                         "f16 default) or int8 (a scale per token and head: a quarter of fp32's memory); both "
                         "decode long contexts faster on a CPU")
@@ -74,7 +75,8 @@ def _load(a: argparse.Namespace, quiet: bool = False, **engine_options):
         err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
     llm = _build_llm(a, progress=not quiet, **engine_options)
     if not quiet:
-        err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
+        err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, "
+                  f"{str(llm.dtype).removeprefix('torch.')}, "
                   f"context {llm.engine.max_model_len} tokens[/dim]")
     return llm
 
@@ -397,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--context", type=int, default=None, help="tokens per sequence (default: a sweep from 1K to 128K)")
     m.add_argument("--batch", type=int, default=1, help="sequences held at once")
     m.add_argument("--kv-dtype", default="auto", help="auto (the compute dtype), fp32, bf16, fp16, fp8, int8")
-    m.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    m.add_argument("--device", default="cuda", choices=options.DEVICES)
     m.add_argument("--fit", default=None, metavar="SIZE", help="the largest context that fits SIZE (e.g. 8GiB)")
     m.add_argument("--plot", default=None, metavar="PNG", help="plot the sweep (needs matplotlib)")
     m.add_argument("--json", action="store_true")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from r1.quant import QUANT_MODES
+from r1 import options
+from r1.options import KV_CACHE_DTYPES, QUANT_MODES
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(options.DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 _HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -158,7 +159,6 @@ class ModelConfig:
 
 
 R1_1_5B = ModelConfig()
-KV_CACHE_DTYPES = ("auto", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -184,14 +184,15 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype must be one of fp32, bf16, fp16, auto; got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, auto; got {self.dtype!r}")
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.quant!r}")
         if self.kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_dtype!r}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
-        for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "threads"):
+        if self.device not in (*options.DEVICES, "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be {', '.join(options.DEVICES)} or auto; got {self.device!r}")
+        for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")

@@ -12,15 +12,14 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import Iterator
+from typing import Sequence as Seq
 
 import torch
 
 from r1 import memory
 from r1.config import EngineConfig
-from r1.engine.llm_engine import LLMEngine, RequestOutput
-from r1.engine.model_runner import ModelRunner
-from r1.engine.scheduler import SchedulerConfig
+from r1.engine import EngineRequest, LLMEngine, ModelRunner, RequestOutput, SchedulerConfig
 from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files
 from r1.sampling_params import INT64, SamplingParams
 from r1.tokenizer import Tokenizer
@@ -142,7 +141,10 @@ class LLM:
     def stream(self, prompt: Prompt | list[Message], params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[RequestOutput]:
         """Run one request alone, yielding its incremental outputs."""
-        request_id = self._add(prompt, _checked(params or SamplingParams()), chat)
+        ids, opens_reasoning = self.encode_prompt(prompt, chat)
+        request_id = f"req-{next(self._ids)}"
+        self.engine.add_requests([EngineRequest(request_id, ids, _checked(params or SamplingParams()),
+                                                opens_reasoning)])
         finished = False
         try:
             while not finished:
@@ -168,28 +170,20 @@ class LLM:
             conversations = [conversations]
         return self._run_all(list(conversations), params, chat=True)
 
-    def _add(self, prompt, params: SamplingParams, chat: bool) -> str:
-        ids, opens_reasoning = self.encode_prompt(prompt, chat)
-        request_id = f"req-{next(self._ids)}"
-        self.engine.add_request(request_id, ids, params, opens_reasoning)
-        return request_id
-
     def _run_all(self, prompts: list, params, chat: bool) -> list[Completion]:
         """Run every prompt's n samples as one batch; completions come back in prompt order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        params = [_checked(p) for p in params]  # all of them before any request is queued
-        added = []  # (request id, prompt index, sample index, prompt ids)
-        try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
-                for j, sample_params in enumerate(expand_samples(p)):
-                    rid = self._add(prompt, sample_params, chat)
-                    added.append((rid, i, j, self.engine.by_request_id[rid].seq.prompt_token_ids))
-        except Exception:  # one bad prompt fails the call: take back the ones already queued
-            self._take_back([rid for rid, *_ in added])
-            raise
+        params = [_checked(p) for p in params]
+        requests, added = [], []  # added: (request id, prompt index, sample index, prompt ids)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            ids, opens_reasoning = self.encode_prompt(prompt, chat)
+            for j, sample_params in enumerate(expand_samples(p)):
+                requests.append(EngineRequest(f"req-{next(self._ids)}", ids, sample_params, opens_reasoning))
+                added.append((requests[-1].request_id, i, j, ids))
+        self.engine.add_requests(requests)  # one bad prompt fails the call, with nothing queued
         parts: dict[str, list[RequestOutput]] = {rid: [] for rid, *_ in added}
         remaining = set(parts)
         try:
@@ -205,8 +199,7 @@ class LLM:
 
     def _take_back(self, request_ids) -> None:
         """Abort requests and let the engine hand out their final outputs, to nobody."""
-        for rid in request_ids:
-            self.engine.abort(rid)
+        self.engine.abort(request_ids)
         self.engine.step()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from r1 import options
 from r1.config import DTYPES, EngineConfig, ModelConfig
 from r1.model.attention import DECODE_GATHER_TOKENS
 from r1.quant import INT4_GROUP_SIZE, int4_nbytes
@@ -26,8 +27,8 @@ from r1.quant import INT4_GROUP_SIZE, int4_nbytes
 GiB = 1 << 30
 
 # What r1 holds in memory: floats, and weight-only int8 (per-row scale) / int4 (group-32, as r1/quant.py).
-FLOAT_QUANTS = ("fp32", "bf16", "fp16")
-R1_QUANTS = ("int8", "int4")
+FLOAT_QUANTS = options.DTYPES
+R1_QUANTS = tuple(m for m in options.QUANT_MODES if m != "none")
 # llama.cpp presets by their per-tensor types (llama_tensor_get_type): (default, bigger type for
 # half of attn_v and ffn_down, type of output.weight).
 GGUF_PRESETS = {"q8_0": ("Q8_0", None, "Q8_0"), "q6_k": ("Q6_K", None, "Q6_K"),

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from r1 import kernels
+from r1.options import QUANT_MODES
 
-QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
 # Above this many rows (a prefill chunk) dequantizing to bf16 and one GEMM beats the packed
 # kernels, which are written for the few rows of a decode step.

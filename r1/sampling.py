@@ -15,8 +15,8 @@ Every step draws TRIES + 1 uniform numbers per row, so a seed gives the same tok
 rows share the batch; a row rejected TRIES times (a chance of at most (1 - top_p) ** TRIES) is
 filtered exactly by sorting. On a GPU the only wait on the device is for which rows were settled
 among the candidates (penalties add torch.unique's). `greedy_tokens` stands in for argmax, a
-scalar loop on the CPU too. It does not own which rows are in the batch, stopping, or filling model defaults into the params
-(SamplingParams.with_defaults).
+scalar loop on the CPU too. It does not own which rows are in the batch, stopping, or filling model
+defaults into the params (SamplingParams.with_defaults).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import _assert_no_leaks, _prompts
 
 from r1 import LLM, SamplingParams
 from r1.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from test_engine import _assert_no_leaks, _prompts
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from r1 import LLM, SamplingParams
-from r1.engine.llm_engine import StepError
+from r1.engine import EngineRequest, StepError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -63,7 +63,7 @@ def test_requests_joining_mid_flight_equal_alone(make_llm, alone):
     tokens = {i: [] for i in range(6)}
     done = set()
     for i, p in enumerate(prompts):  # one new request every two steps
-        engine.add_request(str(i), p, GREEDY)
+        engine.add_requests([EngineRequest(str(i), p, GREEDY)])
         for _ in range(2):
             for out in engine.step():
                 tokens[int(out.request_id)] += out.new_token_ids
@@ -106,11 +106,10 @@ def test_aborts_free_every_block(make_llm):
     llm = make_llm()
     engine = llm.engine
     for i, p in enumerate(_prompts(4)):
-        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        engine.add_requests([EngineRequest(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))])
     engine.step()
     engine.step()
-    engine.abort("0")  # running
-    engine.abort("3")
+    engine.abort(["0", "3"])  # running, and waiting
     finished = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -165,7 +164,7 @@ def test_a_failed_launch_ahead_leaves_no_stand_ins(tiny_model_folder, alone):
         return run(scheduled, sampled)
 
     engine.runner.run = failing_once
-    engine.add_request("0", prompt, GREEDY)
+    engine.add_requests([EngineRequest("0", prompt, GREEDY)])
     with pytest.raises(RuntimeError, match="simulated"):
         engine.step()
     seq = engine.by_request_id["0"].seq
@@ -209,8 +208,8 @@ def test_a_request_that_fails_fails_alone(make_llm, where):
     alone = [llm.generate(p, sampled)[0].token_ids for p in prompts[:2]]
     engine = llm.engine
     for request_id, prompt in zip("ab", prompts):
-        engine.add_request(request_id, prompt, sampled)
-    engine.add_request("broken", prompts[2], sampled, constraint=_BrokenGrammar(where))
+        engine.add_requests([EngineRequest(request_id, prompt, sampled)])
+    engine.add_requests([EngineRequest("broken", prompts[2], sampled, constraint=_BrokenGrammar(where))])
     tokens, last = {}, {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -227,8 +226,8 @@ def test_a_failed_forward_fails_only_what_it_ran(make_llm, alone, monkeypatch):
     llm = make_llm(max_num_seqs=1)  # the second request waits while the first runs
     first, second = _prompts(2)
     engine = llm.engine
-    engine.add_request("ran", first, GREEDY)
-    engine.add_request("waited", second, GREEDY)
+    engine.add_requests([EngineRequest("ran", first, GREEDY)])
+    engine.add_requests([EngineRequest("waited", second, GREEDY)])
 
     def lost(*args, **kwargs):
         raise RuntimeError("device lost")
@@ -244,3 +243,29 @@ def test_a_failed_forward_fails_only_what_it_ran(make_llm, alone, monkeypatch):
         tokens += [t for out in engine.step() for t in out.new_token_ids]
     assert tokens == alone[tuple(second)]
     _assert_no_leaks(llm)
+
+
+def test_a_group_is_added_all_or_none(make_llm):
+    engine = make_llm().engine
+    [good] = _prompts(1)
+    for group, error in (([EngineRequest("a", good, GREEDY), EngineRequest("b", [10**6], GREEDY)], "token ids"),
+                         ([EngineRequest("a", good, GREEDY), EngineRequest("a", good, GREEDY)], "repeat"),
+                         ([EngineRequest("a", good, GREEDY), EngineRequest("b", [1] * 300, GREEDY)], "context")):
+        with pytest.raises(ValueError, match=error):
+            engine.add_requests(group)
+        assert not engine.has_unfinished() and engine.stats().num_waiting == 0
+    engine.add_requests([EngineRequest("a", good, GREEDY)])
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_requests([EngineRequest("b", good, GREEDY), EngineRequest("a", good, GREEDY)])
+    assert engine.stats().num_waiting == 1
+
+
+def test_config_record_says_what_shapes_the_outputs(make_llm):
+    llm = make_llm(max_num_batched_tokens=16)
+    record = llm.engine.config_record()
+    assert {k: record[k] for k in ("max_model_len", "block_size", "max_num_batched_tokens", "kv_cache_dtype",
+                                   "cuda_graphs", "async_scheduling")} == {
+        "max_model_len": 256, "block_size": 4, "max_num_batched_tokens": 16, "kv_cache_dtype": "float32",
+        "cuda_graphs": False, "async_scheduling": llm.engine.async_scheduling}
+    # fp32 keys and values: layers x 2 x blocks x block_size x kv heads x head_dim x 4 bytes
+    assert record["kv_cache_bytes"] == 3 * 2 * record["num_blocks"] * 4 * 2 * 16 * 4

@@ -59,7 +59,8 @@ def test_task_data_is_downloaded_once_then_read_from_the_cache(tmp_path, monkeyp
     monkeypatch.setenv("R1_CACHE", str(tmp_path / "cache"))
     repo = tmp_path / "repo"  # shaped like HuggingFaceH4/MATH-500
     repo.mkdir()
-    (repo / "test.jsonl").write_text(json.dumps({"problem": "1+1?", "answer": "2", "unique_id": "test/a/1.json"}) + "\n")
+    (repo / "test.jsonl").write_text(json.dumps({"problem": "1+1?", "answer": "2",
+                                                 "unique_id": "test/a/1.json"}) + "\n")
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or str(repo))
     path = find_data("math500")
@@ -193,6 +194,18 @@ def test_a_run_directory_is_not_mixed_with_another_run(llm, problems, full_run):
     other = EvalSettings("math500", samples=2, max_tokens=8, seed=1)
     with pytest.raises(ValueError, match="settings"):
         run_eval(llm, problems, other, out, data_path=MATH500, resume=True)
+    # A KV cache of another dtype changes the numbers each sample is drawn from.
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["engine"]["config"]["kv_cache_dtype"] == "float32"
+    manifest["engine"]["config"]["kv_cache_dtype"] = "int8"
+    kept = manifest_path.read_text()
+    manifest_path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(ValueError, match="kv_cache_dtype"):
+            run_eval(llm, problems, SETTINGS, out, data_path=MATH500, resume=True)
+    finally:
+        manifest_path.write_text(kept)
     with runner._only_writer(out):  # as if another process were still writing it
         with pytest.raises(ValueError, match="another r1 eval"):
             run_eval(llm, problems, SETTINGS, out, data_path=MATH500, resume=True)

@@ -21,12 +21,11 @@ import httpx2
 import llguidance
 import pytest
 
+from conftest import Live, serving
 from r1 import LLM
 from r1.engine import llm_engine
 from r1.server import structured
 from r1.server.app import ServerConfig, build_app
-
-from conftest import Live, serving
 
 NAME = "r1-hostile"
 KEY = "sk-hostile"
@@ -135,7 +134,8 @@ def test_a_pathological_schema_for_16_samples_is_compiled_once(http, beside, mon
         LLMatcher=CountingMatcher, LLTokenizer=llguidance.LLTokenizer))
     schema = {"enum": [f"value{i}" for i in range(20_000)]}  # ~60 ms a compile
     r = post(http, "/v1/chat/completions", {**CHAT, "n": 16, "max_tokens": 1, "max_reasoning_tokens": 0,
-                                             "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+                                             "response_format": {"type": "json_schema",
+                                                                 "json_schema": {"schema": schema}}})
     assert r.status_code == 200 and len(r.json()["choices"]) == 16, r.text
     assert CountingMatcher.built == 1
 
@@ -230,11 +230,11 @@ def test_a_dead_engine_fails_every_waiter_and_the_process(tiny_model_folder):
         waiting, started = [], threading.Event()
         thread = threading.Thread(target=lambda: waiting.append(stream_tokens(url, long, started)))
         thread.start()
-        assert started.wait(30)
+        assert started.wait(120)  # the first token: a cold start may compile r1's kernels
         killed = time.monotonic()
         r = httpx2.post(url + "/v1/completions", json={**long, "stream": False, "seed": 666}, trust_env=False)
-        thread.join(5)
-        assert time.monotonic() - killed < 1.5
+        thread.join(30)
+        assert time.monotonic() - killed < 5  # at once, not never
         assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_dead")
         assert waiting == [["error: the engine died: Panic: injected"]]
         assert server.wait(30) != 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1 import kernels, quant
-from r1.quant import Int4Linear, Int4KernelLinear
+from r1.quant import Int4KernelLinear, Int4Linear
 
 needs_kernels = pytest.mark.skipif(kernels.this_cpus_build() is None, reason="this CPU has no build of r1's kernels")
 AVX512_AMX, AVX512_VNNI, AVX2 = kernels.BUILDS
@@ -153,7 +153,8 @@ def test_int4_quantize_fits_a_better_grid_than_min_max(rows, k, monkeypatch):
     # the fitted scale and low to the stored grid can cost a group a little against min..max
     # (measured: 28 groups of 3072 lose, the worst by 1.9%).
     monkeypatch.setattr(kernels, "op_for", lambda name, x: None)  # quant's portable path: min..max
-    ours, plain = group_errors(weight, levels, scales, lows, steps), group_errors(weight, *quant.int4_groups(weight, 32))
+    ours, plain = (group_errors(weight, levels, scales, lows, steps),
+                   group_errors(weight, *quant.int4_groups(weight, 32)))
     assert torch.all(ours <= plain * 1.05)
     assert ours.sum() < 0.85 * plain.sum(), (ours.sum() / plain.sum()).item()
 
@@ -170,16 +171,19 @@ def test_int4_quantize_keeps_a_grid_it_can_hold_exactly(portable, monkeypatch):
     levels[:, ::32], levels[:, 1::32] = 0, 15
     scales = torch.tensor([[255, 3], [17, 255], [255, 255], [255, 1]])
     lows = torch.tensor([[-127, 40], [5, 127], [-127, -127], [-127, 127]])
-    steps = torch.tensor([[2.0 ** -10, 2.0 ** -16, 2.0 ** -4, 2.0 ** -12], [2.0 ** -9, 2.0 ** -12, 2.0 ** -3, 2.0 ** -10]])
+    steps = torch.tensor([[2.0 ** -10, 2.0 ** -16, 2.0 ** -4, 2.0 ** -12],
+                          [2.0 ** -9, 2.0 ** -12, 2.0 ** -3, 2.0 ** -10]])
     scale, low = quant.int4_grid(scales, lows, steps)
     weight = levels * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
     weight[3, 32:] = 127 * 2.0 ** -10
     got_levels, got_scales, got_lows, got_steps = quant.int4_groups(weight, 32)
     assert torch.equal(got_levels[:, :32].float(), levels[:, :32]) and torch.equal(got_levels[:3].float(), levels[:3])
     assert torch.equal(got_levels[3, 32:], torch.zeros(32, dtype=torch.uint8))
-    assert torch.equal(got_scales[:3], scales[:3].to(torch.uint8)) and torch.equal(got_scales[3, 0], torch.tensor(255, dtype=torch.uint8))
+    assert torch.equal(got_scales[:3], scales[:3].to(torch.uint8))
+    assert torch.equal(got_scales[3, 0], torch.tensor(255, dtype=torch.uint8))
     assert torch.equal(got_lows, lows.to(torch.int8))
-    assert torch.allclose(got_steps[:, :3], steps[:, :3], rtol=1e-5, atol=0) and torch.allclose(got_steps[1, 3], steps[1, 3], rtol=1e-5)  # least squares: 2e-6
+    assert torch.allclose(got_steps[:, :3], steps[:, :3], rtol=1e-5, atol=0)
+    assert torch.allclose(got_steps[1, 3], steps[1, 3], rtol=1e-5)  # least squares: 2e-6
     _, rebuilt_low = quant.int4_grid(got_scales, got_lows, got_steps)
     assert torch.allclose(rebuilt_low[3, 1], torch.tensor(127 * 2.0 ** -10), rtol=1e-6)
 
@@ -242,7 +246,8 @@ def test_bad_inputs_are_refused_with_a_reason():
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, layer.steps, 0, None)
     wide = kernel_layer(16, 512, bias=False)
     with pytest.raises(RuntimeError, match="group must be a positive multiple of 16, at most 256"):
-        op(torch.randn(2, 512), wide.packed, wide.scales[:, :1].contiguous(), wide.lows[:, :1].contiguous(), wide.steps, 512, None)
+        op(torch.randn(2, 512), wide.packed, wide.scales[:, :1].contiguous(), wide.lows[:, :1].contiguous(), wide.steps,
+           512, None)
     with pytest.raises(RuntimeError, match="bias must be"):
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, layer.steps, 32, torch.zeros(8))
     with pytest.raises(ValueError, match="out_features"):
@@ -280,7 +285,8 @@ def test_op_does_not_look_for_the_build_again(monkeypatch):
 VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}
 
 
-@pytest.mark.parametrize("flags, build", [(VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, "avx512_amx"),
+@pytest.mark.parametrize("flags, build", [(VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"},
+                                           "avx512_amx"),
                                           (VNNI_FLAGS | {"amx_tile", "amx_int8"}, "avx512_vnni"),  # AMX without bf16
                                           (VNNI_FLAGS, "avx512_vnni"), ({"avx512f", "avx2", "fma"}, "avx2"),
                                           ({"avx2", "fma"}, "avx2")])

@@ -21,7 +21,8 @@ from r1.loaders.safetensors import CheckpointError
 def _logits(model, ids):
     from r1.model.attention import AttentionMetadata, allocate_kv_cache
     cfg = model.config
-    cache = allocate_kv_cache(cfg.num_hidden_layers, 16, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+    cache = allocate_kv_cache(cfg.num_hidden_layers, 16, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32,
+                              "cpu")
     n = len(ids)
     meta = AttentionMetadata(torch.arange(n), torch.arange(16)[None], [n], [n])
     with torch.inference_mode():
@@ -82,7 +83,8 @@ def test_real_gguf_metadata_and_types(small_gguf):
     types = {gguf.GGMLQuantizationType(t.ggml_type).name for t in header.tensors}
     assert types == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
     cfg = open_model_files(str(small_gguf)).config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 896, 14, 2)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads) == (24, 896, 14, 2)
 
 
 def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
@@ -102,7 +104,8 @@ def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
     for qtype, t in by_type.items():
         raw = data[t.offset:t.offset + tensor_nbytes(t)]
         want = gguf.quants.dequantize(np.array(raw).reshape(int(np.prod(t.shape[:-1])), -1), qtype)
-        assert torch.equal(dequantize(raw, t), torch.from_numpy(np.asarray(want, dtype=np.float32)).reshape(t.shape)), qtype
+        assert torch.equal(dequantize(raw, t),
+                           torch.from_numpy(np.asarray(want, dtype=np.float32)).reshape(t.shape)), qtype
 
 
 def test_truncated_r1_header_reads_metadata_only(r1_header):

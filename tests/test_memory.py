@@ -109,7 +109,8 @@ def test_r1_weight_only_formats_by_hand():
     per_layer_vectors = 256 + 128 + 128 + 256 + 256  # q, k, v biases and the two norms
     rest = 1000 * 256 + 2 * per_layer_vectors + 256  # embedding, vectors, final norm: in bf16
     int8 = 2 * sum(r * c + 2 * r for r, c in linears) + (1000 * 256 + 2 * 1000)
-    int4 = 2 * sum(r * c // 2 + r * (c // 32) * 2 + r * 8 for r, c in linears) + (1000 * 256 // 2 + 1000 * 8 * 2 + 1000 * 8)
+    int4 = (2 * sum(r * c // 2 + r * (c // 32) * 2 + r * 8 for r, c in linears)
+            + (1000 * 256 // 2 + 1000 * 8 * 2 + 1000 * 8))
     assert memory.weight_line(cfg, "int8", "bf16").bytes == int8 + 2 * rest
     assert memory.weight_line(cfg, "int4", "bf16").bytes == int4 + 2 * rest
     assert memory.weight_line(cfg, "int4", "fp32").bytes == int4 + 4 * rest

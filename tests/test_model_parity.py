@@ -50,7 +50,8 @@ def test_two_sequences_in_one_batch_match_each_alone(tiny_hf, kernel_path):
     b = torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(3))
     cache = _cache(ours.config)
     ta, tb = [0, 1, 2], [7, 8]
-    slots = [ta[p // BLOCK] * BLOCK + p % BLOCK for p in range(11)] + [tb[p // BLOCK] * BLOCK + p % BLOCK for p in range(6)]
+    slots = ([ta[p // BLOCK] * BLOCK + p % BLOCK for p in range(11)]
+             + [tb[p // BLOCK] * BLOCK + p % BLOCK for p in range(6)])
     meta = AttentionMetadata(torch.tensor(slots), torch.tensor([ta, tb + [0]]), [11, 6], [11, 6])
     hidden = ours(torch.cat([a, b]), torch.cat([torch.arange(11), torch.arange(6)]), cache, meta)
     logits = ours.compute_logits(hidden)

@@ -25,8 +25,9 @@ if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split("."
     # 3.6's interpreter makes a loaded scalar a 1-element array, which a loop's bound cannot be.
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run the kernel (3.9's can)",
                 allow_module_level=True)
-from r1.model import attention  # noqa: E402
 from test_attention import scattered_batch  # noqa: E402
+
+from r1.model import attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

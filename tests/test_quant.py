@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from r1 import quant
 from r1.eval.perplexity import REFERENCE_TEXT, perplexity, token_logits
 from r1.loaders import load_model, open_model_files
-from r1 import quant
 from r1.quant import Int4CudaLinear, Int4Linear, Int8Linear, int4_grid, int4_groups
 
 # Bounds: the perplexity may rise by at most this fraction over the float model's.

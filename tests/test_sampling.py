@@ -12,10 +12,19 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from r1 import kernels
-from r1 import sampling
-from r1.sampling import (CANDIDATES, apply_penalties, apply_temperature, compute_logprobs, draw, filter_candidates,
-                         greedy_tokens, make_generator, sample_next, uniforms)
+from r1 import kernels, sampling
+from r1.sampling import (
+    CANDIDATES,
+    apply_penalties,
+    apply_temperature,
+    compute_logprobs,
+    draw,
+    filter_candidates,
+    greedy_tokens,
+    make_generator,
+    sample_next,
+    uniforms,
+)
 from r1.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -328,7 +337,8 @@ def mixed_batch(rows: int = 48) -> tuple[torch.Tensor, list[SamplingParams], lis
     logits = torch.randn(rows, 151936, generator=gen)
     logits[::2, :30] += 10  # peaked: settled among the candidates; the odd rows are flat
     settings = [dict(temperature=0), dict(temperature=0.6, top_p=0.95), dict(temperature=1.0),
-                dict(temperature=0.8, min_p=0.05), dict(top_k=40, top_p=0.9), dict(temperature=1.3, top_p=0.99, min_p=0.5)]
+                dict(temperature=0.8, min_p=0.05), dict(top_k=40, top_p=0.9),
+                dict(temperature=1.3, top_p=0.99, min_p=0.5)]
     ps = [params(**settings[i % len(settings)]) for i in range(rows)]
     return logits, ps, [make_generator(100 + i) for i in range(rows)]
 
@@ -433,7 +443,8 @@ def test_compute_logprobs_matches_log_softmax():
     ({"top_k": -2}, ValueError, "top_k must be -1 or 0 .* got -2"),
     ({"top_k": 2.5}, TypeError, "top_k must be an int, got 2.5"),
     ({"min_p": 1.1}, ValueError, "min_p"),
-    ({"top_k": 2**63}, ValueError, r"top_k must be -1 or 0 \(disabled\) or in \[1, 2147483647\], got 9223372036854775808"),
+    ({"top_k": 2**63}, ValueError,
+     r"top_k must be -1 or 0 \(disabled\) or in \[1, 2147483647\], got 9223372036854775808"),
     ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be a finite number in \[0.01, 100.0\], got 0"),
     ({"repetition_penalty": 1e300}, ValueError, "repetition_penalty"),
     ({"presence_penalty": 2.5}, ValueError, r"presence_penalty .*\[-2.0, 2.0\], got 2.5"),

@@ -20,10 +20,9 @@ import jsonschema
 import openai
 import pytest
 
+from conftest import Live, serving
 from r1 import LLM
 from r1.server.app import ServerConfig, build_app
-
-from conftest import Live, serving
 
 NAME = "r1-test"
 KEY = "sk-test-key"

@@ -149,8 +149,7 @@ def breakable(llm, monkeypatch):
     what a dead front left in it."""
     yield monkeypatch
     monkeypatch.undo()
-    for request_id in list(llm.engine.by_request_id):
-        llm.engine.abort(request_id)
+    llm.engine.abort(list(llm.engine.by_request_id))
     llm.engine.step()
     assert all_blocks_free(llm)
 

@@ -19,8 +19,13 @@ from r1.sampling_params import ParamError
 from r1.server.app import ServerConfig, check_exposure, host_allowlist
 from r1.server.errors import APIError
 from r1.server.metrics import Metrics
-from r1.server.protocol import (LOWEST_LOGPROB, ChatCompletionRequest, CompletionRequest, LogprobFormatter,
-                                engine_messages)
+from r1.server.protocol import (
+    LOWEST_LOGPROB,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LogprobFormatter,
+    engine_messages,
+)
 from r1.server.structured import StructuredOutputs
 from r1.tokenizer import Tokenizer
 
@@ -216,7 +221,8 @@ def test_logprobs_are_finite_json(tokenizer):
     assert chat_content["logprob"] == LOWEST_LOGPROB
     assert [t["logprob"] for t in chat_content["top_logprobs"]] == [LOWEST_LOGPROB] * 2
     legacy = fmt.completion(entries)
-    assert legacy["token_logprobs"] == [LOWEST_LOGPROB] and list(legacy["top_logprobs"][0].values()) == [LOWEST_LOGPROB] * 2
+    assert legacy["token_logprobs"] == [LOWEST_LOGPROB]
+    assert list(legacy["top_logprobs"][0].values()) == [LOWEST_LOGPROB] * 2
     json.dumps([chat_content, legacy], allow_nan=False)
 
 

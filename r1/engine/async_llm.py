@@ -26,11 +26,9 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-from r1.engine.llm_engine import LLMEngine, RequestOutput, StepError, is_device_fault
-from r1.sampling_params import SamplingParams
+from r1.engine.llm_engine import EngineRequest, EngineStats, LLMEngine, RequestOutput, StepError, is_device_fault
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +41,6 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt_opens_reasoning: bool = False
-    constraint: Any = None  # allowed_tokens() / accept() / is_done(), applied to the answer
-    cache_salt: str | None = None  # its prefix-cache blocks are shared only under the same salt
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The scheduler's numbers after the latest step, read by any thread without locking."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_blocks: int = 0
-    num_free_blocks: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_hits: int = 0  # of those, found cached
 
 
 class AsyncLLM:
@@ -209,17 +184,7 @@ class AsyncLLM:
                 raise self._dead_error()
             if len(self._sinks) + len(requests) > self.max_requests:
                 raise self._queue_full()
-            done = []
-            try:
-                for r in requests:
-                    self.engine.add_request(r.request_id, r.prompt_token_ids, r.params,
-                                            prompt_opens_reasoning=r.prompt_opens_reasoning,
-                                            constraint=r.constraint, cache_salt=r.cache_salt)
-                    done.append(r.request_id)
-            except BaseException:
-                # All or none. The aborts' outputs come out of the next step to no sink.
-                self._abort_all(done)
-                raise
+            self.engine.add_requests(requests)  # all or none
         except Exception as e:
             _call_soon(loop, _settle, added, e)
             return
@@ -232,8 +197,7 @@ class AsyncLLM:
         self._publish_stats()
 
     def _abort_all(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.engine.abort(request_id)  # a no-op for requests already finished
+        self.engine.abort(request_ids)  # a no-op for requests already finished
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -262,10 +226,7 @@ class AsyncLLM:
             self.on_dead(error)
 
     def _publish_stats(self) -> None:
-        sched = self.engine.scheduler
-        bm = sched.block_manager
-        self.stats = EngineStats(sched.num_running, sched.num_waiting, bm.num_blocks, bm.num_free_blocks,
-                                 bm.usage, bm.prefix_queries, bm.prefix_hits)
+        self.stats = self.engine.stats()
 
 
 class RequestStream:

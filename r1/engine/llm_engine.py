@@ -27,10 +27,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Iterable, Protocol
+from typing import Sequence as Seq
 
 import torch
 
+from r1 import kernels
 from r1.engine.model_runner import ModelRunner
 from r1.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from r1.engine.sequence import Sequence, SequenceStatus, pending_token
@@ -50,6 +52,32 @@ class TokenConstraint(Protocol):
     def accept(self, token_id: int) -> None: ...
 
     def is_done(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request as the engine takes it: token ids, concrete or default-filled sampling params."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt_opens_reasoning: bool = False  # the prompt leaves a <think> block open (R1's template)
+    constraint: TokenConstraint | None = None  # restricts the answer's tokens (structured output)
+    cache_salt: str | None = None  # its prefix-cache blocks are shared only under the same salt
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The scheduler's and the KV pool's numbers: a snapshot any thread may read."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, found cached
+    num_preemptions: int = 0
 
 
 class PromptTooLongError(ValueError):
@@ -137,44 +165,73 @@ class LLMEngine:
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt_opens_reasoning: bool = False, constraint: TokenConstraint | None = None,
-                    cache_salt: str | None = None) -> None:
-        """Queue a request; raises (ValueError, PromptTooLongError) having queued nothing.
+    def add_requests(self, requests: Seq[EngineRequest]) -> None:
+        """Queue a group of requests (the n samples of one call, say), all or none: each is checked,
+        and its generator and detokenizer built, before any is queued.
 
-        cache_salt keeps its prompt's prefix-cache blocks apart from those of any other salt.
+        Raises ValueError (PromptTooLongError for a prompt past the context) naming the problem.
         """
-        if request_id in self.by_request_id:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_prompt_ids(prompt_token_ids)
-        n = len(prompt_token_ids)
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"request ids repeat within the group: {ids}")
+        prepared = [self._prepare(r) for r in requests]
+        for req in prepared:
+            self.scheduler.add(req.seq)
+            self.requests[req.seq.seq_id] = req
+            self.by_request_id[req.request_id] = req
+
+    def _prepare(self, r: EngineRequest) -> _Request:
+        if r.request_id in self.by_request_id:
+            raise ValueError(f"request id {r.request_id!r} is already in use")
+        self.check_prompt_ids(r.prompt_token_ids)
+        n = len(r.prompt_token_ids)
         if n >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n} tokens but the context holds {self.max_model_len} "
                                      f"(max_model_len), leaving no room to generate")
-        params = params.with_defaults(self.sampling_defaults)
+        params = r.params.with_defaults(self.sampling_defaults)
         if params.top_k >= self.runner.model.config.vocab_size:  # keeps every token: vLLM's clamp
             params = dataclasses.replace(params, top_k=0)
-        room = self.max_model_len - n
-        max_tokens = min(params.max_tokens or room, room)
-        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), max_tokens, cache_salt=cache_salt)
-        req = _Request(request_id, seq, params, make_generator(params.seed),
-                       IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
-                       ReasoningStream(prompt_opened_think=prompt_opens_reasoning), prompt_opens_reasoning, constraint)
         if params.max_reasoning_tokens is not None and self.think_end_id is None:
             raise ValueError("max_reasoning_tokens needs a tokenizer with a </think> token")
-        self.scheduler.add(seq)
-        self.requests[seq.seq_id] = req
-        self.by_request_id[request_id] = req
+        room = self.max_model_len - n
+        seq = Sequence(next(self._seq_ids), list(r.prompt_token_ids), min(params.max_tokens or room, room),
+                       cache_salt=r.cache_salt)
+        self.scheduler.check(seq)
+        return _Request(r.request_id, seq, params, make_generator(params.seed),
+                        IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+                        ReasoningStream(prompt_opened_think=r.prompt_opens_reasoning), r.prompt_opens_reasoning,
+                        r.constraint)
 
-    def abort(self, request_id: str) -> None:
-        req = self.by_request_id.get(request_id)
-        if req is None or req.seq.is_finished:
-            return
-        self.scheduler.finish(req.seq, "abort")
-        self._pending.append(self._finish(req, "abort", []))
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Finish the requests with "abort" (their final outputs come out of the next step); ids
+        that are unknown or already finished are passed over."""
+        for request_id in request_ids:
+            req = self.by_request_id.get(request_id)
+            if req is None or req.seq.is_finished:
+                continue
+            self.scheduler.finish(req.seq, "abort")
+            self._pending.append(self._finish(req, "abort", []))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        bm = sched.block_manager
+        return EngineStats(sched.num_running, sched.num_waiting, bm.num_blocks, bm.num_free_blocks, bm.usage,
+                           bm.prefix_queries, bm.prefix_hits, sched.num_preemptions)
+
+    def config_record(self) -> dict[str, Any]:
+        """The engine's settings that shape its outputs or its speed, for bench records and manifests."""
+        cfg = self.scheduler.config
+        return {"max_model_len": cfg.max_model_len, "block_size": cfg.block_size, "num_blocks": cfg.num_blocks,
+                "max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                "enable_prefix_caching": cfg.enable_prefix_caching, "async_scheduling": self.async_scheduling,
+                "kv_cache_dtype": str(self.runner.kv_dtype).removeprefix("torch."),
+                "kv_cache_bytes": self.runner.kv_cache.nbytes,
+                "cuda_graphs": self.runner.graphs is not None,
+                "cuda_graph_sizes": sorted(self.runner.graphs.graphs) if self.runner.graphs else [],
+                "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None}
 
     # ---- one step ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class ModelRunner:
         cfg = model.config
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         self.device = model.model.embed_tokens.weight.device
+        self.kv_dtype = kv_dtype
         self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                           cfg.head_dim, kv_dtype, self.device)
         # On a GPU decode steps replay CUDA graphs, unless asked not to, or unless Triton's paged

@@ -71,6 +71,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; raise ValueError for one that could never finish."""
+        self.check(seq)
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Raise ValueError for a sequence that could never finish; changes nothing."""
         if seq.num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
         if seq.max_tokens <= 0:
@@ -84,7 +89,6 @@ class Scheduler:
         if self.block_manager.blocks_needed(max_len - 1) > self.config.num_blocks:
             raise ValueError(f"prompt + max_tokens ({max_len} tokens) would outgrow the KV cache "
                              f"({self.config.num_blocks} blocks of {self.config.block_size} tokens)")
-        self.waiting.append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         """Hand out this step's token budget: running sequences in admission order, then admissions."""

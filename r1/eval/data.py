@@ -62,7 +62,8 @@ def find_data(task: str, data: str | Path | None = None) -> Path:
     except Exception as e:  # offline, no such repo, no parquet reader: all end the same way
         raise FileNotFoundError(
             f"no data for {task!r}: not in the cache ({path}) and the download from the Hugging Face "
-            f"dataset {TASKS[task].hf_dataset} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"dataset {TASKS[task].hf_dataset} failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             f"Pass a JSON Lines file of {{\"id\", \"problem\", \"answer\"}} with --data, or put one at {path}"
         ) from None
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,8 @@ def engine_record(llm) -> dict:
     return {"name": "r1", "version": r1.__version__, "git_commit": _git_commit(Path(r1.__file__).parent),
             "torch": torch.__version__, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
             "max_model_len": llm.engine.max_model_len, "kv_pool_tokens": llm.kv_pool_tokens,
-            "max_num_seqs": llm.engine_config.max_num_seqs, "quant": llm.engine_config.quant}
+            "max_num_seqs": llm.engine_config.max_num_seqs, "quant": llm.engine_config.quant,
+            "config": llm.engine.config_record()}
 
 
 def _git_commit(folder: Path) -> str | None:

@@ -85,7 +85,8 @@ def _rows(summary: dict, manifest: dict | None) -> list[tuple[str, str]]:
     if manifest:
         s = manifest["settings"]
         rows.append(("model", manifest["model"]["source"]))
-        rows.append(("sampling", f"T={s['temperature']} top-p={s['top_p']} max {s['max_tokens']} tokens seed {s['seed']}"))
+        rows.append(("sampling",
+                     f"T={s['temperature']} top-p={s['top_p']} max {s['max_tokens']} tokens seed {s['seed']}"))
     published = PUBLISHED.get(summary["task"], {})
     rows += [(f"published {k} (R1-Distill-Qwen-1.5B)", _pct(v)) for k, v in published.items()]
     return rows

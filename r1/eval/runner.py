@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from r1.engine import EngineRequest
 from r1.eval import manifest as mf
 from r1.eval.data import Problem
 from r1.eval.grading import Grader
@@ -176,10 +177,10 @@ def _generate(llm, work: list[tuple[Problem, list[int]]], settings: EvalSettings
                 problem, todo = queue.popleft()
                 messages = [{"role": "user", "content": build_prompt(problem.problem)}]
                 ids, opens = llm.encode_prompt(messages, chat=True)
-                for j in todo:
-                    rid = f"eval-{problem.index}-{j}"
-                    engine.add_request(rid, ids, settings.params(problem.index, j), opens)
-                    live[rid] = _Sample(problem, j, think_end_id)
+                group = [EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j), opens)
+                         for j in todo]
+                engine.add_requests(group)
+                live.update((r.request_id, _Sample(problem, j, think_end_id)) for r, j in zip(group, todo))
             for out in engine.step():
                 sample = live.get(out.request_id)
                 if sample is None:
@@ -189,9 +190,8 @@ def _generate(llm, work: list[tuple[Problem, list[int]]], settings: EvalSettings
                     del live[out.request_id]
                     yield sample
     finally:  # interrupted: take our requests back so the engine stays usable
-        for rid in live:
-            engine.abort(rid)
         if live:
+            engine.abort(list(live))
             engine.step()
 
 
@@ -233,8 +233,10 @@ def read_samples(path: Path, repair: bool = False) -> list[dict]:
     return records
 
 
-# What must match for --resume: anything that changes what a sample is.
-_RESUME_KEYS = ("task", "settings", "prompt", "data_sha256", "model_sha256", "dtype", "quant")
+# What must match for --resume: anything that changes what a sample is. The KV cache's dtype and
+# the CPU kernels' build change the numbers a sample is drawn from; the pool's size does not.
+_RESUME_KEYS = ("task", "settings", "prompt", "data_sha256", "model_sha256", "dtype", "quant", "kv_cache_dtype",
+                "cpu_kernels")
 
 
 def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, resume: bool) -> dict:
@@ -270,10 +272,12 @@ def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, r
 
 
 def _identity(m: dict) -> dict:
-    model = m["model"]
+    model, engine = m["model"], m["engine"]
+    config = engine.get("config", {})
     return {"task": m["task"], "settings": m["settings"], "prompt": m["prompt"], "data_sha256": m["data"]["sha256"],
-            "model_sha256": model.get("sha256") or model.get("files"), "dtype": m["engine"]["dtype"],
-            "quant": m["engine"]["quant"]}
+            "model_sha256": model.get("sha256") or model.get("files"), "dtype": engine["dtype"],
+            "quant": engine["quant"], "kv_cache_dtype": config.get("kv_cache_dtype"),
+            "cpu_kernels": config.get("cpu_kernels")}
 
 
 def _write_json(path: Path, obj: dict) -> None:

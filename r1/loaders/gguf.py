@@ -296,7 +296,8 @@ def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     scales = torch.cat([d & 0x3F, (low_bits & 0x0F) | ((d >> 2) & 0x30)], dim=1).float()
     mins = torch.cat([m & 0x3F, (low_bits >> 4) | ((m >> 2) & 0x30)], dim=1).float()
     levels = _shifted(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32).float()
-    return ((_float16(blocks, 0) * scales).unsqueeze(2) * levels - (_float16(blocks, 2) * mins).unsqueeze(2)).view(n, 256)
+    return ((_float16(blocks, 0) * scales).unsqueeze(2) * levels
+            - (_float16(blocks, 2) * mins).unsqueeze(2)).view(n, 256)
 
 
 def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:

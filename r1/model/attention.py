@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from r1 import kernels
 
-
 # The most cached tokens decode_attention gathers at once (sequences x the longest one's length).
 DECODE_GATHER_TOKENS = 32768
 
@@ -126,7 +125,8 @@ def write_kv(layer_cache: torch.Tensor | Int8KVCache, k: torch.Tensor, v: torch.
     _, num_blocks, block_size, kv_heads, head_dim = layer_cache.shape
     slots = num_blocks * block_size
     if isinstance(layer_cache, Int8KVCache):
-        values, scales = layer_cache.values.view(2, slots, kv_heads, head_dim), layer_cache.scales.view(2, slots, kv_heads)
+        values, scales = (layer_cache.values.view(2, slots, kv_heads, head_dim),
+                          layer_cache.scales.view(2, slots, kv_heads))
         fused = kernels.op_for("write_kv_int8_", k) if head_dim % 16 == 0 else None  # its vector width
         if fused is not None:  # on r1's CPU kernel: one call where the lines below are ten
             return fused(k, v, slot_mapping, values, scales)
@@ -216,7 +216,8 @@ def _gathered_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8
         for h in range(kv_heads):
             # Scores in float32 whatever the cache's dtype (a no-op for float32): rounded to bf16,
             # they cost the 1.5B stand-in 3.1% perplexity decoded a token at a time.
-            scores = q[rows, h].float() @ k[:, :, h].float().transpose(1, 2) * scale + group.mask[rows]  # (rows, group, L)
+            scores = (q[rows, h].float() @ k[:, :, h].float().transpose(1, 2) * scale
+                      + group.mask[rows])  # (rows, group, L)
             per_head.append(scores.softmax(-1).to(v.dtype) @ v[:, :, h])
         out.append(torch.stack(per_head, 1))  # (rows, kv_heads, group, head_dim)
     return (out[0] if len(out) == 1 else torch.cat(out)).view(d, heads, head_dim)

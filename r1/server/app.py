@@ -33,7 +33,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from r1.engine.async_llm import AsyncLLM
+from r1.engine import AsyncLLM
 from r1.server import protocol
 from r1.server.errors import APIError
 from r1.server.metrics import CONTENT_TYPE, Metrics

@@ -23,8 +23,16 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from r1.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest, EngineStats, QueueFullError, RequestStream
-from r1.engine.llm_engine import PromptTooLongError, RequestOutput
+from r1.engine import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineRequest,
+    EngineStats,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+    RequestStream,
+)
 from r1.llm import expand_samples
 from r1.sampling_params import ParamError
 from r1.server import protocol
