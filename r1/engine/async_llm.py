@@ -129,10 +129,7 @@ class AsyncLLM:
             self._serve()
         except BaseException as e:  # a panic or an exit too: whatever ends the thread
             log.critical("the engine died", exc_info=e)
-            if isinstance(e, EngineDeadError):
-                self._die(e)
-            else:
-                self._die(EngineDeadError(f"the engine died: {type(e).__name__}: {e}"))
+            self._die(e if isinstance(e, EngineDeadError) else _death(e))
 
     def _serve(self) -> None:
         failed_steps = 0
@@ -189,7 +186,7 @@ class AsyncLLM:
             _call_soon(loop, _settle, added, e)
             return
         except BaseException as e:  # a panic: the engine dies, and this caller hears it too
-            _call_soon(loop, _settle, added, EngineDeadError(f"the engine died: {type(e).__name__}: {e}"))
+            _call_soon(loop, _settle, added, _death(e))
             raise
         for r in requests:
             self._sinks[r.request_id] = (loop, sink)
@@ -258,6 +255,10 @@ class RequestStream:
             self._llm.abort(list(self.unfinished))
             self.unfinished.clear()
         return aborted
+
+
+def _death(error: BaseException) -> EngineDeadError:
+    return EngineDeadError(f"the engine died: {type(error).__name__}: {error}")
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

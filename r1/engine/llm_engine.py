@@ -276,8 +276,6 @@ class LLMEngine:
             try:
                 outputs.append(self._append_token(req, token_id, lp))
             except Exception as e:  # its detokenizer, stop check or constraint: its failure alone
-                if is_device_fault(e):
-                    raise
                 outputs.append(self._fail(req, e))
         if self._ahead is not None and all(s.seq.is_finished for s in self._ahead[0]):
             self._ahead = None  # everything it ran has ended
@@ -313,8 +311,6 @@ class LLMEngine:
             try:
                 token, lp = self._sample(logits[row:row + 1], [req])
             except Exception as e:
-                if is_device_fault(e):
-                    raise
                 outputs.append(self._fail(req, e))
                 continue
             kept.append(row)
@@ -325,17 +321,16 @@ class LLMEngine:
         return [reqs[i] for i in kept], torch.cat(tokens), logprobs
 
     def _fail(self, req: _Request, error: Exception) -> RequestOutput:
-        """Finish req with finish_reason "error": its blocks are freed, its text so far dropped."""
+        """Finish req with finish_reason "error": its blocks are freed, its text so far dropped.
+        A device fault is re-raised instead: it is the engine's, never one request's."""
+        if is_device_fault(error):
+            raise error
         log.error("request %s failed", req.request_id, exc_info=error)
         self.scheduler.finish(req.seq, "error")
         req.finish_time = time.perf_counter()
         self.requests.pop(req.seq.seq_id, None)  # _finish may have taken it out before it raised
         self.by_request_id.pop(req.request_id, None)
-        seq = req.seq
-        first = req.first_token_time or req.finish_time
-        return RequestOutput(req.request_id, [], "", "", "", True, "error", seq.num_prompt_tokens,
-                             seq.num_output_tokens, seq.num_cached_tokens, first - req.arrival,
-                             req.finish_time - first, error=f"{type(error).__name__}: {error}")
+        return self._record(req, [], "", "", "", True, "error", [], error=f"{type(error).__name__}: {error}")
 
     def _read_tokens(self, tokens: torch.Tensor, reqs: list[_Request]) -> list[int]:
         """The sampled ids as numbers; with async scheduling, once the next step is launched."""
@@ -453,8 +448,13 @@ class LLMEngine:
         if finished:
             tail_reasoning, tail_answer = req.reasoning.finish()
             reasoning, answer = reasoning + tail_reasoning, answer + tail_answer
+        return self._record(req, new_ids, delta, reasoning, answer, finished, reason, logprobs)
+
+    @staticmethod
+    def _record(req, new_ids, delta, reasoning, answer, finished, reason, logprobs, error=None) -> RequestOutput:
+        """The RequestOutput of these pieces, with req's counts and timing as of now."""
         seq, now = req.seq, time.perf_counter()
         first = req.first_token_time or now
         return RequestOutput(req.request_id, new_ids, delta, reasoning, answer, finished, reason,
                              seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens,
-                             first - req.arrival, now - first, logprobs)
+                             first - req.arrival, now - first, logprobs, error)

@@ -7,9 +7,9 @@ dies, /health answers 503 and `serve` returns with an error, so a supervisor res
 
 It also owns what keeps web pages the user visits from driving the server: API bodies must be
 JSON (a cross-origin page can only send JSON after a CORS preflight, which fails unless
---cors-origin names it), a server on loopback answers only requests whose Host header is a
-loopback name or an --allowed-host (against DNS rebinding), and a server reachable from other
-machines needs an API key unless told --insecure. Generation (prompts, streams, usage) is
+--cors-origin names it), a Host header must be an IP address or a name the server answers (a page
+that rebinds its own DNS name to this machine comes under that name), and a server reachable from
+other machines needs an API key unless told --insecure. Generation (prompts, streams, usage) is
 serving.py's; the wire format is protocol.py's; the engine runs behind `AsyncLLM`.
 """
 
@@ -60,12 +60,8 @@ class ServerConfig:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    ip = _ip(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
 
 
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
@@ -98,12 +94,12 @@ def _host_name(host: str) -> str:
     return name.lower().rstrip(".")
 
 
-def _is_ip(name: str) -> bool:
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names literally ('[::1]' as Host headers spell IPv6), or None."""
     try:
-        ipaddress.ip_address(name.strip("[]"))
-        return True
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
+        return None
 
 
 def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
@@ -246,7 +242,8 @@ class _AllowedHosts:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-        if not header or _is_ip(_host_name(header)) or _host_name(header) in self.hosts:
+        name = _host_name(header)
+        if not header or _ip(name) is not None or name in self.hosts:
             return await self.app(scope, receive, send)
         error = APIError(403, f"the Host header {header!r} is not one this server answers; start it with "
                               f"--allowed-host NAME to allow a name", code="host_not_allowed")

@@ -156,18 +156,22 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _few_prompts(cls, prompt):
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+        if len(_prompts(prompt)) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts a call, got {len(prompt)}")
         return prompt
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt or a batch: a string, token ids, or a list of either."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        return _prompts(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
         return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
 
 
 class TokenizeRequest(APIModel):
