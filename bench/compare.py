@@ -13,6 +13,7 @@ Engines run one after another in this process, each freed before the next loads.
 
     python bench/compare.py                                 # the demo stand-in, both peers, 2 threads
     python bench/compare.py --peers llama.cpp --quant int4 --save bench/results/compare_demo_int4.json
+    python bench/compare.py --peers "" --baseline HEAD~3 --repeats 3   # r1 against an older r1 (A/B)
     python bench/compare.py --peers llama.cpp --kv-dtype int8 --prompt-len 8192 --output-len 64 --num-seqs 1 \
         --batch-prompt-len 16 --batch-output-len 16        # decode deep in a long reasoning trace
 """
@@ -22,8 +23,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ PEERS = ("llama.cpp", "transformers")
 FIGURES = {"prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s (batch 1)",
            "output_tok_s": "batched output tok/s"}
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,22 @@ def run_r1(model: str, args, work: Workload) -> dict:
             **{k: lat[k] for k in ("prefill_seconds", "prefill_tok_s", "decode_seconds", "decode_tok_s")},
             "batch_seconds": thr["seconds"], "total_output_tokens": thr["total_output_tokens"],
             "output_tok_s": thr["output_tok_s"]}
+
+
+def run_baseline(rev: str, argv: list[str]) -> dict:
+    """r1 as of git revision rev, measured by that revision's own compare.py (same arguments, no
+    peers) in a temporary worktree, so that a change is A/B-tested in one run on one machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "r1"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+        try:
+            done = subprocess.run([sys.executable, "bench/compare.py", *argv, "--peers", "", "--json",
+                                   "--save", str(Path(tmp) / "baseline.json")], cwd=tree, check=True,
+                                  env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    return {"revision": rev, **json.loads(done.stdout.strip().splitlines()[-1])["engines"]["r1"]}
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
@@ -262,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, metavar="PATH", help="default: bench/results/compare_MODEL.json")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also measure r1 as of this git revision, as the peer r1@REV")
     args = p.parse_args(argv)
     peers = [x for x in args.peers.split(",") if x]
     if unknown := set(peers) - set(PEERS):
@@ -275,6 +298,12 @@ def main(argv: list[str] | None = None) -> dict:
                     args.batch_output_len, args.seed, open_model_files(args.model).config.vocab_size)
     runners = {"r1": lambda: run_r1(args.model, args, work), "llama.cpp": lambda: run_llama_cpp(path, args, work),
                "transformers": lambda: run_transformers(path, args, work)}
+    if args.baseline:
+        same = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in (
+            "model", "threads", "quant", "dtype", "kv_dtype", "prompt_len", "output_len", "repeats", "num_seqs",
+            "batch_prompt_len", "batch_output_len", "seed")]
+        peers.append(f"r1@{args.baseline}")
+        runners[peers[-1]] = lambda: run_baseline(args.baseline, same)
     engines = {}
     for name in ["r1", *peers]:
         if not args.json:

@@ -120,31 +120,27 @@ class LLM:
 
     # ---- prompts -----------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Prompt | list[Message], chat: bool) -> tuple[list[int], bool]:
-        """Token ids of a prompt, and whether they leave a <think> block open."""
+    def encode_prompt(self, prompt: Prompt | list[Message], chat: bool) -> list[int]:
+        """Token ids of a prompt: a chat rendered with the template, text, or ids checked as they are."""
         if chat:
             if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
                 raise TypeError("a chat is a list of {'role': ..., 'content': ...} messages")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            ids = self.tokenizer.encode_chat(prompt)
-        elif isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            self.engine.check_prompt_ids(prompt)  # before decoding, which takes only valid ids
-            text, ids = self.tokenizer.decode(prompt, skip_special_tokens=False), list(prompt)
-        else:
-            raise TypeError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
-        return ids, text.rfind("<think>") > text.rfind("</think>")
+            return self.tokenizer.encode_chat(prompt)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            self.engine.check_prompt_ids(prompt)
+            return list(prompt)
+        raise TypeError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
 
     # ---- generation --------------------------------------------------------------------------
 
     def stream(self, prompt: Prompt | list[Message], params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[RequestOutput]:
         """Run one request alone, yielding its incremental outputs."""
-        ids, opens_reasoning = self.encode_prompt(prompt, chat)
+        ids = self.encode_prompt(prompt, chat)
         request_id = f"req-{next(self._ids)}"
-        self.engine.add_requests([EngineRequest(request_id, ids, _checked(params or SamplingParams()),
-                                                opens_reasoning)])
+        self.engine.add_requests([EngineRequest(request_id, ids, _checked(params or SamplingParams()))])
         finished = False
         try:
             while not finished:
@@ -179,9 +175,9 @@ class LLM:
         params = [_checked(p) for p in params]
         requests, added = [], []  # added: (request id, prompt index, sample index, prompt ids)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            ids, opens_reasoning = self.encode_prompt(prompt, chat)
+            ids = self.encode_prompt(prompt, chat)
             for j, sample_params in enumerate(expand_samples(p)):
-                requests.append(EngineRequest(f"req-{next(self._ids)}", ids, sample_params, opens_reasoning))
+                requests.append(EngineRequest(f"req-{next(self._ids)}", ids, sample_params))
                 added.append((requests[-1].request_id, i, j, ids))
         self.engine.add_requests(requests)  # one bad prompt fails the call, with nothing queued
         parts: dict[str, list[RequestOutput]] = {rid: [] for rid, *_ in added}
@@ -234,7 +230,7 @@ def _collect(request_id: str, prompt_index: int, sample_index: int, prompt_ids: 
         token_ids=[t for o in outputs for t in o.new_token_ids],
         finish_reason=last.finish_reason,
         usage={"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens,
-               "cached_tokens": last.num_cached_tokens},
+               "cached_tokens": last.num_cached_tokens, "reasoning_tokens": last.num_reasoning_tokens},
         timing={"prefill_seconds": last.time_to_first_token, "decode_seconds": last.decode_seconds},
         logprobs=[lp for o in outputs for lp in o.new_logprobs],
         error=last.error,

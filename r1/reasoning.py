@@ -1,95 +1,113 @@
-"""Splitting R1's output into its reasoning and its answer, for finished text and for a stream.
+"""R1's reasoning block: where it opens and closes, by token id, and the text split that follows.
 
-R1 thinks first, between `<think>` and `</think>`, then answers. The prompt usually opens the
-reasoning already (the chat template ends with `<think>\\n`), so the output starts inside it and
-only closes it; older templates leave the opening to the model. This module owns where the
-reasoning ends and how the two parts are trimmed; it works on text, not token ids, and does not
-own detokenizing (tokenizer.py) or stopping generation.
+R1 thinks first, between `<think>` and `</think>`, then answers. The chat template usually opens
+the block in the prompt (it ends with `<think>\\n`), so the output starts inside it and only
+closes it; older templates leave the opening to the model. One rule, kept by `ReasoningTracker`
+token by token, decides for the whole engine: the thinking budget, the structured-output gate
+(it applies to the answer only), the reasoning token count and the text split all follow it.
 
-The rules, the same for `split_reasoning` and `ReasoningStream`:
-- leading whitespace and one `<think>` at the very start are dropped; that `<think>` means
-  reasoning even when the prompt did not open it;
-- inside reasoning, the first `</think>` ends it; without one the whole text is reasoning;
-- outside reasoning everything is answer, tags included;
-- both parts are stripped of surrounding whitespace.
+- The prompt opens the block when its last `<think>` comes after its last `</think>`.
+- Blank tokens at the start are passed over; a `<think>` then opens the block, even when the
+  prompt did not. Any other first token is reasoning if the prompt opened the block, else answer.
+- Inside the block the first `</think>` closes it; after that everything is answer, tags included.
+- The block's tokens are counted with their tags.
+
+`ReasoningText` cuts the growing text at the offsets the tracker's tags fall on, and strips each
+part of surrounding whitespace. This module does not detokenize (tokenizer.py) or stop anything.
 """
 
 from __future__ import annotations
 
-OPEN_TAG, CLOSE_TAG = "<think>", "</think>"
+from typing import Callable
+
+OPEN, REASONING, CLOSE, ANSWER = "open", "reasoning", "close", "answer"  # the roles of a token
+CLOSE_TAG = "</think>"
 
 
-def split_reasoning(text: str, prompt_opened_think: bool = True) -> tuple[str, str]:
-    """(reasoning, answer) of a finished output."""
-    body = text.lstrip()
-    in_reasoning = prompt_opened_think
-    if body.startswith(OPEN_TAG):
-        body, in_reasoning = body[len(OPEN_TAG):], True
-    if not in_reasoning:
-        return "", body.strip()
-    reasoning, _, answer = body.partition(CLOSE_TAG)
-    return reasoning.strip(), answer.strip()
+def prompt_opens_reasoning(prompt_token_ids: list[int], start_id: int | None, end_id: int | None) -> bool:
+    """Whether the prompt leaves a <think> block open: its last <think> after its last </think>."""
+    if start_id is None or start_id not in prompt_token_ids:
+        return False
+    last_start = len(prompt_token_ids) - 1 - prompt_token_ids[::-1].index(start_id)
+    return end_id not in prompt_token_ids[last_start:]
 
 
-def _partial_tag_len(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that could be the start of `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
+class ReasoningTracker:
+    """Where one output stands, by token id: in the reasoning block or not, and its length."""
+
+    def __init__(self, start_id: int | None, end_id: int | None, prompt_opens: bool):
+        self.start_id, self.end_id = start_id, end_id
+        self.in_reasoning = prompt_opens
+        self.at_start = True  # nothing but blank tokens so far
+        self.num_tokens = 0  # tokens of the block, its tags included
+
+    def feed(self, token_id: int, is_blank: Callable[[int], bool]) -> str:
+        """Follow one output token; its role (OPEN, REASONING, CLOSE or ANSWER). is_blank is
+        asked only about the tokens at the start."""
+        if self.at_start and token_id == self.start_id:
+            self.at_start, self.in_reasoning = False, True
+            self.num_tokens += 1
+            return OPEN
+        if self.at_start and not is_blank(token_id):
+            self.at_start = False
+        if not self.in_reasoning:
+            return ANSWER
+        self.num_tokens += 1
+        if token_id == self.end_id:
+            self.in_reasoning = False
+            return CLOSE
+        return REASONING
+
+    def budget_spent(self, max_reasoning_tokens: int | None) -> bool:
+        """Whether the block is open and has used up its budget: its next token must close it."""
+        return self.in_reasoning and max_reasoning_tokens is not None and self.num_tokens >= max_reasoning_tokens
 
 
-class ReasoningStream:
-    """Feeds text deltas in, gets (reasoning_delta, answer_delta) out.
+class _Part:
+    """One part's stream: leading whitespace dropped, trailing whitespace held until text follows."""
 
-    Holds back only what the next delta could still change: a possible partial `<think>` at the
-    start, a possible partial `</think>`, and trailing whitespace (stripped if the part ends
-    there). The concatenated deltas, `finish()` included, equal `split_reasoning` of the whole text.
-    """
+    def __init__(self):
+        self.started, self.held = False, ""
 
-    def __init__(self, prompt_opened_think: bool = True):
-        self.prompt_opened_think = prompt_opened_think
-        self.state = "start"  # start -> reasoning -> answer, or start -> answer
-        self.pending = ""  # text received but not yet emitted
-        self.started = False  # whether the current part has emitted text (its leading space is gone)
-
-    def feed(self, delta: str) -> tuple[str, str]:
-        self.pending += delta
-        return self._drain(final=False)
-
-    def finish(self) -> tuple[str, str]:
-        """The end of the output: emit what was held back."""
-        return self._drain(final=True)
-
-    def _drain(self, final: bool) -> tuple[str, str]:
-        reasoning = ""
-        if self.state == "start":
-            head = self.pending.lstrip()
-            if head.startswith(OPEN_TAG):
-                self._enter("reasoning", head[len(OPEN_TAG):])
-            elif OPEN_TAG.startswith(head) and not final:
-                return "", ""  # may still become `<think>`
-            else:
-                self._enter("reasoning" if self.prompt_opened_think else "answer", head)
-        if self.state == "reasoning":
-            before, tag, after = self.pending.partition(CLOSE_TAG)
-            if not tag:
-                cut = len(self.pending) - (0 if final else _partial_tag_len(self.pending, CLOSE_TAG))
-                reasoning, held = self._take(self.pending[:cut], final)
-                self.pending = held + self.pending[cut:]
-                return reasoning, ""
-            reasoning, _ = self._take(before, final=True)
-            self._enter("answer", after)
-        answer, self.pending = self._take(self.pending, final)
-        return reasoning, answer
-
-    def _enter(self, state: str, text: str) -> None:
-        self.state, self.pending, self.started = state, text, False
-
-    def _take(self, text: str, final: bool) -> tuple[str, str]:
-        """Splits `text` of the current part into what goes out now and what is held back."""
+    def take(self, piece: str, final: bool) -> str:
+        text = self.held + piece
         if not self.started:
             text = text.lstrip()
         out = text.rstrip()
         self.started = self.started or bool(out)
-        return out, "" if final else text[len(out):]
+        self.held = "" if final else text[len(out):]
+        return out
+
+
+class ReasoningText:
+    """Splits a growing output text into reasoning and answer deltas at the tracker's tags.
+
+    `mark` is told each token's role once its text is in `text`; `take` hands out the deltas of
+    the text up to a point (the output processor holds back a tail that may become a stop string).
+    """
+
+    def __init__(self, prompt_opens: bool):
+        self.reasoning_from: int | None = 0 if prompt_opens else None  # offsets in the text
+        self.reasoning_to: int | None = None  # where </think> starts
+        self.answer_from: int | None = None if prompt_opens else 0
+        self.emitted = 0
+        self.reasoning, self.answer = _Part(), _Part()
+
+    def mark(self, role: str, text: str) -> None:
+        if role == OPEN:  # what came before (blank) and the tag itself are neither part
+            self.reasoning_from, self.answer_from = len(text), None
+        elif role == CLOSE:
+            self.reasoning_to = len(text) - len(CLOSE_TAG) if text.endswith(CLOSE_TAG) else len(text)
+            self.answer_from = len(text)
+
+    def take(self, text: str, upto: int, final: bool) -> tuple[str, str]:
+        """(reasoning, answer) deltas of text[:upto] since the last take; final ends both parts."""
+        start, self.emitted = self.emitted, upto
+        reasoning = answer = ""
+        if self.reasoning_from is not None:
+            end = upto if self.reasoning_to is None else min(upto, self.reasoning_to)
+            closed = final or (self.reasoning_to is not None and upto >= self.reasoning_to)
+            reasoning = self.reasoning.take(text[max(start, self.reasoning_from):end], closed)
+        if self.answer_from is not None:
+            answer = self.answer.take(text[max(start, self.answer_from):upto], final)
+        return reasoning, answer

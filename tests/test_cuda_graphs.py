@@ -38,21 +38,21 @@ def test_graph_decode_steps_equal_eager_ones(tiny_model_folder, device, kv_dtype
     # Different lengths, so that the batch shrinks through 6, 5, 4, 3 (padded to 4), 2 and 1.
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (30, 3, 40, 10, 20, 16)]
     eager = _llm(tiny_model_folder, device, kv_dtype=kv_dtype, enforce_eager=True)
-    assert eager.engine.runner.graphs is None
+    assert eager.engine.core.runner.graphs is None
     want = [c.token_ids for c in eager.generate(prompts, params)]
 
     llm = _llm(tiny_model_folder, device, kv_dtype=kv_dtype)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     if device == "cpu":  # no capture on a CPU: the buffers for batches of up to 4, run eagerly
         assert runner.graphs is None and runner.scratch_block is None
         # Without graphs the block manager holds every block; these six short sequences take
         # blocks from the front of 256 and never reach the last, the scratch block here.
-        assert llm.engine.scheduler.config.num_blocks == runner.num_blocks
+        assert llm.engine.core.scheduler.config.num_blocks == runner.num_blocks
         runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.block_size, runner.num_blocks - 1,
-                                     max_num_seqs=4, max_model_len=llm.engine.scheduler.config.max_model_len)
+                                     max_num_seqs=4, max_model_len=llm.engine.core.scheduler.config.max_model_len)
     else:  # the block manager never hands out the scratch block, the last
-        assert llm.engine.scheduler.config.num_blocks == runner.scratch_block == runner.num_blocks - 1
-        assert set(runner.graphs.graphs) == set(graph_batch_sizes(llm.engine.scheduler.config.max_num_seqs))
+        assert llm.engine.core.scheduler.config.num_blocks == runner.scratch_block == runner.num_blocks - 1
+        assert set(runner.graphs.graphs) == set(graph_batch_sizes(llm.engine.core.scheduler.config.max_num_seqs))
     graph_batches = []
     run = runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda ids, *rest: graph_batches.append(len(ids)) or run(ids, *rest))
@@ -67,7 +67,7 @@ def test_padding_rows_write_only_the_scratch_block(tiny_model_folder, quant):
     # Three sequences run as a batch of four: the fourth row's key and value land in the
     # scratch block, and no other slot but the three sequences' new ones changes.
     llm = _llm(tiny_model_folder, "cpu", quant=quant)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     scratch = runner.num_blocks - 1
     graphs = DecodeGraphs(runner.model, runner.kv_cache, 16, scratch, max_num_seqs=4, max_model_len=64)
     runner.kv_cache.normal_()

@@ -31,7 +31,7 @@ def make_llm(request, tiny_model_folder):
     a CPU changes only the order of the work: every output must stay the same."""
     def make(**kw):
         llm = _llm(tiny_model_folder, async_scheduling=request.param, **kw)
-        assert llm.engine.async_scheduling is request.param
+        assert llm.engine.core.async_scheduling is request.param
         return llm
     return make
 
@@ -44,7 +44,7 @@ def alone(tiny_model_folder):
 
 
 def _assert_no_leaks(llm):
-    bm = llm.engine.scheduler.block_manager
+    bm = llm.engine.core.scheduler.block_manager
     assert not llm.engine.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks
 
@@ -81,7 +81,7 @@ def test_preemption_recomputes_and_changes_nothing(make_llm, alone):
     llm = make_llm(kv_cache_tokens=80, max_model_len=80)
     prompts = _prompts(6)
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
     assert got == [alone[tuple(p)] for p in prompts]
     _assert_no_leaks(llm)
 
@@ -96,7 +96,7 @@ def test_prefix_cache_computes_a_shared_prompt_once(make_llm):
     assert first.usage["cached_tokens"] == 0
     rest = llm.generate(prompts[1:], GREEDY)
     assert [c.usage["cached_tokens"] for c in rest] == [32, 32]
-    bm = llm.engine.scheduler.block_manager
+    bm = llm.engine.core.scheduler.block_manager
     assert bm.prefix_hits == 64
     assert [first.token_ids] + [c.token_ids for c in rest] == expected
     _assert_no_leaks(llm)
@@ -141,7 +141,7 @@ def test_a_smaller_kv_cache_batches_like_alone_and_frees_everything(make_llm, kv
     solo = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == solo
     _assert_no_leaks(llm)
-    cache = llm.engine.runner.kv_cache
+    cache = llm.engine.core.runner.kv_cache
     assert (cache.values if kv_dtype == "int8" else cache).dtype == cache_dtype and llm.dtype == torch.float32
 
 
@@ -150,12 +150,12 @@ def test_unknown_kv_dtype_is_refused(tiny_model_folder):
         _llm(tiny_model_folder, kv_dtype="fp4")
 
 
-def test_a_failed_launch_ahead_leaves_no_stand_ins(tiny_model_folder, alone):
-    # Async scheduling appends stand-ins for the tokens it has not read; a launch that raises
+def test_a_failed_launch_ahead_leaves_no_pending_tokens(tiny_model_folder, alone):
+    # Async scheduling counts the tokens it has not read as pending; a launch that raises
     # (out of memory, say) must take them back and rewind, so that the engine goes on unharmed.
     llm = _llm(tiny_model_folder, async_scheduling=True)
     engine, prompt = llm.engine, _prompts(1)[0]
-    run, failures = engine.runner.run, []
+    run, failures = engine.core.runner.run, []
 
     def failing_once(scheduled, sampled=None):
         if sampled is not None and not failures:
@@ -163,12 +163,12 @@ def test_a_failed_launch_ahead_leaves_no_stand_ins(tiny_model_folder, alone):
             raise RuntimeError("CUDA out of memory (simulated)")
         return run(scheduled, sampled)
 
-    engine.runner.run = failing_once
+    engine.core.runner.run = failing_once
     engine.add_requests([EngineRequest("0", prompt, GREEDY)])
     with pytest.raises(RuntimeError, match="simulated"):
         engine.step()
-    seq = engine.by_request_id["0"].seq
-    assert min(seq.token_ids) >= 0 and seq.num_output_tokens == 0  # the sampled token was never read
+    seq = engine.core.by_request_id["0"].seq
+    assert seq.num_pending_tokens == 0 and seq.num_output_tokens == 0  # the sampled token was never read
     tokens = []
     for _ in range(4 * GREEDY.max_tokens):  # bounded: a sequence left with nothing to compute never ends
         tokens += [t for out in engine.step() for t in out.new_token_ids]
@@ -233,7 +233,7 @@ def test_a_failed_forward_fails_only_what_it_ran(make_llm, alone, monkeypatch):
         raise RuntimeError("device lost")
 
     with monkeypatch.context() as broken:
-        broken.setattr(engine.runner, "run", lost)
+        broken.setattr(engine.core.runner, "run", lost)
         with pytest.raises(StepError) as failed:
             engine.step()
     assert [(o.request_id, o.finish_reason, o.error) for o in failed.value.outputs] == [
@@ -266,6 +266,6 @@ def test_config_record_says_what_shapes_the_outputs(make_llm):
     assert {k: record[k] for k in ("max_model_len", "block_size", "max_num_batched_tokens", "kv_cache_dtype",
                                    "cuda_graphs", "async_scheduling")} == {
         "max_model_len": 256, "block_size": 4, "max_num_batched_tokens": 16, "kv_cache_dtype": "float32",
-        "cuda_graphs": False, "async_scheduling": llm.engine.async_scheduling}
+        "cuda_graphs": False, "async_scheduling": llm.engine.core.async_scheduling}
     # fp32 keys and values: layers x 2 x blocks x block_size x kv heads x head_dim x 4 bytes
     assert record["kv_cache_bytes"] == 3 * 2 * record["num_blocks"] * 4 * 2 * 16 * 4

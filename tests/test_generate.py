@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from r1 import LLM, SamplingParams
-from r1.engine.llm_engine import PromptTooLongError
+from r1.engine import PromptTooLongError
 
 PROMPTS = [
     "The capital of France is",
@@ -100,7 +100,8 @@ def test_prompt_over_the_context_is_refused(small_gguf):
     with pytest.raises(PromptTooLongError, match="the prompt has 101 tokens but the context holds 64"):
         small.generate([5] * 101, GREEDY)
     assert not small.engine.has_unfinished()
-    assert small.engine.scheduler.block_manager.num_free_blocks == small.engine.scheduler.block_manager.num_blocks
+    bm = small.engine.core.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_bad_requests_get_clear_errors(llm):
@@ -146,7 +147,7 @@ def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
     batch = [chats[0], chats[0], chats[1], chats[2], chats[2]]
 
     def outputs(async_scheduling):
-        r1.engine.async_scheduling = async_scheduling
+        r1.engine.core.async_scheduling = async_scheduling
         completions = r1.chat(batch, params)
         logprobs = [[(lp["logprob"], *(v for _, v in lp["top"])) for lp in c.logprobs] for c in completions]
         return [(c.token_ids, c.text, c.reasoning, c.answer, c.finish_reason,
@@ -154,8 +155,8 @@ def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
 
     sync, sync_logprobs = outputs(False)
     launched_ahead = []
-    run = r1.engine.runner.run
-    r1.engine.runner.run = lambda scheduled, sampled=None: launched_ahead.append(sampled is not None) or run(
+    run = r1.engine.core.runner.run
+    r1.engine.core.runner.run = lambda scheduled, sampled=None: launched_ahead.append(sampled is not None) or run(
         scheduled, sampled)
     got, got_logprobs = outputs(True)
     assert got == sync
@@ -164,5 +165,5 @@ def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
     assert sum(launched_ahead) > 10
     assert [o[4] for o in sync] == ["stop", "stop", "length", "length", "length"]
     assert len(sync[2][5]) == 20 and sync[2][0][4] == r1.tokenizer.token_to_id("</think>")
-    bm = r1.engine.scheduler.block_manager
+    bm = r1.engine.core.scheduler.block_manager
     assert not r1.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks

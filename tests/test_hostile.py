@@ -23,7 +23,7 @@ import pytest
 
 from conftest import Live, serving
 from r1 import LLM
-from r1.engine import llm_engine
+from r1.engine import sampler
 from r1.server import structured
 from r1.server.app import ServerConfig, build_app
 
@@ -181,14 +181,14 @@ def test_a_stream_of_16_closed_early_frees_its_blocks(live, http):
 
 
 def test_a_request_whose_sampling_fails_fails_alone(live, http, beside, monkeypatch):
-    real = llm_engine.sample_next
+    real = sampler.sample_next
 
     def failing_for_seed_666(logits, params, *args):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("injected sampling failure")
         return real(logits, params, *args)
 
-    monkeypatch.setattr(llm_engine, "sample_next", failing_for_seed_666)
+    monkeypatch.setattr(sampler, "sample_next", failing_for_seed_666)
     r = post(http, "/v1/chat/completions", {**CHAT, "seed": 666, "temperature": 0.6})
     assert r.status_code == 500, r.text
     error = r.json()["error"]
@@ -211,7 +211,7 @@ DYING_SERVER = textwrap.dedent("""
 
     step = LLMEngine.step
     def step_until_seed_666(self):
-        if any(r.params.seed == 666 for r in self.requests.values()):
+        if any(r.params.seed == 666 for r in self.core.requests.values()):
             raise Panic("injected")
         return step(self)
     LLMEngine.step = step_until_seed_666
@@ -248,7 +248,7 @@ def test_health_says_when_the_engine_is_dead(tiny_model_folder, monkeypatch):
     deaths = []
     with serving(build_app(llm, ServerConfig("tiny"), on_engine_dead=deaths.append)) as url:
         assert httpx2.get(url + "/health", trust_env=False).status_code == 200
-        monkeypatch.setattr(llm.engine.runner, "run", fail_with_device_fault)
+        monkeypatch.setattr(llm.engine.core.runner, "run", fail_with_device_fault)
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4}
         r = httpx2.post(url + "/v1/completions", json=body, trust_env=False)
         assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_dead")

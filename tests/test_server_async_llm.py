@@ -29,7 +29,7 @@ def front(llm):
 
 
 def all_blocks_free(llm) -> bool:
-    bm = llm.engine.scheduler.block_manager
+    bm = llm.engine.core.scheduler.block_manager
     return not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
 
 
@@ -101,7 +101,7 @@ def test_abort_midway_frees_the_blocks(llm, front):
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, front, monkeypatch):
-    real_run = llm.engine.runner.run
+    real_run = llm.engine.core.runner.run
     calls = iter([RuntimeError("device lost")])
 
     def flaky_run(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, front, mon
             raise error
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(llm.engine.runner, "run", flaky_run)
+    monkeypatch.setattr(llm.engine.core.runner, "run", flaky_run)
 
     async def main():
         failed = await errors(await front.add(requests(PROMPTS[:2], prefix="x")))
@@ -149,7 +149,7 @@ def breakable(llm, monkeypatch):
     what a dead front left in it."""
     yield monkeypatch
     monkeypatch.undo()
-    llm.engine.abort(list(llm.engine.by_request_id))
+    llm.engine.abort(list(llm.engine.core.by_request_id))
     llm.engine.step()
     assert all_blocks_free(llm)
 
@@ -161,7 +161,7 @@ def test_the_engine_thread_dying_fails_every_waiter_at_once(llm, breakable):
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
     def panicking_step():
-        if "doomed0" in llm.engine.by_request_id:
+        if "doomed0" in llm.engine.core.by_request_id:
             raise Panic("injected")
         return real_step()
 
@@ -194,7 +194,7 @@ def test_steps_failing_in_a_row_kill_the_engine(llm, breakable, error, failures_
     def failing_run(*args, **kwargs):
         raise error
 
-    breakable.setattr(llm.engine.runner, "run", failing_run)
+    breakable.setattr(llm.engine.core.runner, "run", failing_run)
     front = AsyncLLM(llm.engine)
 
     async def main():

@@ -13,8 +13,8 @@ import torch
 from pydantic import ValidationError
 
 from r1.cli import main
+from r1.engine import RequestOutput
 from r1.engine.async_llm import EngineStats
-from r1.engine.llm_engine import RequestOutput
 from r1.sampling_params import ParamError
 from r1.server.app import ServerConfig, check_exposure, host_allowlist
 from r1.server.errors import APIError

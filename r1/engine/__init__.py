@@ -1,4 +1,5 @@
-"""The engine: sequences, KV block bookkeeping, scheduling, the model runner and the step loop.
+"""The engine: sequences, KV block bookkeeping, scheduling, the model runner, the core and its
+output processor.
 
 The rest of r1 reaches the engine through the names below (never its modules), and an engine
 through its public surface: add_requests, abort, step, has_unfinished, stats and config_record,
@@ -12,9 +13,9 @@ import importlib
 _PUBLIC = {
     "AsyncLLM": "async_llm", "EngineDeadError": "async_llm", "QueueFullError": "async_llm",
     "RequestStream": "async_llm",
-    "EngineRequest": "llm_engine", "EngineStats": "llm_engine", "LLMEngine": "llm_engine",
-    "PromptTooLongError": "llm_engine", "RequestOutput": "llm_engine", "StepError": "llm_engine",
-    "TokenConstraint": "llm_engine",
+    "EngineRequest": "interface", "EngineStats": "interface", "PromptTooLongError": "interface",
+    "RequestOutput": "interface", "StepError": "interface", "TokenConstraint": "interface",
+    "LLMEngine": "llm_engine",
     "ModelRunner": "model_runner", "SchedulerConfig": "scheduler",  # what an engine is built from
 }
 __all__ = sorted(_PUBLIC)

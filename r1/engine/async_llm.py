@@ -28,7 +28,8 @@ import queue
 import threading
 from typing import Callable
 
-from r1.engine.llm_engine import EngineRequest, EngineStats, LLMEngine, RequestOutput, StepError, is_device_fault
+from r1.engine.interface import EngineRequest, EngineStats, RequestOutput, StepError, is_device_fault
+from r1.engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 

@@ -53,15 +53,18 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs,
                                        max_model_len)
 
-    def prepare(self, scheduled: list[ScheduledSeq]):
+    def prepare(self, scheduled: list[ScheduledSeq], pending_rows: dict[int, int]):
         """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached
         tokens per sequence, block tables, which rows to sample, and (flat row, sampled row) of
-        each token still on the device (a pending_token stand-in)."""
+        each token still on the device (a sequence's pending token, at pending_rows[seq_id])."""
         token_ids, positions, slots, query_lens, seq_lens, sample_rows, pending = [], [], [], [], [], [], []
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
             token_ids += seq.token_ids[start:end]
+            if seq.num_pending_tokens and end == seq.num_tokens:  # only a sequence's last token can be pending
+                pending.append((len(token_ids), pending_rows[seq.seq_id]))
+                token_ids.append(0)  # a place for the id, filled on the device
             positions += range(start, end)
             slots += (seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                       for p in range(start, end))
@@ -69,19 +72,21 @@ class ModelRunner:
             seq_lens.append(end)
             if s.samples:
                 sample_rows.append(len(token_ids) - 1)
-                if token_ids[-1] < 0:  # only a sequence's last token can be pending
-                    pending.append((len(token_ids) - 1, -1 - token_ids[-1]))
         tables = [s.seq.block_table for s in scheduled]
         return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], sampled: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq],
+            sampled: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
         """Run one step; float32 logits (M, vocab) for the M scheduled sequences that sample.
 
-        `sampled` holds the last step's tokens where the step's inputs have stand-ins for them
-        (async scheduling): they go from there into the inputs on the device, unread.
+        `sampled` holds the last step's tokens, and the row of each sequence whose input still
+        counts its token as pending (async scheduling): they go from there into the inputs on
+        the device, unread.
         """
-        token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending = self.prepare(scheduled)
+        tokens, pending_rows = sampled if sampled is not None else (None, {})
+        token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending = self.prepare(
+            scheduled, pending_rows)
 
         def tensor(x):  # non-blocking: an in-flight forward need not finish before this one is queued
             return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
@@ -89,7 +94,7 @@ class ModelRunner:
         input_ids = tensor(token_ids)
         if pending:
             rows, sources = zip(*pending)
-            input_ids[tensor(rows)] = sampled[tensor(sources)]
+            input_ids[tensor(rows)] = tokens[tensor(sources)]
         if self.graphs is not None and len(scheduled) <= self.graphs.max_batch and all(n == 1 for n in query_lens):
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
         else:

@@ -11,14 +11,6 @@ from __future__ import annotations
 import enum
 
 
-def pending_token(row: int) -> int:
-    """A stand-in for a token sampled on the device but not yet read back: row `row` of the
-    step's sampled tokens, as a negative id. Async scheduling (llm_engine.py) appends stand-ins
-    while it schedules and launches the next step, and takes them back before the real ids land."""
-    return -1 - row
-
-
-
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -42,13 +34,16 @@ class Sequence:
         self.cache_salt = cache_salt
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        # Sampled on the device but not read yet: async scheduling (core.py) counts a sequence's
+        # coming token while it schedules and launches the next step, before the id is known.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # of the prompt, found in the prefix cache at the last admission
         self.block_table: list[int] = []  # KV block ids, in token order
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -65,11 +60,6 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
-
-    def pop_token(self) -> None:
-        """Take back the last token (a pending_token stand-in)."""
-        self.output_token_ids.pop()
-        self.token_ids.pop()
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "

@@ -146,41 +146,31 @@ def check_out_dir(out: Path, resume: bool) -> None:
 class _Sample:
     problem: Problem
     sample_index: int
-    think_end_id: int | None
     text: str = ""
     reasoning: str = ""
-    token_ids: list[int] = field(default_factory=list)
     last: object = None  # the final RequestOutput
 
     def add(self, out) -> None:
         self.text += out.delta_text
         self.reasoning += out.delta_reasoning
-        self.token_ids += out.new_token_ids
         self.last = out
-
-    def reasoning_tokens(self) -> int:
-        """Tokens up to and including </think>; all of them when reasoning never closed."""
-        if self.think_end_id in self.token_ids:
-            return self.token_ids.index(self.think_end_id) + 1
-        return len(self.token_ids) if self.reasoning else 0
 
 
 def _generate(llm, work: list[tuple[Problem, list[int]]], settings: EvalSettings):
     """Yield each sample as it finishes. A problem's K samples are added together; the next problem is
     added while fewer than max_num_seqs run, so the batch stays full (the scheduler queues the rest)."""
     engine, limit = llm.engine, llm.engine_config.max_num_seqs
-    think_end_id = llm.tokenizer.token_to_id("</think>")
     queue, live = deque(work), {}
     try:
         while queue or live:
             while queue and len(live) < limit:
                 problem, todo = queue.popleft()
                 messages = [{"role": "user", "content": build_prompt(problem.problem)}]
-                ids, opens = llm.encode_prompt(messages, chat=True)
-                group = [EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j), opens)
+                ids = llm.encode_prompt(messages, chat=True)
+                group = [EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j))
                          for j in todo]
                 engine.add_requests(group)
-                live.update((r.request_id, _Sample(problem, j, think_end_id)) for r, j in zip(group, todo))
+                live.update((r.request_id, _Sample(problem, j)) for r, j in zip(group, todo))
             for out in engine.step():
                 sample = live.get(out.request_id)
                 if sample is None:
@@ -197,7 +187,7 @@ def _generate(llm, work: list[tuple[Problem, list[int]]], settings: EvalSettings
 
 def _record(s: _Sample, grade, settings: EvalSettings) -> dict:
     problem, last = s.problem, s.last
-    reasoning_tokens = s.reasoning_tokens()
+    reasoning_tokens = last.num_reasoning_tokens
     return {
         "problem_id": problem.id, "problem_index": problem.index, "sample_index": s.sample_index,
         "seed": settings.params(problem.index, s.sample_index).seed,

@@ -58,14 +58,17 @@ class _Usage:
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens = prompt_tokens
         self.completion = {}  # request id -> tokens generated
+        self.reasoning = {}  # request id -> of those, the reasoning block's
         self.cached_tokens = 0
 
     def add(self, out: RequestOutput) -> None:
         self.completion[out.request_id] = out.num_output_tokens
+        self.reasoning[out.request_id] = out.num_reasoning_tokens
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
 
     def as_dict(self) -> dict:
-        return protocol.usage(self.prompt_tokens, sum(self.completion.values()), self.cached_tokens)
+        return protocol.usage(self.prompt_tokens, sum(self.completion.values()), self.cached_tokens,
+                              sum(self.reasoning.values()))
 
 
 class Serving:
@@ -82,14 +85,14 @@ class Serving:
     async def chat(self, request: Request, req: protocol.ChatCompletionRequest) -> Response:
         params = _checked(req.to_sampling_params)
         self._admit(params.n, "n")
-        ids, opens_reasoning = await self._encode(protocol.engine_messages(req.messages), chat=True)
+        ids = await self._encode(protocol.engine_messages(req.messages), chat=True)
         self._check_length(len(ids), params.max_tokens, "messages")
         samples = expand_samples(params)
         response_format = req.response_format.as_dict() if req.response_format else None
         # The first grammar built also builds llguidance's tokenizer (~1 s), so off the event loop.
         constraints = await asyncio.to_thread(_checked, self.structured.constraints, response_format, len(samples))
         id_ = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._add([EngineRequest(f"{id_}-{i}", ids, p, opens_reasoning, c, req.cache_salt)
+        stream = await self._add([EngineRequest(f"{id_}-{i}", ids, p, c, req.cache_salt)
                                   for i, (p, c) in enumerate(zip(samples, constraints))])
         usage = _Usage(len(ids))
         if req.stream:
@@ -106,15 +109,15 @@ class Serving:
         params = _checked(req.to_sampling_params)
         self._admit(len(req.prompts()) * params.n, "n" if len(req.prompts()) == 1 else "prompt")
         encoded = [await self._encode(prompt, chat=False) for prompt in req.prompts()]
-        for ids, _ in encoded:
+        for ids in encoded:
             self._check_length(len(ids), params.max_tokens, "prompt")
         id_ = f"cmpl-{uuid.uuid4().hex}"
         samples = expand_samples(params)
-        stream = await self._add([EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, opens_reasoning,
+        stream = await self._add([EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample,
                                                 cache_salt=req.cache_salt)
-                                  for p, (ids, opens_reasoning) in enumerate(encoded)
+                                  for p, ids in enumerate(encoded)
                                   for j, sample in enumerate(samples)])
-        usage = _Usage(sum(len(ids) for ids, _ in encoded))
+        usage = _Usage(sum(len(ids) for ids in encoded))
         if req.stream:
             return _EventStream(self._completion_events(stream, req, id_, usage), lambda: self._release(stream))
         collected = await _unless_disconnected(request, self._gather(stream, usage))
@@ -128,7 +131,7 @@ class Serving:
 
     async def tokenize(self, req: protocol.TokenizeRequest) -> dict:
         if req.messages is not None:
-            ids, _ = await self._encode(protocol.engine_messages(req.messages), chat=True)
+            ids = await self._encode(protocol.engine_messages(req.messages), chat=True)
         else:
             ids = await asyncio.to_thread(self.llm.tokenizer.encode, req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.llm.engine.max_model_len}
@@ -153,8 +156,8 @@ class Serving:
         except (QueueFullError, EngineDeadError) as e:
             raise _engine_error(e) from None
 
-    async def _encode(self, prompt, chat: bool) -> tuple[list[int], bool]:
-        """Token ids and whether they open the reasoning; tokenizing runs off the event loop."""
+    async def _encode(self, prompt, chat: bool) -> list[int]:
+        """The prompt's token ids; tokenizing runs off the event loop."""
         try:
             return await asyncio.to_thread(self.llm.encode_prompt, prompt, chat)
         except (TypeError, ValueError, jinja2.TemplateError) as e:

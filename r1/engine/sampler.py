@@ -1,0 +1,76 @@
+"""A step's sampling: each live row's next token and logprobs, with the rules a request adds on top
+of its sampling parameters (its constraint's mask on the answer, the thinking budget's forced
+`</think>`). The distributions themselves are r1/sampling.py's.
+
+If the batch's sampling raises, each row is sampled alone from its generator's state before the
+batch, so a row draws what it would have; the rows that still raise are returned as failures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r1.engine.interface import is_device_fault
+from r1.sampling import compute_logprobs, sample_next
+
+
+def sample_rows(logits: torch.Tensor, reqs: list) -> tuple[list, torch.Tensor | None, list[list[dict]], list]:
+    """(the requests that go on, their tokens (B,) on the logits' device, their logprobs,
+    (request, error) of the rows that failed) for the core's requests, one row of logits each."""
+    rng_states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
+    try:
+        tokens, logprobs = _sample(logits, reqs)
+        return reqs, tokens, logprobs, []
+    except Exception as e:
+        if is_device_fault(e):
+            raise
+    kept, tokens, logprobs, failures = [], [], [], []
+    for row, (req, state) in enumerate(zip(reqs, rng_states)):
+        if state is not None:
+            req.generator.set_state(state)
+        try:
+            token, lp = _sample(logits[row:row + 1], [req])
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            failures.append((req, e))
+            continue
+        kept.append(req)
+        tokens.append(token)
+        logprobs += lp
+    return kept, torch.cat(tokens) if tokens else None, logprobs, failures
+
+
+def _sample(logits: torch.Tensor, reqs: list) -> tuple[torch.Tensor, list[list[dict]]]:
+    raw_logits = logits
+    constrained = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.reasoning.in_reasoning]
+    if constrained:
+        logits = logits.clone()
+        for i in constrained:
+            allowed = reqs[i].constraint.allowed_tokens().to(logits.device)
+            logits[i, :allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+            logits[i, allowed.shape[0]:] = float("-inf")  # the model's padding rows
+    tokens = sample_next(logits, [r.params for r in reqs], [r.seq.prompt_token_ids for r in reqs],
+                         [r.seq.output_token_ids for r in reqs], [r.generator for r in reqs])
+    for i, r in enumerate(reqs):
+        if r.reasoning.budget_spent(r.params.max_reasoning_tokens):
+            tokens[i] = r.reasoning.end_id  # thinking budget spent: close it, the answer follows
+    # Logprobs are read before the next step is launched, which reading would wait for.
+    return tokens, _logprobs(raw_logits, tokens, reqs)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, reqs: list) -> list[list[dict]]:
+    wanted = [r.params.logprobs for r in reqs]
+    if all(w is None for w in wanted):
+        return [[] for _ in reqs]
+    top_n = max(w or 0 for w in wanted)
+    chosen, top_ids, top_lps = compute_logprobs(logits, tokens, top_n)
+    token_ids = tokens.tolist()
+    out = []
+    for i, w in enumerate(wanted):
+        if w is None:
+            out.append([])
+            continue
+        top = list(zip(top_ids[i, :w].tolist(), top_lps[i, :w].tolist()))
+        out.append([{"token_id": token_ids[i], "logprob": chosen[i].item(), "top": top}])
+    return out
