@@ -40,6 +40,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step's forward before the last step's tokens are read, so the host's "
                         "work overlaps the GPU's (default: on a GPU)")
+    p.add_argument("--cpu-kernels", default="auto", choices=options.CPU_KERNELS,
+                   help="r1's CPU kernels: auto (the widest build this CPU runs), off (PyTorch's paths) or "
+                        "one build ($R1_KERNELS overrides)")
+    p.add_argument("--gpu-layer-ops", action="store_true",
+                   help="on a GPU, run norms, rotary and SwiGLU on r1's Triton kernels ($R1_GPU_LAYER_OPS=on)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +70,8 @@ def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
     from r1.llm import LLM
     return LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
                max_model_len=a.max_model_len, quant=a.quant, kv_dtype=a.kv_dtype, enforce_eager=a.enforce_eager,
-               async_scheduling=a.async_scheduling, progress=progress,
+               async_scheduling=a.async_scheduling, cpu_kernels=a.cpu_kernels, gpu_layer_ops=a.gpu_layer_ops,
+               progress=progress,
                **engine_options)
 
 

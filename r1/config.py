@@ -181,6 +181,11 @@ class EngineConfig:
     # None: on a GPU, where the host's work then overlaps the device's. A CPU runs the forward
     # itself, so there it only delays each output by a step.
     async_scheduling: bool | None = None
+    # Which kernels run (r1/kernels/__init__.py): auto (the widest CPU build that runs here), off
+    # (PyTorch's paths) or one build's name; and r1's Triton layer ops on a GPU (opt-in until
+    # measured). $R1_KERNELS and $R1_GPU_LAYER_OPS override them.
+    cpu_kernels: str = "auto"
+    gpu_layer_ops: bool = False
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
@@ -189,6 +194,8 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.quant!r}")
         if self.kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_dtype!r}")
+        if self.cpu_kernels not in options.CPU_KERNELS:
+            raise ValueError(f"cpu_kernels must be one of {', '.join(options.CPU_KERNELS)}; got {self.cpu_kernels!r}")
         if self.device not in (*options.DEVICES, "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be {', '.join(options.DEVICES)} or auto; got {self.device!r}")
         for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens",

@@ -17,7 +17,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from r1 import memory
+from r1 import kernels, memory
 from r1.config import EngineConfig
 from r1.engine import EngineRequest, LLMEngine, ModelRunner, RequestOutput, SchedulerConfig
 from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files
@@ -80,6 +80,7 @@ class LLM:
         self.device = self.engine_config.resolved_device()
         self.dtype = self.engine_config.resolved_dtype(self.device)
         self.tokenizer = load_tokenizer(tokenizer, self.files)
+        kernels.select(self.engine_config.cpu_kernels, self.engine_config.gpu_layer_ops)
         start = time.perf_counter()
         self.model = load_model(self.files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
         self.load_seconds = time.perf_counter() - start

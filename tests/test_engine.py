@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from r1 import LLM, SamplingParams
+from r1 import LLM, SamplingParams, kernels
 from r1.engine import EngineRequest, StepError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -267,5 +267,6 @@ def test_config_record_says_what_shapes_the_outputs(make_llm):
                                    "cuda_graphs", "async_scheduling")} == {
         "max_model_len": 256, "block_size": 4, "max_num_batched_tokens": 16, "kv_cache_dtype": "float32",
         "cuda_graphs": False, "async_scheduling": llm.engine.core.async_scheduling}
+    assert record["kernels"] == kernels.plan(torch.device("cpu"), torch.float32)
     # fp32 keys and values: layers x 2 x blocks x block_size x kv heads x head_dim x 4 bytes
     assert record["kv_cache_bytes"] == 3 * 2 * record["num_blocks"] * 4 * 2 * 16 * 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1 import kernels, quant
+from r1 import kernels, options, quant
 from r1.quant import Int4KernelLinear, Int4Linear
 
 needs_kernels = pytest.mark.skipif(kernels.this_cpus_build() is None, reason="this CPU has no build of r1's kernels")
@@ -323,6 +323,44 @@ def test_an_unknown_build_name_is_told_apart(monkeypatch):
     monkeypatch.setenv(kernels.BUILD_ENV, "off")
     assert kernels.unavailable_reason() == "R1_KERNELS=off"
 
+
+
+@pytest.fixture
+def selection(monkeypatch):
+    """kernels.select for one test, with neither environment override set; the default after."""
+    monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
+    monkeypatch.delenv(kernels.GPU_OPS_ENV, raising=False)
+    yield kernels.select
+    kernels.select()
+
+
+def test_the_engine_config_chooses_the_kernels_and_the_environment_overrides(selection, monkeypatch):
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
+    build = kernels.running_build().name
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    assert kernels.plan(cpu, fp32) == {name: f"r1 {build}" for names in kernels.OPS.values() for name in names}
+    assert kernels.plan(cpu, torch.bfloat16)["add_rms_norm"] == "pytorch (r1's kernels take float32)"
+    assert kernels.plan(cpu, torch.bfloat16)["int4_matmul"] == f"r1 {build}"  # it takes any activations
+
+    assert selection("off") == kernels.Selection("off", False)
+    assert kernels.op("add_rms_norm") is None and kernels.unavailable_reason() == "cpu_kernels=off"
+    assert set(kernels.plan(cpu, fp32).values()) == {"pytorch (cpu_kernels=off)"}
+    monkeypatch.setenv(kernels.BUILD_ENV, build)  # the environment wins over the config
+    assert selection("off").cpu_kernels == build and kernels.op("add_rms_norm") is not None
+    monkeypatch.delenv(kernels.BUILD_ENV)
+
+    cuda = torch.device("cuda")
+    assert kernels.plan(cuda, torch.bfloat16)["silu_mul"] == "pytorch (the layer ops are off)"
+    assert selection(gpu_layer_ops=True).gpu_layer_ops
+    monkeypatch.setenv(kernels.GPU_OPS_ENV, "off")
+    assert not selection(gpu_layer_ops=True).gpu_layer_ops
+    with pytest.raises(ValueError, match="cpu_kernels must be one of auto, off, avx512_amx"):
+        selection("sse2")
+
+
+def test_the_choices_list_the_builds():
+    assert options.CPU_KERNELS == ("auto", "off", *(b.name for b in kernels.BUILDS))
 
 AVX2_CHECK = """
 import json, sys, torch

@@ -115,7 +115,8 @@ class LLMEngine:
                 "kv_cache_bytes": runner.kv_cache.nbytes,
                 "cuda_graphs": runner.graphs is not None,
                 "cuda_graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
-                "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None}
+                "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None,
+                "kernels": kernels.plan(runner.device, runner.model.model.embed_tokens.weight.dtype)}
 
     # ---- one step ----------------------------------------------------------------------------
 

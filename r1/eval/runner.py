@@ -226,7 +226,7 @@ def read_samples(path: Path, repair: bool = False) -> list[dict]:
 # What must match for --resume: anything that changes what a sample is. The KV cache's dtype and
 # the CPU kernels' build change the numbers a sample is drawn from; the pool's size does not.
 _RESUME_KEYS = ("task", "settings", "prompt", "data_sha256", "model_sha256", "dtype", "quant", "kv_cache_dtype",
-                "cpu_kernels")
+                "cpu_kernels", "kernels")
 
 
 def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, resume: bool) -> dict:
@@ -267,7 +267,7 @@ def _identity(m: dict) -> dict:
     return {"task": m["task"], "settings": m["settings"], "prompt": m["prompt"], "data_sha256": m["data"]["sha256"],
             "model_sha256": model.get("sha256") or model.get("files"), "dtype": engine["dtype"],
             "quant": engine["quant"], "kv_cache_dtype": config.get("kv_cache_dtype"),
-            "cpu_kernels": config.get("cpu_kernels")}
+            "cpu_kernels": config.get("cpu_kernels"), "kernels": config.get("kernels")}
 
 
 def _write_json(path: Path, obj: dict) -> None:

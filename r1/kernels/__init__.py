@@ -15,7 +15,12 @@ PyTorch's portable paths, and the reason is logged once.
 Two files here are for GPUs, in Triton (tests run them on a CPU under Triton's interpreter):
 `paged_decode.py`, decode attention, which r1/model/attention.py imports only on a GPU, and
 `gpu_layer_ops.py`, the norm, rotary and SwiGLU ops of layer_ops.cpp, which op_for hands out for
-CUDA tensors with R1_GPU_LAYER_OPS=on (opt-in until a GPU run has measured them; see that file).
+CUDA tensors when asked for (opt-in until a GPU run has measured them; see that file).
+
+Which kernels run is chosen once, when a model is built (`select`, from EngineConfig's
+cpu_kernels and gpu_layer_ops; $R1_KERNELS and $R1_GPU_LAYER_OPS override it), and `plan` says
+which implementation each op gets on a device and dtype, and why: the engine records it with its
+settings. The choice is the process's: torch.ops.r1 holds the one build loaded first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from r1 import options
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,42 @@ OPS = {"int4_matmul.cpp": ("int4_matmul",),
        "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
        "softmax_topk.cpp": ("softmax_topk",)}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
-# "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out).
+# "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
 BUILD_ENV = "R1_KERNELS"
+CPU_KERNEL_CHOICES = options.CPU_KERNELS
+# "on" runs the layer ops of CUDA tensors on r1's Triton kernels, anything else PyTorch's; overrides select().
+GPU_OPS_ENV = "R1_GPU_LAYER_OPS"
+
+
+@dataclass(frozen=True)
+class Selection:
+    cpu_kernels: str = "auto"  # of CPU_KERNEL_CHOICES: auto is the widest build that runs here
+    gpu_layer_ops: bool = False
+
+
+_selected = Selection()
+
+
+def select(cpu_kernels: str = "auto", gpu_layer_ops: bool = False) -> Selection:
+    """Choose the kernels a model built next runs on; what the environment says wins."""
+    global _selected
+    if cpu_kernels not in CPU_KERNEL_CHOICES:
+        raise ValueError(f"cpu_kernels must be one of {', '.join(CPU_KERNEL_CHOICES)}; got {cpu_kernels!r}")
+    _selected = Selection(cpu_kernels, gpu_layer_ops)
+    _available_ops.cache_clear()  # the environment may have changed too
+    _gpu_ops.cache_clear()
+    return Selection(_wanted_build() or "auto", _gpu_layer_ops_on())
+
+
+def _wanted_build() -> str | None:
+    """The build asked for ($R1_KERNELS, else the selection), or None for the widest that runs."""
+    wanted = os.environ.get(BUILD_ENV, _selected.cpu_kernels)
+    return None if wanted == "auto" else wanted
+
+
+def _gpu_layer_ops_on() -> bool:
+    env = os.environ.get(GPU_OPS_ENV)
+    return _selected.gpu_layer_ops if env is None else env == "on"
 
 
 def cpu_flags() -> set[str]:
@@ -76,8 +117,8 @@ def cpu_flags() -> set[str]:
 
 
 def this_cpus_builds() -> list[Build]:
-    """The builds this CPU can run, widest first ($R1_KERNELS names one)."""
-    flags, wanted = cpu_flags(), os.environ.get(BUILD_ENV)
+    """The builds this CPU can run, widest first (or the one asked for)."""
+    flags, wanted = cpu_flags(), _wanted_build()
     return [b for b in BUILDS if wanted in (None, b.name) and all(f in flags for f in b.cpu_flags)]
 
 
@@ -94,11 +135,12 @@ def running_build() -> Build | None:
 
 def unavailable_reason() -> str | None:
     """Why r1's kernels cannot run here, or None when they can."""
-    wanted = os.environ.get(BUILD_ENV)
+    wanted = _wanted_build()
+    source = f"{BUILD_ENV}={wanted}" if BUILD_ENV in os.environ else f"cpu_kernels={wanted}"
     if wanted == "off":
-        return f"{BUILD_ENV}=off"
+        return source
     if wanted is not None and wanted not in (b.name for b in BUILDS):
-        return f"{BUILD_ENV}={wanted} names none of their builds ({', '.join(b.name for b in BUILDS)})"
+        return f"{source} names none of their builds ({', '.join(b.name for b in BUILDS)})"
     builds = this_cpus_builds()
     if not builds:
         needs = "; ".join(f"{b.name} needs {', '.join(f for f in b.cpu_flags if f not in cpu_flags())}"
@@ -134,14 +176,27 @@ def op_for(name: str, x: torch.Tensor):
     return op(name) if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
 
-# "on" runs the layer ops of CUDA tensors on r1's Triton kernels; anything else, on PyTorch's path.
-GPU_OPS_ENV = "R1_GPU_LAYER_OPS"
+def plan(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Each op's implementation for a model on device in dtype: "r1 <build>", "triton", or
+    "pytorch" and why; the rule op_for applies to every call. Decode attention on a GPU is
+    r1/model/attention.py's choice (Triton's paged kernel where it runs)."""
+    names = [name for names in OPS.values() for name in names]
+    if device.type == "cuda":
+        why = "the layer ops are off" if not _gpu_layer_ops_on() else "triton is not installed"
+        return {name: "triton" if name in _gpu_ops() else f"pytorch ({why})" for name in names
+                if name not in ("int4_matmul", "int4_quantize", "softmax_topk", "decode_attention")}
+    reason = unavailable_reason()
+    if reason is not None:
+        return dict.fromkeys(names, f"pytorch ({reason})")
+    floats_only = "pytorch (r1's kernels take float32)"
+    return {name: f"r1 {running_build().name}" if dtype == torch.float32 or name.startswith("int4") else floats_only
+            for name in names}
 
 
 @functools.cache
 def _gpu_ops() -> dict:
-    """gpu_layer_ops.OPS with R1_GPU_LAYER_OPS=on and Triton installed, else nothing."""
-    if os.environ.get(GPU_OPS_ENV) != "on" or importlib.util.find_spec("triton") is None:
+    """gpu_layer_ops.OPS when the layer ops are on and Triton is installed, else nothing."""
+    if not _gpu_layer_ops_on() or importlib.util.find_spec("triton") is None:
         return {}
     from r1.kernels import gpu_layer_ops  # imports Triton: only for CUDA tensors
     return gpu_layer_ops.OPS

@@ -12,7 +12,7 @@ residual sum, the normalized row before its weight, silu's output), so outputs a
 path to the last bit in most rows and to float32 rounding in the rest. Rotary's products and sums
 stay in float32, one rounding where PyTorch's bf16 ops take three.
 
-Opt-in (R1_GPU_LAYER_OPS=on) until measured: they were written after the first H200 run and pass
+Opt-in (--gpu-layer-ops, or R1_GPU_LAYER_OPS=on) until measured: they were written after the first H200 run and pass
 their tests under Triton's interpreter, but no GPU has compiled or timed them yet; the next GPU
 run should A/B them (batch-1 decode with graphs, on against off) and make them the default if
 they pay. Set TRITON_INTERPRET=1 before importing this module to run it on CPU tensors.

@@ -2,7 +2,7 @@
 
 Each matches HF transformers' Qwen2 numerics (the parity tests hold us to 1e-4 in fp32). Norms,
 rotations and SwiGLU's silu(gate) * up run on r1's kernels, one call each where PyTorch takes 2-8
-ops: on a CPU in float32, its C++ ones (r1/kernels/layer_ops.cpp); on a GPU with R1_GPU_LAYER_OPS=on,
+ops: on a CPU in float32, its C++ ones (r1/kernels/layer_ops.cpp); on a GPU with gpu_layer_ops on,
 its Triton ones (r1/kernels/gpu_layer_ops.py); elsewhere, in PyTorch.
 """
 
