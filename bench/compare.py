@@ -36,8 +36,11 @@ from r1 import bench, options
 from r1.loaders import open_model_files, resolve_path
 
 PEERS = ("llama.cpp", "transformers")
-FIGURES = {"prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s (batch 1)",
-           "output_tok_s": "batched output tok/s"}
+FIGURES = {
+    "prefill_tok_s": "prefill tok/s",
+    "decode_tok_s": "decode tok/s (batch 1)",
+    "output_tok_s": "batched output tok/s",
+}
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,17 +57,20 @@ class Workload:
     vocab_size: int
 
     def batch(self) -> tuple[list[list[int]], list[int]]:
-        return bench.throughput_workload(self.num_seqs, (self.batch_prompt_len,) * 2, (self.batch_output_len,) * 2,
-                                         self.vocab_size, self.seed)
+        return bench.throughput_workload(
+            self.num_seqs, (self.batch_prompt_len,) * 2, (self.batch_output_len,) * 2, self.vocab_size, self.seed
+        )
 
 
 # ---- the protocol, for a peer given as two functions -------------------------------------------
 
+
 def measure(generate, generate_batch, work: Workload) -> dict:
     """generate(prompt, n) -> (seconds to the first token, seconds after it);
     generate_batch(prompts, n) -> tokens generated, all sequences at once."""
-    warm, prefill_prompts, decode_prompts = bench.latency_prompts(work.prompt_len, work.repeats, work.vocab_size,
-                                                                  work.seed)
+    warm, prefill_prompts, decode_prompts = bench.latency_prompts(
+        work.prompt_len, work.repeats, work.vocab_size, work.seed
+    )
     generate(warm, bench.WARMUP_TOKENS)
     prefill = statistics.median(generate(p, 1)[0] for p in prefill_prompts)
     decode = statistics.median(generate(p, work.output_len)[1] for p in decode_prompts)
@@ -73,21 +79,39 @@ def measure(generate, generate_batch, work: Workload) -> dict:
     start = time.perf_counter()
     total = generate_batch(prompts, output_lens[0])
     seconds = time.perf_counter() - start
-    return {"prefill_seconds": prefill, "prefill_tok_s": work.prompt_len / prefill,
-            "decode_seconds": decode, "decode_tok_s": (work.output_len - 1) / decode,
-            "batch_seconds": seconds, "total_output_tokens": total, "output_tok_s": total / seconds}
+    return {
+        "prefill_seconds": prefill,
+        "prefill_tok_s": work.prompt_len / prefill,
+        "decode_seconds": decode,
+        "decode_tok_s": (work.output_len - 1) / decode,
+        "batch_seconds": seconds,
+        "total_output_tokens": total,
+        "output_tok_s": total / seconds,
+    }
 
 
 def run_r1(model: str, args, work: Workload) -> dict:
     from r1 import LLM
-    llm = LLM(model, dtype=args.dtype, device="cpu", threads=args.threads, quant=args.quant, kv_dtype=args.kv_dtype,
-              progress=False)
+
+    llm = LLM(
+        model,
+        dtype=args.dtype,
+        device="cpu",
+        threads=args.threads,
+        quant=args.quant,
+        kv_dtype=args.kv_dtype,
+        progress=False,
+    )
     lat = bench.latency(llm, work.prompt_len, work.output_len, work.repeats, work.seed)
     thr = bench.throughput(llm, *work.batch(), temperature=0.0, seed=work.seed)
-    return {**bench.engine_settings(llm, model), "load_seconds": llm.load_seconds,
-            **{k: lat[k] for k in ("prefill_seconds", "prefill_tok_s", "decode_seconds", "decode_tok_s")},
-            "batch_seconds": thr["seconds"], "total_output_tokens": thr["total_output_tokens"],
-            "output_tok_s": thr["output_tok_s"]}
+    return {
+        **bench.engine_settings(llm, model),
+        "load_seconds": llm.load_seconds,
+        **{k: lat[k] for k in ("prefill_seconds", "prefill_tok_s", "decode_seconds", "decode_tok_s")},
+        "batch_seconds": thr["seconds"],
+        "total_output_tokens": thr["total_output_tokens"],
+        "output_tok_s": thr["output_tok_s"],
+    }
 
 
 def run_baseline(rev: str, argv: list[str]) -> dict:
@@ -95,18 +119,34 @@ def run_baseline(rev: str, argv: list[str]) -> dict:
     peers) in a temporary worktree, so that a change is A/B-tested in one run on one machine."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "r1"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True
+        )
         try:
-            done = subprocess.run([sys.executable, "bench/compare.py", *argv, "--peers", "", "--json",
-                                   "--save", str(Path(tmp) / "baseline.json")], cwd=tree, check=True,
-                                  env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "bench/compare.py",
+                    *argv,
+                    "--peers",
+                    "",
+                    "--json",
+                    "--save",
+                    str(Path(tmp) / "baseline.json"),
+                ],
+                cwd=tree,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(tree)},
+                capture_output=True,
+                text=True,
+            )
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     return {"revision": rev, **json.loads(done.stdout.strip().splitlines()[-1])["engines"]["r1"]}
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
+
 
 class LlamaCpp:
     """One llama.cpp context with a KV buffer shared by up to n_seq_max sequences."""
@@ -115,6 +155,7 @@ class LlamaCpp:
 
     def __init__(self, path: Path, threads: int, n_ctx: int, n_seq_max: int):
         import llama_cpp as lc
+
         self.lc = lc
         self._quiet = lc.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
         lc.llama_log_set(self._quiet, None)
@@ -147,9 +188,10 @@ class LlamaCpp:
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
         """Run (token, position, sequence, wants next token) entries; greedy next tokens, in order."""
         import numpy as np
+
         lc, b, out = self.lc, self.batch, []
         for start in range(0, len(entries), self.N_BATCH):
-            chunk = entries[start:start + self.N_BATCH]
+            chunk = entries[start : start + self.N_BATCH]
             b.n_tokens = len(chunk)
             for i, (token, pos, seq, wants) in enumerate(chunk):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, wants
@@ -181,6 +223,7 @@ class LlamaCpp:
 
 def run_llama_cpp(path: Path, args, work: Workload) -> dict:
     import llama_cpp
+
     n_ctx = max(work.prompt_len + work.output_len, work.num_seqs * (work.batch_prompt_len + work.batch_output_len))
     start = time.perf_counter()
     engine = LlamaCpp(path, args.threads, -(-n_ctx // 256) * 256, work.num_seqs)
@@ -190,12 +233,19 @@ def run_llama_cpp(path: Path, args, work: Workload) -> dict:
     finally:
         engine.close()
     # llama.cpp's default KV cache: f16 keys and values (r1's figure is with --kv-dtype)
-    return {"version": llama_cpp.__version__, "threads": args.threads, "kv_cache": "f16",
-            "system_info": engine.system_info, "extra_buffers": engine.extra_buffers, "load_seconds": load_seconds,
-            **figures}
+    return {
+        "version": llama_cpp.__version__,
+        "threads": args.threads,
+        "kv_cache": "f16",
+        "system_info": engine.system_info,
+        "extra_buffers": engine.extra_buffers,
+        "load_seconds": load_seconds,
+        **figures,
+    }
 
 
 # ---- transformers ------------------------------------------------------------------------------
+
 
 def run_transformers(path: Path, args, work: Workload) -> dict:
     import torch
@@ -229,8 +279,14 @@ def run_transformers(path: Path, args, work: Workload) -> dict:
     def generate(prompt, n):
         clock = TokenClock()
         start = time.perf_counter()
-        model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                       max_new_tokens=n, min_new_tokens=n, streamer=clock, **options)
+        model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            streamer=clock,
+            **options,
+        )
         return clock.times[1] - start, clock.times[-1] - clock.times[1]
 
     def generate_batch(prompts, n):
@@ -240,18 +296,27 @@ def run_transformers(path: Path, args, work: Workload) -> dict:
 
     with torch.inference_mode():
         figures = measure(generate, generate_batch, work)
-    return {"version": transformers.__version__, "dtype": "float32", "threads": args.threads,
-            "load_seconds": load_seconds, **figures}
+    return {
+        "version": transformers.__version__,
+        "dtype": "float32",
+        "threads": args.threads,
+        "load_seconds": load_seconds,
+        **figures,
+    }
 
 
 # ---- report ------------------------------------------------------------------------------------
+
 
 def print_table(engines: dict, ratios: dict, work: Workload) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"prompt {work.prompt_len}, decode {work.output_len}; batched: {work.num_seqs} sequences x "
-                    f"(prompt {work.batch_prompt_len}, output {work.batch_output_len})", title_justify="left")
+    t = Table(
+        title=f"prompt {work.prompt_len}, decode {work.output_len}; batched: {work.num_seqs} sequences x "
+        f"(prompt {work.batch_prompt_len}, output {work.batch_output_len})",
+        title_justify="left",
+    )
     t.add_column("")
     for name in engines:
         t.add_column(name, justify="right")
@@ -265,15 +330,24 @@ def print_table(engines: dict, ratios: dict, work: Workload) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="demo",
-                   help="a .gguf file or demo / demo-small (default: demo, the 1.5B stand-in)")
+    p.add_argument(
+        "--model", default="demo", help="a .gguf file or demo / demo-small (default: demo, the 1.5B stand-in)"
+    )
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quant", default="int4", choices=options.QUANT_MODES,
-                   help="r1's weight-only quantization (default int4: the peer of llama.cpp's Q4_K_M)")
+    p.add_argument(
+        "--quant",
+        default="int4",
+        choices=options.QUANT_MODES,
+        help="r1's weight-only quantization (default int4: the peer of llama.cpp's Q4_K_M)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", *options.DTYPES], help="r1's dtype")
-    p.add_argument("--kv-dtype", default="auto", choices=options.KV_CACHE_DTYPES,
-                   help="r1's KV cache (llama.cpp keeps its default, f16)")
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=options.KV_CACHE_DTYPES,
+        help="r1's KV cache (llama.cpp keeps its default, f16)",
+    )
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="latency runs after the warm-up; the median is kept")
@@ -283,8 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, metavar="PATH", help="default: bench/results/compare_MODEL.json")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
-    p.add_argument("--baseline", default=None, metavar="REV",
-                   help="also measure r1 as of this git revision, as the peer r1@REV")
+    p.add_argument(
+        "--baseline", default=None, metavar="REV", help="also measure r1 as of this git revision, as the peer r1@REV"
+    )
     args = p.parse_args(argv)
     peers = [x for x in args.peers.split(",") if x]
     if unknown := set(peers) - set(PEERS):
@@ -294,14 +369,39 @@ def main(argv: list[str] | None = None) -> dict:
 
     machine = bench.machine()  # before any load: the load average is the machine's other work
     path = resolve_path(args.model)
-    work = Workload(args.prompt_len, args.output_len, args.repeats, args.num_seqs, args.batch_prompt_len,
-                    args.batch_output_len, args.seed, open_model_files(args.model).config.vocab_size)
-    runners = {"r1": lambda: run_r1(args.model, args, work), "llama.cpp": lambda: run_llama_cpp(path, args, work),
-               "transformers": lambda: run_transformers(path, args, work)}
+    work = Workload(
+        args.prompt_len,
+        args.output_len,
+        args.repeats,
+        args.num_seqs,
+        args.batch_prompt_len,
+        args.batch_output_len,
+        args.seed,
+        open_model_files(args.model).config.vocab_size,
+    )
+    runners = {
+        "r1": lambda: run_r1(args.model, args, work),
+        "llama.cpp": lambda: run_llama_cpp(path, args, work),
+        "transformers": lambda: run_transformers(path, args, work),
+    }
     if args.baseline:
-        same = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in (
-            "model", "threads", "quant", "dtype", "kv_dtype", "prompt_len", "output_len", "repeats", "num_seqs",
-            "batch_prompt_len", "batch_output_len", "seed")]
+        same = [
+            f"--{name.replace('_', '-')}={getattr(args, name)}"
+            for name in (
+                "model",
+                "threads",
+                "quant",
+                "dtype",
+                "kv_dtype",
+                "prompt_len",
+                "output_len",
+                "repeats",
+                "num_seqs",
+                "batch_prompt_len",
+                "batch_output_len",
+                "seed",
+            )
+        ]
         peers.append(f"r1@{args.baseline}")
         runners[peers[-1]] = lambda: run_baseline(args.baseline, same)
     engines = {}
@@ -311,8 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
         engines[name] = runners[name]()
         gc.collect()  # free this engine's weights before the next one loads
     ratios = {peer: {k: engines["r1"][k] / engines[peer][k] for k in FIGURES} for peer in peers}
-    result = {"settings": {"model": args.model, "path": str(path), "peers": peers, **asdict(work)},
-              "engines": engines, "ratios": ratios}
+    result = {
+        "settings": {"model": args.model, "path": str(path), "peers": peers, **asdict(work)},
+        "engines": engines,
+        "ratios": ratios,
+    }
     saved = bench.save(args.save or RESULTS / f"compare_{Path(args.model).stem}.json", result, machine)
     if args.json:
         print(json.dumps(result))

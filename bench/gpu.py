@@ -56,8 +56,14 @@ from r1.config import R1_1_5B, ModelConfig  # noqa: E402
 from r1.eval.perplexity import token_logits  # noqa: E402
 
 # --smoke's model: R1's vocabulary (its tokenizer), GQA heads the Triton kernel takes, little else.
-TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16)
+TINY = ModelConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 def prepare() -> None:
@@ -65,17 +71,32 @@ def prepare() -> None:
     from importlib.metadata import version
 
     from r1.llm import load_tokenizer
+
     PREPARED.mkdir(exist_ok=True)
     load_tokenizer("r1-tokenizer", None).backend.save(str(PREPARED / "tokenizer.json"))
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "-d", str(PREPARED), f"gguf=={version('gguf')}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(PREPARED),
+            f"gguf=={version('gguf')}",
+        ],
+        check=True,
+    )
     print(f"prepared {sorted(p.name for p in PREPARED.iterdir())}; carry .gpu")
 
 
 # ---- the steps ------------------------------------------------------------------------------
 
+
 def copy_bandwidth(device: torch.device, gib: float) -> dict:
-    x = torch.randn(int(gib * 2 ** 30) // 4, device=device)
+    x = torch.randn(int(gib * 2**30) // 4, device=device)
     y = torch.empty_like(x)
     seconds = _median_seconds(lambda: y.copy_(x), device, repeats=10)
     return {"bytes": 2 * x.nbytes, "seconds": seconds, "gb_s": 2 * x.nbytes / seconds / 1e9}
@@ -89,24 +110,33 @@ def _kernel_case(device: torch.device, num_seqs: int, context: int, cfg: ModelCo
     """One case's figures; its cache is freed on return, before the next (larger) one is made."""
     from r1.kernels.paged_decode import paged_decode_attention
     from r1.model.attention import DecodeGroup, _gathered_decode_attention
+
     heads, kv_heads, head_dim, block = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
     blocks_per_seq = -(-context // block)
     num_blocks = num_seqs * blocks_per_seq + 16
     cache = torch.randn(2, num_blocks, block, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
-    tables = torch.randperm(num_blocks, device=device)[:num_seqs * blocks_per_seq].view(num_seqs, -1)
+    tables = torch.randperm(num_blocks, device=device)[: num_seqs * blocks_per_seq].view(num_seqs, -1)
     lens = torch.full((num_seqs,), context, device=device)
     group = DecodeGroup(None, tables, lens, block)
     q = torch.randn(num_seqs, heads, head_dim, device=device, dtype=torch.bfloat16)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     ours = paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale)
     ref = _gathered_decode_attention(q.float(), cache.float(), group, scale)
     error = ((ours.float() - ref).norm() / ref.norm()).item()
-    ours_s = _median_seconds(lambda: paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale),
-                             device)
+    ours_s = _median_seconds(
+        lambda: paged_decode_attention(q, cache[0], cache[1], None, None, tables, lens, scale), device
+    )
     gathered_s = _median_seconds(lambda: _gathered_decode_attention(q, cache, group, scale), device)
     kv_bytes = num_seqs * context * 2 * kv_heads * head_dim * 2
-    return {"num_seqs": num_seqs, "context": context, "relative_error": error, "kernel_us": ours_s * 1e6,
-            "gathered_us": gathered_s * 1e6, "speedup": gathered_s / ours_s, "kernel_gb_s": kv_bytes / ours_s / 1e9}
+    return {
+        "num_seqs": num_seqs,
+        "context": context,
+        "relative_error": error,
+        "kernel_us": ours_s * 1e6,
+        "gathered_us": gathered_s * 1e6,
+        "speedup": gathered_s / ours_s,
+        "kernel_gb_s": kv_bytes / ours_s / 1e9,
+    }
 
 
 def sampler(device: torch.device, rows: int, vocab: int) -> dict:
@@ -115,6 +145,7 @@ def sampler(device: torch.device, rows: int, vocab: int) -> dict:
     flat (every row of random weights: sampled over the whole vocabulary), and the flat rows'
     exact filter by sorting, which they took before (filter_candidates and a draw)."""
     from r1.sampling import draw, filter_candidates, make_generator, sample_next, uniforms
+
     params = [SamplingParams(temperature=0.6, top_p=0.95).with_defaults({})] * rows
     generators = [make_generator(seed) for seed in range(rows)]
     flat = torch.randn(rows, vocab, device=device)
@@ -128,32 +159,64 @@ def sampler(device: torch.device, rows: int, vocab: int) -> dict:
         probs, ids = filter_candidates(flat, 0, 0.95, 0.0, temperature=0.6)
         return ids.gather(1, draw(probs, uniforms(generators, 1)[:, 0].to(device)).unsqueeze(1))
 
-    return {"rows": rows, **{name: _median_seconds(fn, device, repeats=5, calls=5) * 1e3 for name, fn in
-                             (("peaked_ms", lambda: sample(peaked)), ("flat_ms", lambda: sample(flat)),
-                              ("flat_sorted_ms", sort))}}
+    return {
+        "rows": rows,
+        **{
+            name: _median_seconds(fn, device, repeats=5, calls=5) * 1e3
+            for name, fn in (
+                ("peaked_ms", lambda: sample(peaked)),
+                ("flat_ms", lambda: sample(flat)),
+                ("flat_sorted_ms", sort),
+            )
+        },
+    }
 
 
 def tests(device: torch.device) -> dict:
     # R1_KERNELS=off: the tests' CPU cases take PyTorch's paths rather than compile r1's kernels there.
     env = {**os.environ, "R1_TEST_TOKENIZER": str(PREPARED / "tokenizer.json"), "R1_KERNELS": "off"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_decode.py",
-           "tests/test_cuda_graphs.py", "tests/test_gpu_layer_ops.py", "tests/test_sampling.py",
-           "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_paged_decode.py",
+        "tests/test_cuda_graphs.py",
+        "tests/test_gpu_layer_ops.py",
+        "tests/test_sampling.py",
+        "tests/test_quant.py::test_packed_kernels_multiply_the_stored_weight",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    return {"rc": done.returncode, "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
-            "tail": (done.stdout + done.stderr)[-3000:]}
+    return {
+        "rc": done.returncode,
+        "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
+        "tail": (done.stdout + done.stderr)[-3000:],
+    }
 
 
 def random_model(folder: Path, cfg: ModelConfig, device: torch.device) -> Path:
     """An HF folder of cfg's shapes: transformers' random init in bf16, R1's tokenizer.json."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     if (folder / "config.json").is_file():
         return folder
-    hf = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                     num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-                     rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
-                     bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, torch_dtype="bfloat16")
+    hf = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(hf).to(torch.bfloat16)
@@ -167,8 +230,15 @@ def _llm(folder: Path, device: torch.device, eager: bool, kv_tokens: int, **opti
     dtype = "bf16" if device.type == "cuda" else "fp32"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return LLM(str(folder), progress=False, device=device.type, dtype=dtype, kv_cache_tokens=kv_tokens,
-               enforce_eager=eager, **options)
+    return LLM(
+        str(folder),
+        progress=False,
+        device=device.type,
+        dtype=dtype,
+        kv_cache_tokens=kv_tokens,
+        enforce_eager=eager,
+        **options,
+    )
 
 
 def _attempt(out: dict, key: str, measure) -> None:
@@ -183,9 +253,12 @@ def _attempt(out: dict, key: str, measure) -> None:
 def _engine_record(llm: LLM, started: float) -> dict:
     """What a measurement ran on: the start's seconds (loading, the KV pool, graph capture), the
     pool, the graphs, and the GPU memory at its peak since _llm reset it."""
-    return {"start_seconds": time.perf_counter() - started, "kv_pool_tokens": llm.kv_pool_tokens,
-            "graph_sizes": llm.engine.config_record()["cuda_graph_sizes"],
-            "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+    return {
+        "start_seconds": time.perf_counter() - started,
+        "kv_pool_tokens": llm.kv_pool_tokens,
+        "graph_sizes": llm.engine.config_record()["cuda_graph_sizes"],
+        "max_memory_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
 
 
 def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> dict:
@@ -197,22 +270,28 @@ def graphs_against_eager(folder: Path, device: torch.device, kv_tokens: int) -> 
     runs = {}
     for eager in (True, False):
         # The eager reference also runs each step to its end: the graphs' run, async, checks both.
-        llm = _llm(folder, device, eager, kv_tokens, max_num_seqs=16, enable_prefix_caching=False,
-                   async_scheduling=not eager)
+        llm = _llm(
+            folder, device, eager, kv_tokens, max_num_seqs=16, enable_prefix_caching=False, async_scheduling=not eager
+        )
         runs[eager] = {n: [c.token_ids for c in llm.generate(prompts[:n], greedy)] for n in (1, 16)}
         _free(llm)
     same = {n: sum(a == b for a, b in zip(runs[True][n], runs[False][n])) for n in (1, 16)}
     return {"sequences_equal": {str(n): f"{same[n]}/{n}" for n in (1, 16)}}
 
 
-def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, weight_bytes: int, gb_s: float | None,
-                           smoke: bool) -> dict:
+def latency_and_throughput(
+    folder: Path, device: torch.device, kv_tokens: int, weight_bytes: int, gb_s: float | None, smoke: bool
+) -> dict:
     out = {}
     # graphs: the defaults (CUDA graphs, async scheduling); graphs_sync: each step run to its end,
     # the A/B of async scheduling; graphs_layer_ops: r1's Triton layer ops (R1_GPU_LAYER_OPS=on,
     # opt-in until this A/B says they pay).
-    variants = (("graphs", False, {}), ("graphs_sync", False, {"async_scheduling": False}), ("eager", True, {}),
-                ("graphs_layer_ops", False, {}))
+    variants = (
+        ("graphs", False, {}),
+        ("graphs_sync", False, {"async_scheduling": False}),
+        ("eager", True, {}),
+        ("graphs_layer_ops", False, {}),
+    )
     for name, eager, options in variants:
         _gpu_layer_ops(name == "graphs_layer_ops")
         started = time.perf_counter()
@@ -247,6 +326,7 @@ def latency_and_throughput(folder: Path, device: torch.device, kv_tokens: int, w
 def _gpu_layer_ops(on: bool) -> None:
     """Switch r1's Triton layer ops for the engines made next (op_for reads the switch once)."""
     from r1 import kernels
+
     os.environ[kernels.GPU_OPS_ENV] = "on" if on else "off"
     kernels._gpu_ops.cache_clear()
 
@@ -257,6 +337,7 @@ def decode_profile(llm: LLM, device: torch.device, steps: int = 16) -> dict:
     difference is `steps` decode steps. Eager, so that each kernel shows. (Under --smoke, on a
     CPU, it counts the ops instead, nested: their times overlap.)"""
     from torch.profiler import ProfilerActivity, profile
+
     prompt = bench.random_prompts([512], llm.config.vocab_size, seed=5)[0]
 
     def run(max_tokens: int) -> dict:
@@ -267,8 +348,11 @@ def decode_profile(llm: LLM, device: torch.device, steps: int = 16) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         # On a GPU, kernels alone: the runtime's launch calls that queue them take no device time.
-        return {e.key: (e.count, e.device_time_total if device.type == "cuda" else e.cpu_time_total)
-                for e in prof.key_averages() if device.type != "cuda" or e.device_time_total > 0}
+        return {
+            e.key: (e.count, e.device_time_total if device.type == "cuda" else e.cpu_time_total)
+            for e in prof.key_averages()
+            if device.type != "cuda" or e.device_time_total > 0
+        }
 
     run(1)  # caches the prompt's blocks
     started = time.perf_counter()
@@ -277,13 +361,17 @@ def decode_profile(llm: LLM, device: torch.device, steps: int = 16) -> dict:
     started = time.perf_counter()
     long = run(1 + steps)
     long_s = time.perf_counter() - started
-    per_step = {k: ((n - short.get(k, (0, 0))[0]) / steps, (t - short.get(k, (0, 0))[1]) / steps)
-                for k, (n, t) in long.items()}
+    per_step = {
+        k: ((n - short.get(k, (0, 0))[0]) / steps, (t - short.get(k, (0, 0))[1]) / steps) for k, (n, t) in long.items()
+    }
     busy_us = sum(t for _, t in per_step.values())
     top = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:15]
-    return {"kernels_per_step": sum(n for n, _ in per_step.values()), "busy_us_per_step": busy_us,
-            "wall_us_per_step_under_profiler": (long_s - short_s) / steps * 1e6,
-            "top": [{"kernel": k[:120], "calls": n, "us": t} for k, (n, t) in top]}
+    return {
+        "kernels_per_step": sum(n for n, _ in per_step.values()),
+        "busy_us_per_step": busy_us,
+        "wall_us_per_step_under_profiler": (long_s - short_s) / steps * 1e6,
+        "top": [{"kernel": k[:120], "calls": n, "us": t} for k, (n, t) in top],
+    }
 
 
 def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -> dict:
@@ -295,6 +383,7 @@ def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -
     _free(llm)
     out = {}
     for mode in ("int8", "int4"):
+
         def measure():
             started = time.perf_counter()
             llm = _llm(folder, device, False, kv_tokens, quant=mode, max_num_seqs=8)  # graphs of 1-8: batch 1 runs
@@ -307,11 +396,13 @@ def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -
                 return r
             finally:
                 _free(llm)
+
         _attempt(out, mode, measure)
     return out
 
 
 # ---- the run --------------------------------------------------------------------------------
+
 
 def run(out: Path, smoke: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -321,20 +412,37 @@ def run(out: Path, smoke: bool) -> None:
     cfg = TINY if smoke else R1_1_5B
     weight_bytes = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) * 2  # bf16, all but the embedding
     import triton
-    record = {"command": " ".join(sys.argv), "machine": bench.machine(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "triton": triton.__version__, "weight_bytes_per_token": weight_bytes,
-              "steps": {}}
+
+    record = {
+        "command": " ".join(sys.argv),
+        "machine": bench.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "weight_bytes_per_token": weight_bytes,
+        "steps": {},
+    }
     folder = Path("/tmp/r1-gpu-smoke" if smoke else "/tmp/r1-random-1.5b")
-    kv_tokens = 4096 if smoke else 2 ** 19
+    kv_tokens = 4096 if smoke else 2**19
     steps = [
         ("bandwidth", lambda: copy_bandwidth(device, 0.25 if smoke else 4)),
         ("model", lambda: str(random_model(folder, cfg, device))),
         ("graphs_against_eager", lambda: graphs_against_eager(folder, device, kv_tokens)),
-        ("bench", lambda: latency_and_throughput(folder, device, kv_tokens, weight_bytes,
-                                                 record["steps"].get("bandwidth", {}).get("gb_s"), smoke)),
+        (
+            "bench",
+            lambda: latency_and_throughput(
+                folder, device, kv_tokens, weight_bytes, record["steps"].get("bandwidth", {}).get("gb_s"), smoke
+            ),
+        ),
         ("quantized", lambda: quantized(folder, device, kv_tokens, smoke)),
-        ("kernel", lambda: kernel(device, [(1, 200), (3, 70)] if smoke else
-                                  [(1, 1024), (1, 16384), (16, 4096), (64, 2048), (256, 1024)], cfg)),
+        (
+            "kernel",
+            lambda: kernel(
+                device,
+                [(1, 200), (3, 70)] if smoke else [(1, 1024), (1, 16384), (16, 4096), (64, 2048), (256, 1024)],
+                cfg,
+            ),
+        ),
         ("sampler", lambda: sampler(device, 8 if smoke else 256, cfg.vocab_size)),
         ("tests", lambda: None if smoke else tests(device)),
     ]
@@ -366,12 +474,16 @@ def summary(steps: dict) -> str:
     if ok(steps.get("bandwidth"), "gb_s"):
         lines.append(f"copy bandwidth {steps['bandwidth']['gb_s']:.0f} GB/s")
     for row in steps.get("kernel", []) if isinstance(steps.get("kernel"), list) else []:
-        lines.append(f"kernel {row['num_seqs']:>3} x {row['context']:>5}: err {row['relative_error']:.1e}, "
-                     f"{row['kernel_us']:.1f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered")
+        lines.append(
+            f"kernel {row['num_seqs']:>3} x {row['context']:>5}: err {row['relative_error']:.1e}, "
+            f"{row['kernel_us']:.1f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered"
+        )
     if ok(steps.get("sampler"), "flat_ms"):
         r = steps["sampler"]
-        lines.append(f"sampler, {r['rows']} rows at T 0.6, top-p 0.95: peaked {r['peaked_ms']:.2f} ms, flat "
-                     f"{r['flat_ms']:.2f} ms, flat sorted {r['flat_sorted_ms']:.2f} ms")
+        lines.append(
+            f"sampler, {r['rows']} rows at T 0.6, top-p 0.95: peaked {r['peaked_ms']:.2f} ms, flat "
+            f"{r['flat_ms']:.2f} ms, flat sorted {r['flat_sorted_ms']:.2f} ms"
+        )
     if ok(steps.get("tests"), "rc"):
         lines.append(f"tests: rc {steps['tests']['rc']}, {steps['tests']['summary']}")
     if ok(steps.get("graphs_against_eager"), "sequences_equal"):
@@ -379,21 +491,30 @@ def summary(steps: dict) -> str:
     bench_step = steps.get("bench") if isinstance(steps.get("bench"), dict) else {}
     for key, r in bench_step.items():
         if key.startswith("latency") and ok(r, "decode_tok_s"):
-            roof = f", {r['decode_of_roofline']:.0%} of the roofline ({r['decode_roofline_tok_s']:.0f})" \
-                if "decode_of_roofline" in r else ""
+            roof = (
+                f", {r['decode_of_roofline']:.0%} of the roofline ({r['decode_roofline_tok_s']:.0f})"
+                if "decode_of_roofline" in r
+                else ""
+            )
             lines.append(f"{key}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s{roof}")
         elif ok(r, "output_tok_s"):
-            lines.append(f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s, "
-                         f"{r['preemptions']} preemptions")
+            lines.append(
+                f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s, "
+                f"{r['preemptions']} preemptions"
+            )
     if ok(bench_step.get("decode_profile_eager"), "kernels_per_step"):
         p = bench_step["decode_profile_eager"]
-        lines.append(f"eager decode step: {p['kernels_per_step']:.0f} kernels, {p['busy_us_per_step']:.0f} us busy; "
-                     f"top: " + ", ".join(f"{t['kernel'][:40]} {t['us']:.0f} us" for t in p["top"][:3]))
+        lines.append(
+            f"eager decode step: {p['kernels_per_step']:.0f} kernels, {p['busy_us_per_step']:.0f} us busy; "
+            f"top: " + ", ".join(f"{t['kernel'][:40]} {t['us']:.0f} us" for t in p["top"][:3])
+        )
     quant_step = steps.get("quantized") if isinstance(steps.get("quantized"), dict) else {}
     for mode, r in quant_step.items():
         if ok(r, "decode_tok_s"):
-            lines.append(f"{mode}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s, "
-                         f"logits {r['logit_relative_error']:.1e} from bf16, top-1 {r['top1_agreement']:.0%}")
+            lines.append(
+                f"{mode}: prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s, "
+                f"logits {r['logit_relative_error']:.1e} from bf16, top-1 {r['top1_agreement']:.0%}"
+            )
     return "\n".join(lines)
 
 

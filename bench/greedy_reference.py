@@ -25,14 +25,19 @@ PROMPTS = [
 # (model, quant, tokenizer): the dequantized float path and r1's int4 kernels on each stand-in;
 # with R1's tokenizer the prompt opens a <think> block and a reasoning budget closes it, so the
 # reasoning tracker and the text split are checked too.
-RUNS = [("demo-small", "none", None), ("demo-small", "int4", None), ("demo-small", "int4", "r1-tokenizer"),
-        ("demo", "int4", None)]
+RUNS = [
+    ("demo-small", "none", None),
+    ("demo-small", "int4", None),
+    ("demo-small", "int4", "r1-tokenizer"),
+    ("demo", "int4", None),
+]
 MAX_TOKENS = 40
 
 
 def kernel_build() -> str | None:
     """The CPU kernel build int4 runs on: its float sums, so its tokens, are this build's."""
     from r1 import kernels
+
     return kernels.running_build().name if kernels.op("add_rms_norm") is not None else None
 
 
@@ -54,8 +59,9 @@ def greedy_outputs(model: str, quant: str, tokenizer: str | None) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["record", "check"])
-    parser.add_argument("--model", action="append",
-                        help="only this run, as model/quant[/tokenizer] (repeatable; default: all of RUNS)")
+    parser.add_argument(
+        "--model", action="append", help="only this run, as model/quant[/tokenizer] (repeatable; default: all of RUNS)"
+    )
     args = parser.parse_args()
     runs = [r for r in RUNS if not args.model or key(*r) in args.model]
     if args.action == "record":

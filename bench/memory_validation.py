@@ -41,8 +41,7 @@ def child(model: str, dtype: str, context: int, batch: int) -> dict:
     from r1 import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model, dtype=dtype, device="cpu", kv_cache_tokens=batch * context, max_model_len=context,
-              progress=False)
+    llm = LLM(model, dtype=dtype, device="cpu", kv_cache_tokens=batch * context, max_model_len=context, progress=False)
     load_seconds = time.perf_counter() - start
     peak_loading, rss_loaded = _peak_rss(), _rss()
     params = {id(p): p.numel() * p.element_size() for p in llm.model.parameters()}
@@ -85,15 +84,23 @@ def compare(model: str, dtype: str, context: int, batch: int, measured: dict) ->
         "peak_rss": (peak, p.peak_rss),
         "peak_rss_loading": (measured["peak_rss_loading"], p.loading.bytes),
         "peak_rss_serving": (measured["peak_rss_serving"], p.serving),
-        "engine_weights_and_kv": (measured["engine_param_bytes"] + measured["engine_kv_bytes"],
-                                  p.line("weights").bytes + p.line("kv cache").bytes),
-        "runtime_baseline": (measured["rss_after_loading"] - measured["engine_param_bytes"]
-                             - measured["engine_kv_bytes"], CPU_RUNTIME_BYTES),
+        "engine_weights_and_kv": (
+            measured["engine_param_bytes"] + measured["engine_kv_bytes"],
+            p.line("weights").bytes + p.line("kv cache").bytes,
+        ),
+        "runtime_baseline": (
+            measured["rss_after_loading"] - measured["engine_param_bytes"] - measured["engine_kv_bytes"],
+            CPU_RUNTIME_BYTES,
+        ),
     }
-    return {"dtype": dtype, "context": context, "batch": batch, "measured": measured,
-            "estimate": p.to_dict(),
-            "comparison": {k: {"measured": m, "estimated": e, "error": round(e / m - 1, 4)}
-                           for k, (m, e) in rows.items()}}
+    return {
+        "dtype": dtype,
+        "context": context,
+        "batch": batch,
+        "measured": measured,
+        "estimate": p.to_dict(),
+        "comparison": {k: {"measured": m, "estimated": e, "error": round(e / m - 1, 4)} for k, (m, e) in rows.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,14 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         row = compare(a.model, dtype, int(context), int(batch), measure(a.model, dtype, int(context), int(batch)))
         results.append(row)
         c = row["comparison"]
-        print(f"{point:>14}: peak RSS {c['peak_rss']['measured'] / 2**30:.3f} GiB measured, "
-              f"{c['peak_rss']['estimated'] / 2**30:.3f} estimated ({c['peak_rss']['error']:+.1%}); serving "
-              f"{c['peak_rss_serving']['measured'] / 2**30:.3f} vs {c['peak_rss_serving']['estimated'] / 2**30:.3f} "
-              f"({c['peak_rss_serving']['error']:+.1%})", flush=True)
+        print(
+            f"{point:>14}: peak RSS {c['peak_rss']['measured'] / 2**30:.3f} GiB measured, "
+            f"{c['peak_rss']['estimated'] / 2**30:.3f} estimated ({c['peak_rss']['error']:+.1%}); serving "
+            f"{c['peak_rss_serving']['measured'] / 2**30:.3f} vs {c['peak_rss_serving']['estimated'] / 2**30:.3f} "
+            f"({c['peak_rss_serving']['error']:+.1%})",
+            flush=True,
+        )
     worst = max(abs(r["comparison"][k]["error"]) for r in results for k in ("peak_rss", "peak_rss_serving"))
     report = {
         "what": "peak RSS of r1 on the CPU (getrusage ru_maxrss, fresh subprocess per point) against "
-                "r1.memory.plan(device='cpu'); loading and serving peaks measured apart (clear_refs reset)",
+        "r1.memory.plan(device='cpu'); loading and serving peaks measured apart (clear_refs reset)",
         "model": a.model,
         "threads": torch.get_num_threads(),
         "gpu": "none in this session: torch.cuda.max_memory_allocated was not recorded",

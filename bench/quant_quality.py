@@ -20,9 +20,14 @@ import statistics
 from pathlib import Path
 
 # (name, dtype, weight quant, KV cache dtype); the first is the reference the others are compared with.
-MODES = (("bf16", "bf16", "none", "auto"), ("fp32", "fp32", "none", "auto"), ("int8", "fp32", "int8", "auto"),
-         ("int4", "fp32", "int4", "auto"), ("kv-int8", "fp32", "none", "int8"),
-         ("int4+kv-int8", "fp32", "int4", "int8"))
+MODES = (
+    ("bf16", "bf16", "none", "auto"),
+    ("fp32", "fp32", "none", "auto"),
+    ("int8", "fp32", "int8", "auto"),
+    ("int4", "fp32", "int4", "auto"),
+    ("kv-int8", "fp32", "none", "int8"),
+    ("int4+kv-int8", "fp32", "int4", "int8"),
+)
 PROMPTS = (
     "Please reason step by step, and put your final answer within \\boxed{}. What is 17 * 23?",
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -38,13 +43,18 @@ def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, tokens: int, thr
 
     llm = LLM(model, dtype=dtype, quant=quant, kv_dtype=kv_dtype, device="cpu", threads=threads, progress=False)
     text_ids = llm.tokenizer.encode(REFERENCE_TEXT)
-    out = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
-                   SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
+    out = llm.chat(
+        [[{"role": "user", "content": p}] for p in PROMPTS],
+        SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True),
+    )
     kv = llm.engine_config.resolved_kv_dtype(llm.dtype)
-    return {"perplexity": perplexity(llm.model, text_ids, kv),
-            "perplexity_decoded": perplexity(llm.model, text_ids, kv, one_at_a_time=True),
-            "log_probs": token_logits(llm.model, text_ids, kv).log_softmax(dim=-1),
-            "text_tokens": len(text_ids), "greedy": [c.token_ids for c in out]}
+    return {
+        "perplexity": perplexity(llm.model, text_ids, kv),
+        "perplexity_decoded": perplexity(llm.model, text_ids, kv, one_at_a_time=True),
+        "log_probs": token_logits(llm.model, text_ids, kv).log_softmax(dim=-1),
+        "text_tokens": len(text_ids),
+        "greedy": [c.token_ids for c in out],
+    }
 
 
 def divergence(ref_log_probs, log_probs) -> dict:
@@ -79,23 +89,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, dtype, mode, kv_dtype in MODES:
         r = runs[name]
-        rows[name] = {"dtype": dtype, "quant": mode, "kv_dtype": kv_dtype, "perplexity": round(r["perplexity"], 4),
-                      "perplexity_vs_bf16": round(r["perplexity"] / ref["perplexity"] - 1, 4),
-                      "perplexity_decoded": round(r["perplexity_decoded"], 4),
-                      "perplexity_decoded_vs_bf16": round(r["perplexity_decoded"] / ref["perplexity"] - 1, 4),
-                      **divergence(ref["log_probs"], r["log_probs"]), **agreement(ref["greedy"], r["greedy"])}
-        print(f"{name:>12}: perplexity {r['perplexity']:.3f} ({rows[name]['perplexity_vs_bf16']:+.1%} vs bf16), "
-              f"decoded {r['perplexity_decoded']:.3f} ({rows[name]['perplexity_decoded_vs_bf16']:+.1%}), "
-              f"KL {rows[name]['kl_vs_bf16']:.4f}, same top token {rows[name]['same_top_token']:.0%}, "
-              f"greedy agreement {rows[name]['token_agreement']:.0%}, "
-              f"{rows[name]['tokens_before_first_difference']:.1f} tokens before the first difference", flush=True)
-    report = {"what": "quantized weights against bf16 on the same checkpoint: perplexity on "
-                      "r1.eval.perplexity.REFERENCE_TEXT (in one pass, and decoded: a token a forward, "
-                      "through decode attention), KL divergence from bf16 and the same top token over "
-                      "that text in one pass, and greedy agreement over "
-                      f"{len(PROMPTS)} chat prompts x {a.tokens} tokens",
-              "model": a.model, "int4_kernel": quant.int4_linear_class().__name__,
-              "text_tokens": ref["text_tokens"], "modes": rows}
+        rows[name] = {
+            "dtype": dtype,
+            "quant": mode,
+            "kv_dtype": kv_dtype,
+            "perplexity": round(r["perplexity"], 4),
+            "perplexity_vs_bf16": round(r["perplexity"] / ref["perplexity"] - 1, 4),
+            "perplexity_decoded": round(r["perplexity_decoded"], 4),
+            "perplexity_decoded_vs_bf16": round(r["perplexity_decoded"] / ref["perplexity"] - 1, 4),
+            **divergence(ref["log_probs"], r["log_probs"]),
+            **agreement(ref["greedy"], r["greedy"]),
+        }
+        print(
+            f"{name:>12}: perplexity {r['perplexity']:.3f} ({rows[name]['perplexity_vs_bf16']:+.1%} vs bf16), "
+            f"decoded {r['perplexity_decoded']:.3f} ({rows[name]['perplexity_decoded_vs_bf16']:+.1%}), "
+            f"KL {rows[name]['kl_vs_bf16']:.4f}, same top token {rows[name]['same_top_token']:.0%}, "
+            f"greedy agreement {rows[name]['token_agreement']:.0%}, "
+            f"{rows[name]['tokens_before_first_difference']:.1f} tokens before the first difference",
+            flush=True,
+        )
+    report = {
+        "what": "quantized weights against bf16 on the same checkpoint: perplexity on "
+        "r1.eval.perplexity.REFERENCE_TEXT (in one pass, and decoded: a token a forward, "
+        "through decode attention), KL divergence from bf16 and the same top token over "
+        "that text in one pass, and greedy agreement over "
+        f"{len(PROMPTS)} chat prompts x {a.tokens} tokens",
+        "model": a.model,
+        "int4_kernel": quant.int4_linear_class().__name__,
+        "text_tokens": ref["text_tokens"],
+        "modes": rows,
+    }
     bench.save(a.out, report, machine)
     print(f"wrote {a.out}")
     return 0

@@ -55,8 +55,13 @@ WELL_FORMED = ("chat", "stream", "drop", "abort", "hostile/temperature_1e-40")
 def chat_body(rng, long: bool = False, **extra) -> dict:
     """Short: 16 tokens, reasoning cut at 2. Long: 256 tokens with eos ignored, for drops and aborts."""
     size = {"max_tokens": 256, "ignore_eos": True} if long else {"max_tokens": 16, "max_reasoning_tokens": 2}
-    return {"messages": [{"role": "user", "content": f"Say hello to visitor {rng.randrange(1000)}."}],
-            "temperature": 0.6, "seed": rng.randrange(1 << 31), **size, **extra}
+    return {
+        "messages": [{"role": "user", "content": f"Say hello to visitor {rng.randrange(1000)}."}],
+        "temperature": 0.6,
+        "seed": rng.randrange(1 << 31),
+        **size,
+        **extra,
+    }
 
 
 def hostile(rng) -> dict[str, tuple[str, dict, int]]:
@@ -64,15 +69,18 @@ def hostile(rng) -> dict[str, tuple[str, dict, int]]:
     as_json = {"content-type": "application/json"}
     return {
         "invalid_json": (CHAT, {"content": b'{"messages": [', "headers": as_json}, 400),
-        "top_k_2^63": (CHAT, {"json": chat_body(rng, top_k=2 ** 63)}, 400),
-        "seed_2^64": (CHAT, {"json": chat_body(rng, seed=2 ** 64)}, 400),
+        "top_k_2^63": (CHAT, {"json": chat_body(rng, top_k=2**63)}, 400),
+        "seed_2^64": (CHAT, {"json": chat_body(rng, seed=2**64)}, 400),
         "prompt_[-1]": (COMPLETIONS, {"json": {"prompt": [-1], "max_tokens": 4}}, 400),
-        "prompt_[2^32]": (COMPLETIONS, {"json": {"prompt": [2 ** 32], "max_tokens": 4}}, 400),
+        "prompt_[2^32]": (COMPLETIONS, {"json": {"prompt": [2**32], "max_tokens": 4}}, 400),
         "n_17": (CHAT, {"json": chat_body(rng, n=17)}, 400),
         "17_stops": (CHAT, {"json": chat_body(rng, stop=[f"stop{i}" for i in range(17)])}, 400),
         "1MB_stop": (CHAT, {"json": chat_body(rng, stop="x" * (1 << 20))}, 400),  # a 400 or a 413
-        "text_plain": (CHAT, {"content": json.dumps(chat_body(rng)).encode(),
-                              "headers": {"content-type": "text/plain"}}, 400),  # a 415
+        "text_plain": (
+            CHAT,
+            {"content": json.dumps(chat_body(rng)).encode(), "headers": {"content-type": "text/plain"}},
+            400,
+        ),  # a 415
         # Only the Host header is foreign: the connection still goes to 127.0.0.1.
         "host_evil.example": (CHAT, {"json": chat_body(rng), "headers": {"host": "evil.example"}}, 400),
         "wrong_api_key": (CHAT, {"json": chat_body(rng), "headers": {"authorization": "Bearer wrong"}}, 400),
@@ -98,7 +106,7 @@ async def stream(client: httpx2.AsyncClient, body: dict, close_after: int | None
                 continue
             if not line.startswith("data: "):
                 return "malformed stream"
-            events.append(line[len("data: "):])
+            events.append(line[len("data: ") :])
             if close_after is not None and len(events) >= close_after:
                 return "ok"  # leaving the block closes the connection mid-stream
     if not events or events[-1] != "[DONE]":
@@ -151,16 +159,24 @@ async def soak(url: str, key: str, clients: int, seconds: float, seed: int, time
             counts[kind][outcome] += 1
 
     start = time.monotonic()
-    async with httpx2.AsyncClient(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=timeout,
-                                  limits=httpx2.Limits(max_connections=None), trust_env=False) as client:
+    async with httpx2.AsyncClient(
+        base_url=url,
+        headers={"authorization": f"Bearer {key}"},
+        timeout=timeout,
+        limits=httpx2.Limits(max_connections=None),
+        trust_env=False,
+    ) as client:
         await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
     return dict(counts), time.monotonic() - start
 
 
 def metrics(url: str) -> dict[str, float]:
     text = httpx2.get(url + "/metrics", trust_env=False, timeout=10).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def wait_idle(url: str, timeout: float) -> tuple[bool, dict]:
@@ -183,11 +199,27 @@ class Server:
     """`r1 serve` in a subprocess; its output is drained by a thread, the last lines kept."""
 
     def __init__(self, args, key: str):
-        cmd = [sys.executable, "-m", "r1.cli", "serve", "--model", args.model, "--tokenizer", args.tokenizer,
-               "--host", HOST, "--port", "0", "--max-model-len", "1024", *args.server_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "r1.cli",
+            "serve",
+            "--model",
+            args.model,
+            "--tokenizer",
+            args.tokenizer,
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--max-model-len",
+            "1024",
+            *args.server_args,
+        ]
         # The key goes in the environment, as the CLI advises: it stays out of the process list.
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "R1_API_KEY": key})
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "R1_API_KEY": key}
+        )
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.url = None
         for line in self.proc.stdout:
@@ -242,19 +274,43 @@ def main(argv: list[str] | None = None) -> int:
     # The engine's side: drops and aborts should show as requests finished by "abort".
     finished = {k.split('"')[1]: int(v) for k, v in m.items() if k.startswith("r1_requests_finished_total{")}
     total = sum(sum(c.values()) for c in counts.values())
-    errors = {f"{kind}: {outcome}": n for kind, c in sorted(counts.items()) for outcome, n in c.items()
-              if outcome != "ok" and not outcome.startswith("4xx:")}
+    errors = {
+        f"{kind}: {outcome}": n
+        for kind, c in sorted(counts.items())
+        for outcome, n in c.items()
+        if outcome != "ok" and not outcome.startswith("4xx:")
+    }
     failed = {k: n for k, n in errors.items() if k.split(":")[0] in WELL_FORMED}
     stopped = exit_code in (0, -signal.SIGTERM)
     passed = not failed and leaked == 0 and idle and stopped
-    result = {"bench": "soak", "settings": {"model": args.model, "tokenizer": args.tokenizer, "clients": args.clients,
-                                            "seconds": args.seconds, "seed": args.seed, "timeout": args.timeout,
-                                            "server_args": args.server_args, "mix": MIX},
-              "requests": total, "wall_seconds": seconds, "requests_per_s": total / seconds,
-              "outcomes": {kind: dict(c) for kind, c in sorted(counts.items())}, "errors": errors,
-              "well_formed_errors": sum(failed.values()), "idle": idle, "kv_cache_blocks": int(m["r1_kv_cache_blocks"]),
-              "leaked_blocks": leaked, "engine_finished": finished, "rss_start_mib": rss_start, "rss_end_mib": rss_end,
-              "server_exit_code": exit_code, "stop_seconds": stop_seconds, "passed": passed}
+    result = {
+        "bench": "soak",
+        "settings": {
+            "model": args.model,
+            "tokenizer": args.tokenizer,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "seed": args.seed,
+            "timeout": args.timeout,
+            "server_args": args.server_args,
+            "mix": MIX,
+        },
+        "requests": total,
+        "wall_seconds": seconds,
+        "requests_per_s": total / seconds,
+        "outcomes": {kind: dict(c) for kind, c in sorted(counts.items())},
+        "errors": errors,
+        "well_formed_errors": sum(failed.values()),
+        "idle": idle,
+        "kv_cache_blocks": int(m["r1_kv_cache_blocks"]),
+        "leaked_blocks": leaked,
+        "engine_finished": finished,
+        "rss_start_mib": rss_start,
+        "rss_end_mib": rss_end,
+        "server_exit_code": exit_code,
+        "stop_seconds": stop_seconds,
+        "passed": passed,
+    }
 
     print(f"\n{total} requests in {seconds:.1f} s ({total / seconds:.1f}/s) from {args.clients} clients")
     for kind, c in sorted(counts.items()):
@@ -262,12 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:<28} {sum(c.values()):>6}  {outcomes}")
     print("errors of well-formed requests: " + (", ".join(f"{k} x{n}" for k, n in failed.items()) or "none"))
     unexpected = {k: n for k, n in errors.items() if k not in failed}
-    print("hostile requests not answered with a 4xx: "
-          + (", ".join(f"{k} x{n}" for k, n in unexpected.items()) or "none"))
+    print(
+        "hostile requests not answered with a 4xx: " + (", ".join(f"{k} x{n}" for k, n in unexpected.items()) or "none")
+    )
     print("engine requests finished by reason: " + ", ".join(f"{k} x{n}" for k, n in sorted(finished.items())))
     print(f"server idle after: {idle}; leaked KV blocks: {leaked} of {result['kv_cache_blocks']}")
-    print(f"server RSS: {rss_start:.0f} MiB after loading, {rss_end:.0f} MiB at the end; "
-          f"exit code after SIGTERM: {exit_code} ({'clean' if stopped else 'not clean'}, {stop_seconds:.1f} s)")
+    print(
+        f"server RSS: {rss_start:.0f} MiB after loading, {rss_end:.0f} MiB at the end; "
+        f"exit code after SIGTERM: {exit_code} ({'clean' if stopped else 'not clean'}, {stop_seconds:.1f} s)"
+    )
     if not passed:
         print("".join(server.tail), end="", file=sys.stderr)  # the server's last words, for the failure
     if args.save:

@@ -40,11 +40,12 @@ def latency_prompts(prompt_len: int, repeats: int, vocab_size: int, seed: int = 
     Distinct prompts keep the prefix cache from serving one run out of another.
     """
     prompts = random_prompts([prompt_len] * (1 + 2 * repeats), vocab_size, seed)
-    return prompts[0], prompts[1:1 + repeats], prompts[1 + repeats:]
+    return prompts[0], prompts[1 : 1 + repeats], prompts[1 + repeats :]
 
 
-def throughput_workload(num_seqs: int, input_len: tuple[int, int], output_len: tuple[int, int],
-                        vocab_size: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+def throughput_workload(
+    num_seqs: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int, seed: int = 0
+) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's workload: prompt and output lengths uniform in the inclusive ranges."""
     if num_seqs < 1:
         raise ValueError(f"--num-seqs must be at least 1; got {num_seqs}")
@@ -68,8 +69,10 @@ def _greedy(max_tokens: int) -> SamplingParams:
 
 def _check_room(llm, tokens: int) -> None:
     if tokens > llm.engine.max_model_len:
-        raise ValueError(f"the benchmark needs {tokens} tokens per sequence but the context holds "
-                         f"{llm.engine.max_model_len} (raise --max-model-len or the KV pool)")
+        raise ValueError(
+            f"the benchmark needs {tokens} tokens per sequence but the context holds "
+            f"{llm.engine.max_model_len} (raise --max-model-len or the KV pool)"
+        )
 
 
 def latency(llm, prompt_len: int = 512, output_len: int = 128, repeats: int = 1, seed: int = 0) -> dict:
@@ -89,35 +92,54 @@ def latency(llm, prompt_len: int = 512, output_len: int = 128, repeats: int = 1,
     decode_seconds = statistics.median(c.timing["decode_seconds"] for c in decode)
     output_tokens = len(decode[0].token_ids)
     prefill_seconds = statistics.median(prefill)
-    return {"prompt_tokens": prompt_len, "output_tokens": output_tokens, "repeats": repeats,
-            "prefill_seconds": prefill_seconds, "prefill_tok_s": prompt_len / prefill_seconds,
-            "decode_seconds": decode_seconds, "decode_tok_s": (output_tokens - 1) / decode_seconds}
+    return {
+        "prompt_tokens": prompt_len,
+        "output_tokens": output_tokens,
+        "repeats": repeats,
+        "prefill_seconds": prefill_seconds,
+        "prefill_tok_s": prompt_len / prefill_seconds,
+        "decode_seconds": decode_seconds,
+        "decode_tok_s": (output_tokens - 1) / decode_seconds,
+    }
 
 
-def throughput(llm, prompts: list[list[int]], output_lens: list[int], temperature: float = 0.6,
-               seed: int = 0) -> dict:
+def throughput(llm, prompts: list[list[int]], output_lens: list[int], temperature: float = 0.6, seed: int = 0) -> dict:
     """Generated tokens per wall second with every sequence in one continuous batch."""
     _check_room(llm, max(len(p) + n for p, n in zip(prompts, output_lens)))
     llm.generate(throughput_warmup(len(prompts), llm.config.vocab_size, seed), _greedy(WARMUP_TOKENS))
-    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, seed=seed + i)
-              for i, n in enumerate(output_lens)]
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, seed=seed + i)
+        for i, n in enumerate(output_lens)
+    ]
     start = time.perf_counter()
     completions = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     total_output = sum(len(c.token_ids) for c in completions)
-    return {"num_seqs": len(prompts), "temperature": temperature,
-            "total_input_tokens": sum(len(p) for p in prompts), "total_output_tokens": total_output,
-            "seconds": seconds, "output_tok_s": total_output / seconds}
+    return {
+        "num_seqs": len(prompts),
+        "temperature": temperature,
+        "total_input_tokens": sum(len(p) for p in prompts),
+        "total_output_tokens": total_output,
+        "seconds": seconds,
+        "output_tok_s": total_output / seconds,
+    }
 
 
 # ---- the record -----------------------------------------------------------------------------
 
+
 def engine_settings(llm, model: str) -> dict:
     import torch
 
-    return {"model": model, "quant": llm.engine_config.quant, "dtype": str(llm.dtype).removeprefix("torch."),
-            "kv_dtype": llm.engine_config.kv_dtype, "device": llm.device.type, "threads": torch.get_num_threads(),
-            **llm.engine.config_record()}
+    return {
+        "model": model,
+        "quant": llm.engine_config.quant,
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "kv_dtype": llm.engine_config.kv_dtype,
+        "device": llm.device.type,
+        "threads": torch.get_num_threads(),
+        **llm.engine.config_record(),
+    }
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -144,10 +166,15 @@ def machine() -> dict:
     """What the figures are measured on. Take it before the run: the load average then says how
     busy the machine was with other work, not with ours."""
     import torch
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_average_1m": round(os.getloadavg()[0], 2)}
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def save(path: str | Path, result: dict, machine_info: dict) -> Path:

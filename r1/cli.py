@@ -21,30 +21,58 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=hub.DEFAULT_MODEL,
-                   help="HF folder, hub id, .gguf file, or demo / demo-small (offline stand-ins)")
-    p.add_argument("--tokenizer", default=None,
-                   help="use this tokenizer and chat template instead of the model's (HF folder, hub id, .gguf)")
+    p.add_argument(
+        "--model",
+        default=hub.DEFAULT_MODEL,
+        help="HF folder, hub id, .gguf file, or demo / demo-small (offline stand-ins)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="use this tokenizer and chat template instead of the model's (HF folder, hub id, .gguf)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", *options.DTYPES])
     p.add_argument("--device", default="auto", choices=["auto", *options.DEVICES])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--quant", default="none", choices=options.QUANT_MODES,
-                   help="weight-only quantization of the linears: int8 per channel, int4 group-wise")
-    p.add_argument("--kv-dtype", default="auto", choices=options.KV_CACHE_DTYPES,
-                   help="the KV cache: auto (the model's dtype), bf16 (half of fp32's memory, as llama.cpp's "
-                        "f16 default) or int8 (a scale per token and head: a quarter of fp32's memory); both "
-                        "decode long contexts faster on a CPU")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="on a GPU, run decode steps without CUDA graphs (slower at small batches; to compare)")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch each step's forward before the last step's tokens are read, so the host's "
-                        "work overlaps the GPU's (default: on a GPU)")
-    p.add_argument("--cpu-kernels", default="auto", choices=options.CPU_KERNELS,
-                   help="r1's CPU kernels: auto (the widest build this CPU runs), off (PyTorch's paths) or "
-                        "one build ($R1_KERNELS overrides)")
-    p.add_argument("--gpu-layer-ops", action="store_true",
-                   help="on a GPU, run norms, rotary and SwiGLU on r1's Triton kernels ($R1_GPU_LAYER_OPS=on)")
+    p.add_argument(
+        "--quant",
+        default="none",
+        choices=options.QUANT_MODES,
+        help="weight-only quantization of the linears: int8 per channel, int4 group-wise",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=options.KV_CACHE_DTYPES,
+        help="the KV cache: auto (the model's dtype), bf16 (half of fp32's memory, as llama.cpp's "
+        "f16 default) or int8 (a scale per token and head: a quarter of fp32's memory); both "
+        "decode long contexts faster on a CPU",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="on a GPU, run decode steps without CUDA graphs (slower at small batches; to compare)",
+    )
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each step's forward before the last step's tokens are read, so the host's "
+        "work overlaps the GPU's (default: on a GPU)",
+    )
+    p.add_argument(
+        "--cpu-kernels",
+        default="auto",
+        choices=options.CPU_KERNELS,
+        help="r1's CPU kernels: auto (the widest build this CPU runs), off (PyTorch's paths) or "
+        "one build ($R1_KERNELS overrides)",
+    )
+    p.add_argument(
+        "--gpu-layer-ops",
+        action="store_true",
+        help="on a GPU, run norms, rotary and SwiGLU on r1's Triton kernels ($R1_GPU_LAYER_OPS=on)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -60,19 +88,39 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _params(a: argparse.Namespace):
     from r1.sampling_params import SamplingParams
-    return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                          repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens, seed=a.seed,
-                          stop=a.stop)
+
+    return SamplingParams(
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        max_tokens=a.max_tokens,
+        seed=a.seed,
+        stop=a.stop,
+    )
 
 
 def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
     """The LLM that _model_args describes; subcommands add their own engine options."""
     from r1.llm import LLM
-    return LLM(a.model, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, threads=a.threads,
-               max_model_len=a.max_model_len, quant=a.quant, kv_dtype=a.kv_dtype, enforce_eager=a.enforce_eager,
-               async_scheduling=a.async_scheduling, cpu_kernels=a.cpu_kernels, gpu_layer_ops=a.gpu_layer_ops,
-               progress=progress,
-               **engine_options)
+
+    return LLM(
+        a.model,
+        tokenizer=a.tokenizer,
+        dtype=a.dtype,
+        device=a.device,
+        threads=a.threads,
+        max_model_len=a.max_model_len,
+        quant=a.quant,
+        kv_dtype=a.kv_dtype,
+        enforce_eager=a.enforce_eager,
+        async_scheduling=a.async_scheduling,
+        cpu_kernels=a.cpu_kernels,
+        gpu_layer_ops=a.gpu_layer_ops,
+        progress=progress,
+        **engine_options,
+    )
 
 
 def _load(a: argparse.Namespace, quiet: bool = False, **engine_options):
@@ -81,9 +129,11 @@ def _load(a: argparse.Namespace, quiet: bool = False, **engine_options):
         err.print(f"[dim]loading {escape(a.model)} ...[/dim]")
     llm = _build_llm(a, progress=not quiet, **engine_options)
     if not quiet:
-        err.print(f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, "
-                  f"{str(llm.dtype).removeprefix('torch.')}, "
-                  f"context {llm.engine.max_model_len} tokens[/dim]")
+        err.print(
+            f"[dim]loaded in {llm.load_seconds:.1f}s: {llm.device.type}, "
+            f"{str(llm.dtype).removeprefix('torch.')}, "
+            f"context {llm.engine.max_model_len} tokens[/dim]"
+        )
     return llm
 
 
@@ -110,8 +160,10 @@ def _stream_answer(llm, prompt, params, chat: bool):
 def _stats(o) -> str:
     prefill = o.num_prompt_tokens / o.time_to_first_token if o.time_to_first_token else 0.0
     decode = (o.num_output_tokens - 1) / o.decode_seconds if o.decode_seconds and o.num_output_tokens > 1 else 0.0
-    return (f"prompt {o.num_prompt_tokens} tokens ({prefill:.1f} tok/s), generated {o.num_output_tokens} tokens "
-            f"({decode:.1f} tok/s), finish: {o.finish_reason}")
+    return (
+        f"prompt {o.num_prompt_tokens} tokens ({prefill:.1f} tok/s), generated {o.num_output_tokens} tokens "
+        f"({decode:.1f} tok/s), finish: {o.finish_reason}"
+    )
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -120,12 +172,24 @@ def cmd_generate(a: argparse.Namespace) -> None:
     prompt = a.prompt if a.raw else [{"role": "user", "content": a.prompt}]
     if a.json:
         c = (llm.generate(prompt, params) if a.raw else llm.chat(prompt, params))[0]
-        print(json.dumps({"text": c.text, "reasoning": c.reasoning, "answer": c.answer,
-                          "prompt_token_ids": c.prompt_token_ids, "token_ids": c.token_ids,
-                          "finish_reason": c.finish_reason,
-                          "usage": {"prompt_tokens": c.usage["prompt_tokens"],
-                                    "completion_tokens": c.usage["completion_tokens"]},
-                          "timing": c.timing}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": c.text,
+                    "reasoning": c.reasoning,
+                    "answer": c.answer,
+                    "prompt_token_ids": c.prompt_token_ids,
+                    "token_ids": c.token_ids,
+                    "finish_reason": c.finish_reason,
+                    "usage": {
+                        "prompt_tokens": c.usage["prompt_tokens"],
+                        "completion_tokens": c.usage["completion_tokens"],
+                    },
+                    "timing": c.timing,
+                },
+                ensure_ascii=False,
+            )
+        )
         return
     last, _ = _stream_answer(llm, prompt, params, chat=not a.raw)
     err.print(f"[dim]{_stats(last)}[/dim]")
@@ -158,6 +222,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 def cmd_info(a: argparse.Namespace) -> None:
     from r1.info import model_info
+
     info = model_info(a.model)
     if a.json:
         print(json.dumps(info, ensure_ascii=False))
@@ -171,14 +236,18 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
     from r1.server.app import ServerConfig, check_exposure, host_allowlist, serve
+
     # The environment keeps the key out of the process list.
     api_key = (a.api_key or os.environ.get("R1_API_KEY") or "").strip() or None  # an empty one is none
     check_exposure(a.host, api_key, a.insecure)  # before the minutes a load can take
     llm = _load(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
-    config = ServerConfig(served_model_name=a.served_model_name or a.model, api_key=api_key,
-                          max_requests=a.max_requests,
-                          allowed_hosts=host_allowlist(a.host, api_key, tuple(a.allowed_host)),
-                          cors_origins=tuple(a.cors_origin))
+    config = ServerConfig(
+        served_model_name=a.served_model_name or a.model,
+        api_key=api_key,
+        max_requests=a.max_requests,
+        allowed_hosts=host_allowlist(a.host, api_key, tuple(a.allowed_host)),
+        cors_origins=tuple(a.cors_origin),
+    )
     serve(llm, config, host=a.host, port=a.port, insecure=a.insecure)
 
 
@@ -189,6 +258,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from r1.eval.data import TASKS, find_data, read_problems
     from r1.eval.report import EvalProgress, summary_table
     from r1.eval.runner import EvalSettings, check_out_dir, run_eval
+
     if a.task is None:
         raise ValueError(f"r1 eval needs --task ({', '.join(TASKS)}); to print a finished run: r1 eval report DIR")
     for name in ("samples", "limit", "max_tokens"):
@@ -199,17 +269,29 @@ def cmd_eval(a: argparse.Namespace) -> None:
     out_dir = Path(a.out or f"r1-eval/{a.task}-{model_name}")
     check_out_dir(out_dir, a.resume)
     data_path = find_data(a.task, a.data)
-    problems = read_problems(data_path)[:a.limit]
-    err.print(f"[dim]{a.task}: {len(problems)} problems x {settings.samples} samples from {escape(str(data_path))}; "
-              f"loading {escape(a.model)} ...[/dim]")
+    problems = read_problems(data_path)[: a.limit]
+    err.print(
+        f"[dim]{a.task}: {len(problems)} problems x {settings.samples} samples from {escape(str(data_path))}; "
+        f"loading {escape(a.model)} ...[/dim]"
+    )
     llm = _build_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens)
     if llm.engine.max_model_len < settings.max_tokens + 2048:
-        err.print(f"[yellow]the context holds {llm.engine.max_model_len} tokens: a sample whose prompt plus "
-                  f"{settings.max_tokens} new tokens exceeds it stops early and counts as cut off[/yellow]")
+        err.print(
+            f"[yellow]the context holds {llm.engine.max_model_len} tokens: a sample whose prompt plus "
+            f"{settings.max_tokens} new tokens exceeds it stops early and counts as cut off[/yellow]"
+        )
     try:
         with EvalProgress(err, a.task) as progress:
-            summary = run_eval(llm, problems, settings, out_dir, data_path=data_path, resume=a.resume,
-                               tokenizer=a.tokenizer, progress=progress)
+            summary = run_eval(
+                llm,
+                problems,
+                settings,
+                out_dir,
+                data_path=data_path,
+                resume=a.resume,
+                tokenizer=a.tokenizer,
+                progress=progress,
+            )
     except KeyboardInterrupt:
         err.print(f"[dim]finished samples are saved in {escape(str(out_dir))}; rerun with --resume to go on[/dim]")
         raise
@@ -221,6 +303,7 @@ def cmd_eval_report(a: argparse.Namespace) -> None:
     from pathlib import Path
 
     from r1.eval.report import compare_table, load_run, summary_table
+
     runs = [(Path(d).name or str(d), *load_run(d)) for d in a.dirs]
     if len(runs) == 1:
         out.print(summary_table(runs[0][1], runs[0][2]))
@@ -241,11 +324,16 @@ def cmd_memory(a: argparse.Namespace) -> None:
         budget = memory.parse_size(a.fit)
         fits = {q: memory.fit_context(source, q, budget, **options) for q in quants}
         if a.json:
-            print(json.dumps({"model": a.model, "device": a.device, "batch": a.batch, "fit_bytes": budget,
-                              "max_context": fits}))
+            print(
+                json.dumps(
+                    {"model": a.model, "device": a.device, "batch": a.batch, "fit_bytes": budget, "max_context": fits}
+                )
+            )
             return
-        out.print(f"largest context per sequence that fits {budget / memory.GiB:.2f} GiB on {a.device}, "
-                  f"batch {a.batch}, {escape(a.model)}{note}:")
+        out.print(
+            f"largest context per sequence that fits {budget / memory.GiB:.2f} GiB on {a.device}, "
+            f"batch {a.batch}, {escape(a.model)}{note}:"
+        )
         for q, n in fits.items():
             out.print(f"  {q:<8} {f'{n:,} tokens' if n else 'does not fit'}")
         return
@@ -255,15 +343,21 @@ def cmd_memory(a: argparse.Namespace) -> None:
             print(json.dumps(plans[0].to_dict() if len(plans) == 1 else [p.to_dict() for p in plans]))
             return
         for p in plans:
-            t = Table(title=f"{escape(a.model)}{note}: {p.quant}, context {p.context:,} x batch {p.batch}, "
-                            f"KV {p.kv_dtype}, {p.device}", title_justify="left")
+            t = Table(
+                title=f"{escape(a.model)}{note}: {p.quant}, context {p.context:,} x batch {p.batch}, "
+                f"KV {p.kv_dtype}, {p.device}",
+                title_justify="left",
+            )
             t.add_column("")
             t.add_column("GiB", justify="right")
             t.add_column("formula", overflow="fold")
             for line in [*p.lines, *([p.loading] if p.loading else [])]:
                 t.add_row(line.name, f"{line.gib:.3f}", escape(line.formula))
-            t.add_row("total", f"[bold]{p.total / memory.GiB:.3f}[/bold]",
-                      "max(serving, loading - reclaimable pages)" if p.loading else "sum of the lines")
+            t.add_row(
+                "total",
+                f"[bold]{p.total / memory.GiB:.3f}[/bold]",
+                "max(serving, loading - reclaimable pages)" if p.loading else "sum of the lines",
+            )
             if p.loading:
                 t.add_row("peak RSS", f"{p.peak_rss / memory.GiB:.3f}", "what getrusage reports: max(serving, loading)")
             out.print(t)
@@ -272,9 +366,19 @@ def cmd_memory(a: argparse.Namespace) -> None:
     if a.plot:
         memory.plot_sweep(table, a.plot, f"{a.model} on {a.device}, batch {a.batch}")
     if a.json:
-        print(json.dumps({"model": a.model, "device": a.device, "batch": a.batch, "contexts": memory.SWEEP_CONTEXTS,
-                          "total_gib": {q: [round(p.total / memory.GiB, 3) if p else None for p in plans]
-                                        for q, plans in table.items()}}))
+        print(
+            json.dumps(
+                {
+                    "model": a.model,
+                    "device": a.device,
+                    "batch": a.batch,
+                    "contexts": memory.SWEEP_CONTEXTS,
+                    "total_gib": {
+                        q: [round(p.total / memory.GiB, 3) if p else None for p in plans] for q, plans in table.items()
+                    },
+                }
+            )
+        )
         return
     t = Table(title=f"total GiB, {escape(a.model)}{note}, {a.device}, batch {a.batch}", title_justify="left")
     t.add_column("context")
@@ -299,23 +403,33 @@ def cmd_memory(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from r1 import bench
+
     machine = bench.machine()  # before loading: its load average is the other work on the machine
     llm = _load(a, quiet=a.json)
     result = {"bench": a.bench, **bench.engine_settings(llm, a.model), "seed": a.seed}
     if a.bench == "latency":
         result |= bench.latency(llm, a.prompt_len, a.output_len, a.repeats, a.seed)
-        summary = (f"prefill {result['prompt_tokens']} tokens: {result['prefill_tok_s']:.1f} tok/s "
-                   f"({result['prefill_seconds']:.2f} s)   decode {result['output_tokens']} tokens at batch 1: "
-                   f"{result['decode_tok_s']:.1f} tok/s")
+        summary = (
+            f"prefill {result['prompt_tokens']} tokens: {result['prefill_tok_s']:.1f} tok/s "
+            f"({result['prefill_seconds']:.2f} s)   decode {result['output_tokens']} tokens at batch 1: "
+            f"{result['decode_tok_s']:.1f} tok/s"
+        )
     else:
-        prompts, output_lens = bench.throughput_workload(a.num_seqs, (a.min_input, a.max_input),
-                                                         (a.min_output, a.max_output), llm.config.vocab_size, a.seed)
-        result |= {"min_input": a.min_input, "max_input": a.max_input, "min_output": a.min_output,
-                   "max_output": a.max_output}
+        prompts, output_lens = bench.throughput_workload(
+            a.num_seqs, (a.min_input, a.max_input), (a.min_output, a.max_output), llm.config.vocab_size, a.seed
+        )
+        result |= {
+            "min_input": a.min_input,
+            "max_input": a.max_input,
+            "min_output": a.min_output,
+            "max_output": a.max_output,
+        }
         result |= bench.throughput(llm, prompts, output_lens, a.temperature, a.seed)
-        summary = (f"{result['num_seqs']} sequences, {result['total_input_tokens']} prompt tokens, "
-                   f"{result['total_output_tokens']} generated in {result['seconds']:.1f} s: "
-                   f"{result['output_tok_s']:.1f} output tok/s")
+        summary = (
+            f"{result['num_seqs']} sequences, {result['total_input_tokens']} prompt tokens, "
+            f"{result['total_output_tokens']} generated in {result['seconds']:.1f} s: "
+            f"{result['output_tok_s']:.1f} output tok/s"
+        )
     if a.save:
         path = bench.save(a.save, result, machine)
         if not a.json:
@@ -353,29 +467,51 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $R1_API_KEY, else no key)")
-    s.add_argument("--insecure", action="store_true",
-                   help="serve a non-loopback --host without an API key (only on a network that is yours alone)")
-    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a host name to answer besides localhost and IP addresses (repeatable); a page "
-                        "under any other name gets a 403, against DNS rebinding")
-    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="a browser origin (https://app.example) whose pages may call the API (repeatable)")
+    s.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $R1_API_KEY, else no key)"
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without an API key (only on a network that is yours alone)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name to answer besides localhost and IP addresses (repeatable); a page "
+        "under any other name gets a 403, against DNS rebinding",
+    )
+    s.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (https://app.example) whose pages may call the API (repeatable)",
+    )
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
-    s.add_argument("--max-requests", type=int, default=256,
-                   help="unfinished requests (running and queued) before new ones get a 503")
+    s.add_argument(
+        "--max-requests",
+        type=int,
+        default=256,
+        help="unfinished requests (running and queued) before new ones get a 503",
+    )
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from memory)")
     s.set_defaults(func=cmd_serve)
 
     from r1.eval.data import TASKS
+
     default_samples = ", ".join(f"{t.samples} for {t.name}" for t in TASKS.values())
-    e = sub.add_parser("eval", help="score the model on a math set (pass@1, cons@K, pass@k), resumable",
-                       description="Defaults are the published settings: temperature 0.6, top-p 0.95, "
-                                   "32,768 new tokens, the problem then 'Please reason step by step, and put your "
-                                   "final answer within \\boxed{}.' with no system prompt, and K samples per "
-                                   f"problem: {default_samples}. 'r1 eval report DIR [DIR2]' prints runs again.")
+    e = sub.add_parser(
+        "eval",
+        help="score the model on a math set (pass@1, cons@K, pass@k), resumable",
+        description="Defaults are the published settings: temperature 0.6, top-p 0.95, "
+        "32,768 new tokens, the problem then 'Please reason step by step, and put your "
+        "final answer within \\boxed{}.' with no system prompt, and K samples per "
+        f"problem: {default_samples}. 'r1 eval report DIR [DIR2]' prints runs again.",
+    )
     e.add_argument("--task", choices=list(TASKS), default=None)
     _model_args(e)
     e.add_argument("--samples", type=int, default=None, help=f"samples per problem, K (default: {default_samples})")
@@ -384,9 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top-p", type=float, default=0.95)
     e.add_argument("--seed", type=int, default=0, help="sample j of problem i uses seed + i * K + j (default 0)")
     e.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    e.add_argument("--data", default=None,
-                   help="a JSON Lines file of {id, problem, answer} (default: the r1 cache, else a download "
-                        "from Hugging Face)")
+    e.add_argument(
+        "--data",
+        default=None,
+        help="a JSON Lines file of {id, problem, answer} (default: the r1 cache, else a download from Hugging Face)",
+    )
     e.add_argument("--out", default=None, help="run directory (default: r1-eval/TASK-MODEL)")
     e.add_argument("--resume", action="store_true", help="continue the run in --out, keeping its finished samples")
     e.add_argument("--max-num-seqs", type=int, default=256, help="samples decoded together")
@@ -399,9 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("memory", help="memory needed at a quantization, context and batch (no weights loaded)")
     m.add_argument("--model", default=hub.DEFAULT_MODEL, help="HF folder, hub id, .gguf file, or demo / demo-small")
-    m.add_argument("--quant", type=lambda s: s.split(","), default=None,
-                   help="fp32, bf16, fp16, int8, int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (comma-separated for "
-                        "several; default: the device's dtype, or a set for the sweep)")
+    m.add_argument(
+        "--quant",
+        type=lambda s: s.split(","),
+        default=None,
+        help="fp32, bf16, fp16, int8, int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (comma-separated for "
+        "several; default: the device's dtype, or a set for the sweep)",
+    )
     m.add_argument("--context", type=int, default=None, help="tokens per sequence (default: a sweep from 1K to 128K)")
     m.add_argument("--batch", type=int, default=1, help="sequences held at once")
     m.add_argument("--kv-dtype", default="auto", help="auto (the compute dtype), fp32, bf16, fp16, fp8, int8")
@@ -411,18 +553,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_memory)
 
-    b = sub.add_parser("bench", help="measure latency (prefill, batch-1 decode) or batched throughput",
-                       description="Prompts are random token ids (reproducible by --seed); eos is ignored. "
-                                   "See bench/README.md for what each number means.")
+    b = sub.add_parser(
+        "bench",
+        help="measure latency (prefill, batch-1 decode) or batched throughput",
+        description="Prompts are random token ids (reproducible by --seed); eos is ignored. "
+        "See bench/README.md for what each number means.",
+    )
     bench_sub = b.add_subparsers(dest="bench", required=True)
     bl = bench_sub.add_parser("latency", help="prefill tok/s of one prompt, then batch-1 decode tok/s")
-    bl.add_argument("--prompt-len", type=int, default=512,
-                    help="prompt tokens, prefilled in the engine's chunks (default 512)")
+    bl.add_argument(
+        "--prompt-len", type=int, default=512, help="prompt tokens, prefilled in the engine's chunks (default 512)"
+    )
     bl.add_argument("--output-len", type=int, default=128, help="tokens generated for decode (default 128)")
     bl.add_argument("--repeats", type=int, default=1, help="runs of each after the warm-up; the median is kept")
-    bt = bench_sub.add_parser("throughput", help="nano-vllm's bench: N random sequences in one batch, output tok/s",
-                              description="Defaults fit a 2-core CPU. nano-vllm's original GPU sizes: --num-seqs 256 "
-                                          "--min-input 100 --max-input 1024 --min-output 100 --max-output 1024.")
+    bt = bench_sub.add_parser(
+        "throughput",
+        help="nano-vllm's bench: N random sequences in one batch, output tok/s",
+        description="Defaults fit a 2-core CPU. nano-vllm's original GPU sizes: --num-seqs 256 "
+        "--min-input 100 --max-input 1024 --min-output 100 --max-output 1024.",
+    )
     bt.add_argument("--num-seqs", type=int, default=16)
     bt.add_argument("--min-input", type=int, default=32)
     bt.add_argument("--max-input", type=int, default=256)
@@ -433,8 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
         _model_args(p)  # --model, --dtype, --threads, --quant, ...
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")
         p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
-        p.add_argument("--save", default=None, metavar="PATH", help="also write the result, the machine and the "
-                                                                    "command as JSON (e.g. bench/results/NAME.json)")
+        p.add_argument(
+            "--save",
+            default=None,
+            metavar="PATH",
+            help="also write the result, the machine and the command as JSON (e.g. bench/results/NAME.json)",
+        )
         p.set_defaults(func=cmd_bench)
     return parser
 

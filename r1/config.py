@@ -50,14 +50,25 @@ class ModelConfig:
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported architecture {self.architecture!r}: r1 runs {', '.join(SUPPORTED_ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+                f"unsupported architecture {self.architecture!r}: r1 runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
 
@@ -102,7 +113,8 @@ class ModelConfig:
         arch = md.get("general.architecture")
         if arch != "qwen2":
             raise UnsupportedModelError(
-                f"unsupported GGUF architecture {arch!r}: r1 runs qwen2 (Qwen2ForCausalLM) models")
+                f"unsupported GGUF architecture {arch!r}: r1 runs qwen2 (Qwen2ForCausalLM) models"
+            )
         tensor_shapes = tensor_shapes or {}
         p = "qwen2."
         hidden, heads = md[p + "embedding_length"], md[p + "attention.head_count"]
@@ -118,7 +130,7 @@ class ModelConfig:
             num_key_value_heads=md.get(p + "attention.head_count_kv", heads),
             head_dim=md.get(p + "attention.key_length", hidden // heads),
             # stored as float32 (9.99999997e-07); round back to the decimal the config.json had
-            rms_norm_eps=float(f'{md.get(p + "attention.layer_norm_rms_epsilon", 1e-6):.6g}'),
+            rms_norm_eps=float(f"{md.get(p + 'attention.layer_norm_rms_epsilon', 1e-6):.6g}"),
             rope_theta=float(md.get(p + "rope.freq_base", 10000.0)),
             max_position_embeddings=md.get(p + "context_length", 32768),
             # A GGUF without an output tensor reuses the embedding as the head.
@@ -198,8 +210,14 @@ class EngineConfig:
             raise ValueError(f"cpu_kernels must be one of {', '.join(options.CPU_KERNELS)}; got {self.cpu_kernels!r}")
         if self.device not in (*options.DEVICES, "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be {', '.join(options.DEVICES)} or auto; got {self.device!r}")
-        for name in ("block_size", "kv_cache_tokens", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "threads"):
+        for name in (
+            "block_size",
+            "kv_cache_tokens",
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "threads",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")

@@ -11,9 +11,14 @@ from r1.config import R1_1_5B, ModelConfig
 from r1.loaders import gguf, hub, open_model_files
 
 # R1's special tokens (../shared/MODEL.md), for the offline answer.
-R1_SPECIAL_TOKENS = {"eos": (151643, "<｜end▁of▁sentence｜>"), "bos": (151646, "<｜begin▁of▁sentence｜>"),
-                     "user": (151644, "<｜User｜>"), "assistant": (151645, "<｜Assistant｜>"),
-                     "think": (151648, "<think>"), "end_think": (151649, "</think>")}
+R1_SPECIAL_TOKENS = {
+    "eos": (151643, "<｜end▁of▁sentence｜>"),
+    "bos": (151646, "<｜begin▁of▁sentence｜>"),
+    "user": (151644, "<｜User｜>"),
+    "assistant": (151645, "<｜Assistant｜>"),
+    "think": (151648, "<think>"),
+    "end_think": (151649, "</think>"),
+}
 
 
 def _shape_facts(cfg: ModelConfig) -> dict:
@@ -38,8 +43,14 @@ def _shape_facts(cfg: ModelConfig) -> dict:
 
 def _special_tokens(tokenizer) -> dict:
     names = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
-    for name, text in (("user", "<｜User｜>"), ("assistant", "<｜Assistant｜>"), ("think", "<think>"),
-                       ("end_think", "</think>"), ("im_start", "<|im_start|>"), ("im_end", "<|im_end|>")):
+    for name, text in (
+        ("user", "<｜User｜>"),
+        ("assistant", "<｜Assistant｜>"),
+        ("think", "<think>"),
+        ("end_think", "</think>"),
+        ("im_start", "<|im_start|>"),
+        ("im_end", "<|im_end|>"),
+    ):
         names[name] = tokenizer.token_to_id(text)
     return {k: [v, tokenizer.backend.id_to_token(v)] for k, v in names.items() if v is not None}
 

@@ -70,8 +70,9 @@ def load_tokenizer(source: str | None, files: ModelFiles) -> Tokenizer:
 
 
 class LLM:
-    def __init__(self, model: str = hub.DEFAULT_MODEL, *, tokenizer: str | None = None, progress: bool = True,
-                 **engine_options):
+    def __init__(
+        self, model: str = hub.DEFAULT_MODEL, *, tokenizer: str | None = None, progress: bool = True, **engine_options
+    ):
         self.engine_config = EngineConfig(**engine_options)
         if self.engine_config.threads:
             torch.set_num_threads(self.engine_config.threads)
@@ -87,8 +88,14 @@ class LLM:
         runner = ModelRunner(self.model, *self._kv_pool(), enforce_eager=self.engine_config.enforce_eager)
         scheduler_config = self._scheduler_config(runner.num_sequence_blocks)
         runner.capture_decode_graphs(scheduler_config.max_num_seqs, scheduler_config.max_model_len)
-        self.engine = LLMEngine(runner, self.tokenizer, scheduler_config, self.files.sampling_defaults,
-                                self._end_of_turn_ids(), self.engine_config.resolved_async_scheduling(self.device))
+        self.engine = LLMEngine(
+            runner,
+            self.tokenizer,
+            scheduler_config,
+            self.files.sampling_defaults,
+            self._end_of_turn_ids(),
+            self.engine_config.resolved_async_scheduling(self.device),
+        )
         self._ids = itertools.count()
 
     # ---- sizing ------------------------------------------------------------------------------
@@ -96,20 +103,28 @@ class LLM:
     def _kv_pool(self) -> tuple[int, int, torch.dtype]:
         """(num_blocks, block_size, dtype) of the paged KV cache, sized by the memory calculator."""
         self.kv_pool_tokens = memory.kv_pool_tokens(self.config, self.engine_config, self.device, self.dtype)
-        return (self.kv_pool_tokens // self.engine_config.block_size, self.engine_config.block_size,
-                self.engine_config.resolved_kv_dtype(self.dtype))
+        return (
+            self.kv_pool_tokens // self.engine_config.block_size,
+            self.engine_config.block_size,
+            self.engine_config.resolved_kv_dtype(self.dtype),
+        )
 
     def _scheduler_config(self, num_blocks: int) -> SchedulerConfig:
         """The scheduler's limits, over the num_blocks of the pool the runner lets sequences use."""
         ec = self.engine_config
         max_len = min(ec.max_model_len or self.config.max_position_embeddings, num_blocks * ec.block_size)
         if ec.max_model_len and ec.max_model_len > self.config.max_position_embeddings:
-            raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's context "
-                             f"({self.config.max_position_embeddings})")
-        return SchedulerConfig(num_blocks=num_blocks, block_size=ec.block_size,
-                               max_num_seqs=ec.max_num_seqs,
-                               max_num_batched_tokens=ec.resolved_max_num_batched_tokens(self.device.type),
-                               max_model_len=max_len, enable_prefix_caching=ec.enable_prefix_caching)
+            raise ValueError(
+                f"max_model_len {ec.max_model_len} exceeds the model's context ({self.config.max_position_embeddings})"
+            )
+        return SchedulerConfig(
+            num_blocks=num_blocks,
+            block_size=ec.block_size,
+            max_num_seqs=ec.max_num_seqs,
+            max_num_batched_tokens=ec.resolved_max_num_batched_tokens(self.device.type),
+            max_model_len=max_len,
+            enable_prefix_caching=ec.enable_prefix_caching,
+        )
 
     def _end_of_turn_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -136,8 +151,9 @@ class LLM:
 
     # ---- generation --------------------------------------------------------------------------
 
-    def stream(self, prompt: Prompt | list[Message], params: SamplingParams | None = None,
-               chat: bool = False) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: Prompt | list[Message], params: SamplingParams | None = None, chat: bool = False
+    ) -> Iterator[RequestOutput]:
         """Run one request alone, yielding its incremental outputs."""
         ids = self.encode_prompt(prompt, chat)
         request_id = f"req-{next(self._ids)}"
@@ -153,15 +169,19 @@ class LLM:
             if not finished:
                 self._take_back([request_id])
 
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[Completion]:
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Plain completions (no chat template) of one prompt or many, batched."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run_all(list(prompts), params, chat=False)
 
-    def chat(self, conversations: list[Message] | Seq[list[Message]],
-             params: SamplingParams | Seq[SamplingParams] | None = None) -> list[Completion]:
+    def chat(
+        self,
+        conversations: list[Message] | Seq[list[Message]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[Completion]:
         """Answers to one conversation or many, rendered with the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
@@ -212,13 +232,17 @@ def expand_samples(params: SamplingParams) -> list[SamplingParams]:
     if params.n == 1:
         return [params]
     low, high = INT64
-    seeds = [None] * params.n if params.seed is None else [
-        (params.seed + i - low) % (high - low + 1) + low for i in range(params.n)]
+    seeds = (
+        [None] * params.n
+        if params.seed is None
+        else [(params.seed + i - low) % (high - low + 1) + low for i in range(params.n)]
+    )
     return [dataclasses.replace(params, n=1, seed=seed) for seed in seeds]
 
 
-def _collect(request_id: str, prompt_index: int, sample_index: int, prompt_ids: list[int],
-             outputs: list[RequestOutput]) -> Completion:
+def _collect(
+    request_id: str, prompt_index: int, sample_index: int, prompt_ids: list[int], outputs: list[RequestOutput]
+) -> Completion:
     last = outputs[-1]
     return Completion(
         request_id=request_id,
@@ -230,8 +254,12 @@ def _collect(request_id: str, prompt_index: int, sample_index: int, prompt_ids: 
         answer="".join(o.delta_answer for o in outputs),
         token_ids=[t for o in outputs for t in o.new_token_ids],
         finish_reason=last.finish_reason,
-        usage={"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens,
-               "cached_tokens": last.num_cached_tokens, "reasoning_tokens": last.num_reasoning_tokens},
+        usage={
+            "prompt_tokens": last.num_prompt_tokens,
+            "completion_tokens": last.num_output_tokens,
+            "cached_tokens": last.num_cached_tokens,
+            "reasoning_tokens": last.num_reasoning_tokens,
+        },
         timing={"prefill_seconds": last.time_to_first_token, "decode_seconds": last.decode_seconds},
         logprobs=[lp for o in outputs for lp in o.new_logprobs],
         error=last.error,

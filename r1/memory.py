@@ -31,16 +31,25 @@ FLOAT_QUANTS = options.DTYPES
 R1_QUANTS = tuple(m for m in options.QUANT_MODES if m != "none")
 # llama.cpp presets by their per-tensor types (llama_tensor_get_type): (default, bigger type for
 # half of attn_v and ffn_down, type of output.weight).
-GGUF_PRESETS = {"q8_0": ("Q8_0", None, "Q8_0"), "q6_k": ("Q6_K", None, "Q6_K"),
-                "q5_k_m": ("Q5_K", "Q6_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K", "Q6_K"),
-                "q4_0": ("Q4_0", None, "Q6_K")}
+GGUF_PRESETS = {
+    "q8_0": ("Q8_0", None, "Q8_0"),
+    "q6_k": ("Q6_K", None, "Q6_K"),
+    "q5_k_m": ("Q5_K", "Q6_K", "Q6_K"),
+    "q4_k_m": ("Q4_K", "Q6_K", "Q6_K"),
+    "q4_0": ("Q4_0", None, "Q6_K"),
+}
 QUANTS = FLOAT_QUANTS + R1_QUANTS + tuple(GGUF_PRESETS)
 # general.file_type of a GGUF file (llama_ftype), for the presets above.
 GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 32: "bf16", 7: "q8_0", 18: "q6_k", 17: "q5_k_m", 15: "q4_k_m", 2: "q4_0"}
 # K-quants need rows of 256; llama.cpp falls back to these for other widths.
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-             "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+KV_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.float8_e4m3fn,
+    "int8": torch.int8,
+}
 
 # Measured (bench/results/memory_cpu.json): RSS of Python, torch, the GGUF header and the tokenizer,
 # plus the heap the loader leaves behind, with no weights or KV cache.
@@ -59,6 +68,7 @@ CUDA_MEMORY_FRACTION = 0.9
 
 # ---- weights ----------------------------------------------------------------------------------
 
+
 def gguf_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Every weight as (llama.cpp name, torch shape): what a GGUF file of this model holds."""
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
@@ -67,11 +77,20 @@ def gguf_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
         out.append(("output.weight", (cfg.vocab_size, h)))
     out.append(("output_norm.weight", (h,)))
     for i in range(cfg.num_hidden_layers):
-        for name, shape in (("attn_norm.weight", (h,)), ("attn_q.weight", (q, h)), ("attn_q.bias", (q,)),
-                            ("attn_k.weight", (kv, h)), ("attn_k.bias", (kv,)), ("attn_v.weight", (kv, h)),
-                            ("attn_v.bias", (kv,)), ("attn_output.weight", (h, q)), ("ffn_norm.weight", (h,)),
-                            ("ffn_gate.weight", (inter, h)), ("ffn_up.weight", (inter, h)),
-                            ("ffn_down.weight", (h, inter))):
+        for name, shape in (
+            ("attn_norm.weight", (h,)),
+            ("attn_q.weight", (q, h)),
+            ("attn_q.bias", (q,)),
+            ("attn_k.weight", (kv, h)),
+            ("attn_k.bias", (kv,)),
+            ("attn_v.weight", (kv, h)),
+            ("attn_v.bias", (kv,)),
+            ("attn_output.weight", (h, q)),
+            ("ffn_norm.weight", (h,)),
+            ("ffn_gate.weight", (inter, h)),
+            ("ffn_up.weight", (inter, h)),
+            ("ffn_down.weight", (h, inter)),
+        ):
             out.append((f"blk.{i}.{name}", shape))
     return out
 
@@ -100,12 +119,14 @@ def gguf_preset_type(preset: str, name: str, shape: tuple[int, ...], n_layers: i
 
 def _ggml_bytes(qtype: str, numel: int) -> int:
     import gguf
+
     block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
     return numel // block * block_bytes
 
 
-def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig, compute: str,
-                  device: str) -> tuple[str, int]:
+def _tensor_bytes(
+    quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig, compute: str, device: str
+) -> tuple[str, int]:
     """(how one tensor is stored, its bytes) under a non-float quant, served on `device`."""
     numel = math.prod(shape)
     if quant in GGUF_PRESETS:
@@ -146,13 +167,13 @@ def weight_line(cfg: ModelConfig, quant: str, compute: str, device: str = "cpu")
         part = parts.setdefault(label, [0, 0])
         part[0] += math.prod(shape)
         part[1] += nbytes
-    layout = (f"llama.cpp {quant.upper()} layout" if quant in GGUF_PRESETS
-              else f"r1 weight-only {quant}")
+    layout = f"llama.cpp {quant.upper()} layout" if quant in GGUF_PRESETS else f"r1 weight-only {quant}"
     terms = " + ".join(f"{n / 1e6:,.1f}M x {b / n:.4g} B ({label})" for label, (n, b) in parts.items())
     return Line("weights", sum(b for _, b in parts.values()), f"{layout}: {terms}")
 
 
 # ---- model sources ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -193,15 +214,27 @@ def model_source(name: str) -> ModelSource:
     if path.is_file():
         header = gguf.read_header(path)
         config = ModelConfig.from_gguf_metadata(header.metadata, {t.name: t.shape for t in header.tensors})
-        return ModelSource(name, config, GGUF_FILE_TYPES.get(header.metadata.get("general.file_type"), "file"),
-                           sum(gguf.tensor_nbytes(t) for t in header.tensors), header.file_size, True)
+        return ModelSource(
+            name,
+            config,
+            GGUF_FILE_TYPES.get(header.metadata.get("general.file_type"), "file"),
+            sum(gguf.tensor_nbytes(t) for t in header.tensors),
+            header.file_size,
+            True,
+        )
     config = ModelConfig.from_json_file(path / "config.json")
     files = safetensors.checkpoint_files(path)
-    return ModelSource(name, config, config.dtype, sum(_safetensors_tensor_bytes(f) for f in files),
-                       sum(f.stat().st_size for f in files))
+    return ModelSource(
+        name,
+        config,
+        config.dtype,
+        sum(_safetensors_tensor_bytes(f) for f in files),
+        sum(f.stat().st_size for f in files),
+    )
 
 
 # ---- one engine step --------------------------------------------------------------------------
+
 
 def gathered_tokens(context: int, decode_rows: int) -> int:
     """The most cached tokens attention copies out of the paged cache at once: a prefill chunk's
@@ -210,8 +243,7 @@ def gathered_tokens(context: int, decode_rows: int) -> int:
     return max(context, min(decode_rows * context, DECODE_GATHER_TOKENS))
 
 
-def activation_bytes(cfg: ModelConfig, step_tokens: int, context: int, act_itemsize: int,
-                     decode_rows: int = 1) -> int:
+def activation_bytes(cfg: ModelConfig, step_tokens: int, context: int, act_itemsize: int, decode_rows: int = 1) -> int:
     """Peak temporaries of one forward of `step_tokens` new tokens whose longest sequence attends
     to `context` tokens, `decode_rows` of them decoding: the hidden stream plus the larger of
     attention's and the MLP's buffers."""
@@ -232,6 +264,7 @@ def logits_bytes(cfg: ModelConfig, rows: int, act_itemsize: int, async_schedulin
 
 
 # ---- the plan -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -265,12 +298,19 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         lines = [*self.lines, *([self.loading] if self.loading else [])]
-        return {"model": self.model, "quant": self.quant, "context": self.context, "batch": self.batch,
-                "device": self.device, "kv_dtype": self.kv_dtype,
-                "lines": [{"name": x.name, "bytes": x.bytes, "gib": round(x.gib, 3), "formula": x.formula}
-                          for x in lines],
-                "serving_bytes": self.serving, "total_bytes": self.total, "total_gib": round(self.total / GiB, 3),
-                "peak_rss_bytes": self.peak_rss if self.loading else None}
+        return {
+            "model": self.model,
+            "quant": self.quant,
+            "context": self.context,
+            "batch": self.batch,
+            "device": self.device,
+            "kv_dtype": self.kv_dtype,
+            "lines": [{"name": x.name, "bytes": x.bytes, "gib": round(x.gib, 3), "formula": x.formula} for x in lines],
+            "serving_bytes": self.serving,
+            "total_bytes": self.total,
+            "total_gib": round(self.total / GiB, 3),
+            "peak_rss_bytes": self.peak_rss if self.loading else None,
+        }
 
 
 def compute_dtype(quant: str, device: str) -> str:
@@ -278,8 +318,15 @@ def compute_dtype(quant: str, device: str) -> str:
     return quant if quant in FLOAT_QUANTS else ("bf16" if device == "cuda" else "fp32")
 
 
-def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: int | None = None, batch: int = 1,
-         device: str = "cuda", kv_dtype: str = "auto", engine: EngineConfig = EngineConfig()) -> MemoryPlan:
+def plan(
+    source: ModelSource | ModelConfig,
+    quant: str | None = None,
+    context: int | None = None,
+    batch: int = 1,
+    device: str = "cuda",
+    kv_dtype: str = "auto",
+    engine: EngineConfig = EngineConfig(),
+) -> MemoryPlan:
     """The memory of `batch` sequences of `context` tokens each, served by r1 on `device`."""
     if isinstance(source, ModelConfig):
         source = ModelSource("config", source)
@@ -297,34 +344,54 @@ def plan(source: ModelSource | ModelConfig, quant: str | None = None, context: i
         weights = weight_line(cfg, quant, compute, device)
     per_token = cfg.kv_bytes_per_token(KV_DTYPES[kv_dtype])
     tokens = batch * -(-context // engine.block_size) * engine.block_size
-    kv = Line("kv cache", tokens * per_token,
-              f"{batch} x {tokens // batch:,} tokens (blocks of {engine.block_size}) x {per_token:,} B "
-              f"(2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
-              f"{KV_DTYPES[kv_dtype].itemsize} B {kv_dtype}"
-              + (" + a 4 B scale per kv head" if kv_dtype == "int8" else "") + ")")
+    kv = Line(
+        "kv cache",
+        tokens * per_token,
+        f"{batch} x {tokens // batch:,} tokens (blocks of {engine.block_size}) x {per_token:,} B "
+        f"(2 x {cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
+        f"{KV_DTYPES[kv_dtype].itemsize} B {kv_dtype}"
+        + (" + a 4 B scale per kv head" if kv_dtype == "int8" else "")
+        + ")",
+    )
     step = min(engine.resolved_max_num_batched_tokens(device), batch * context)
     rows = min(batch, engine.max_num_seqs)
     gathered = gathered_tokens(context, rows)
-    acts = Line("activations", activation_bytes(cfg, step, context, a, rows),
-                f"prefill chunk C={step:,}: C x (3 x {cfg.hidden_size} x 4 + (3 x {cfg.q_size} + 4 x {cfg.kv_size})"
-                f" x {a}) + max(attention's gathered K, V and scores {gathered:,} tokens x (2 x {cfg.kv_size} x {a}"
-                f" + 2 x {cfg.num_attention_heads} x 4), MLP 3 x C x {cfg.intermediate_size} x {a})")
+    acts = Line(
+        "activations",
+        activation_bytes(cfg, step, context, a, rows),
+        f"prefill chunk C={step:,}: C x (3 x {cfg.hidden_size} x 4 + (3 x {cfg.q_size} + 4 x {cfg.kv_size})"
+        f" x {a}) + max(attention's gathered K, V and scores {gathered:,} tokens x (2 x {cfg.kv_size} x {a}"
+        f" + 2 x {cfg.num_attention_heads} x 4), MLP 3 x C x {cfg.intermediate_size} x {a})",
+    )
     ahead = engine.resolved_async_scheduling(torch.device(device))
-    logits = Line("logits", logits_bytes(cfg, rows, a, ahead),
-                  f"{rows} rows x {cfg.vocab_size:,} vocab x ({a} + 3 x 4 B" + (f" + {a} + 4 B" if ahead else "")
-                  + ") (head output, fp32, sampling copies" + (", the next step's output, fp32" if ahead else "") + ")")
+    logits = Line(
+        "logits",
+        logits_bytes(cfg, rows, a, ahead),
+        f"{rows} rows x {cfg.vocab_size:,} vocab x ({a} + 3 x 4 B"
+        + (f" + {a} + 4 B" if ahead else "")
+        + ") (head output, fp32, sampling copies"
+        + (", the next step's output, fp32" if ahead else "")
+        + ")",
+    )
     loading, reclaimable = None, 0
     if device == "cuda":
         slack = int(CUDA_ALLOCATOR_SLACK * (weights.bytes + kv.bytes + acts.bytes + logits.bytes))
-        runtime = Line("runtime", CUDA_CONTEXT_BYTES + slack,
-                       f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.2f} GiB + allocator slack {CUDA_ALLOCATOR_SLACK:.0%}"
-                       " of the tensors (estimates: not measured on a GPU)")
+        runtime = Line(
+            "runtime",
+            CUDA_CONTEXT_BYTES + slack,
+            f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.2f} GiB + allocator slack {CUDA_ALLOCATOR_SLACK:.0%}"
+            " of the tensors (estimates: not measured on a GPU)",
+        )
     else:
-        runtime = Line("runtime", CPU_RUNTIME_BYTES, f"Python, torch, tokenizer: {CPU_RUNTIME_BYTES / GiB:.2f} GiB "
-                       "(measured RSS with no weights)")
+        runtime = Line(
+            "runtime",
+            CPU_RUNTIME_BYTES,
+            f"Python, torch, tokenizer: {CPU_RUNTIME_BYTES / GiB:.2f} GiB (measured RSS with no weights)",
+        )
         loading, reclaimable = _loading_line(source, weights, runtime)
-    return MemoryPlan(source.name, quant, context, batch, device, kv_dtype, (weights, kv, acts, logits, runtime),
-                      loading, reclaimable)
+    return MemoryPlan(
+        source.name, quant, context, batch, device, kv_dtype, (weights, kv, acts, logits, runtime), loading, reclaimable
+    )
 
 
 def _loading_line(source: ModelSource, weights: Line, runtime: Line) -> tuple[Line, int]:
@@ -339,13 +406,18 @@ def _loading_line(source: ModelSource, weights: Line, runtime: Line) -> tuple[Li
         largest = max(math.prod(shape) for _, shape in gguf_tensors(cfg))
         dequant = runtime.bytes + GGUF_DEQUANT_BYTES_PER_WEIGHT * largest
         if dequant > nbytes:
-            return Line("loading", dequant, f"runtime + {GGUF_DEQUANT_BYTES_PER_WEIGHT} B x {largest:,} weights "
-                                           "(dequantizing the largest GGUF tensor)"), 0
+            return Line(
+                "loading",
+                dequant,
+                f"runtime + {GGUF_DEQUANT_BYTES_PER_WEIGHT} B x {largest:,} weights "
+                "(dequantizing the largest GGUF tensor)",
+            ), 0
     return Line("loading", nbytes, formula), mapped
 
 
-def _check(source: ModelSource, quant: str, context: int, batch: int, device: str, kv_dtype: str,
-           engine: EngineConfig) -> None:
+def _check(
+    source: ModelSource, quant: str, context: int, batch: int, device: str, kv_dtype: str, engine: EngineConfig
+) -> None:
     known = QUANTS + ((source.file_quant,) if source.file_quant and source.file_quant not in QUANTS else ())
     if quant not in known:
         raise ValueError(f"unknown quantization {quant!r}; expected one of {', '.join(known)}")
@@ -356,8 +428,9 @@ def _check(source: ModelSource, quant: str, context: int, batch: int, device: st
     if not isinstance(context, int) or context <= 0:
         raise ValueError(f"context must be a positive number of tokens, got {context!r}")
     if context > source.config.max_position_embeddings:
-        raise ValueError(f"context {context:,} exceeds the model's maximum of "
-                         f"{source.config.max_position_embeddings:,} tokens")
+        raise ValueError(
+            f"context {context:,} exceeds the model's maximum of {source.config.max_position_embeddings:,} tokens"
+        )
     if not isinstance(batch, int) or batch <= 0:
         raise ValueError(f"batch must be a positive number of sequences, got {batch!r}")
     if batch > engine.max_num_seqs:
@@ -369,8 +442,15 @@ def _check(source: ModelSource, quant: str, context: int, batch: int, device: st
 SWEEP_CONTEXTS = (1024, 4096, 8192, 16384, 32768, 65536, 131072)
 SWEEP_QUANTS = ("fp32", "bf16", "int8", "int4", "q8_0", "q4_k_m")
 # Nominal memory of common GPUs (the driver leaves a little less usable).
-GPUS = {"T4 16 GB": 16 * GiB, "RTX 3060 12 GB": 12 * GiB, "RTX 4090 24 GB": 24 * GiB, "L4 24 GB": 24 * GiB,
-        "A100 40 GB": 40 * GiB, "A100 80 GB": 80 * GiB, "H100 80 GB": 80 * GiB}
+GPUS = {
+    "T4 16 GB": 16 * GiB,
+    "RTX 3060 12 GB": 12 * GiB,
+    "RTX 4090 24 GB": 24 * GiB,
+    "L4 24 GB": 24 * GiB,
+    "A100 40 GB": 40 * GiB,
+    "A100 80 GB": 80 * GiB,
+    "H100 80 GB": 80 * GiB,
+}
 _UNITS = {"": GiB, "g": GiB, "gib": GiB, "gb": 10**9, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6}
 
 
@@ -400,17 +480,21 @@ def fit_context(source: ModelSource | ModelConfig, quant: str, budget: int, **op
     return _largest(fits, 1, cfg.max_position_embeddings) if fits(1) else None
 
 
-def sweep(source: ModelSource | ModelConfig, quants=SWEEP_QUANTS, contexts=SWEEP_CONTEXTS,
-          **options) -> dict[str, list[MemoryPlan | None]]:
+def sweep(
+    source: ModelSource | ModelConfig, quants=SWEEP_QUANTS, contexts=SWEEP_CONTEXTS, **options
+) -> dict[str, list[MemoryPlan | None]]:
     """A plan per quantization and context; None where the context exceeds the model's."""
     cfg = source if isinstance(source, ModelConfig) else source.config
-    return {q: [plan(source, q, c, **options) if c <= cfg.max_position_embeddings else None for c in contexts]
-            for q in quants}
+    return {
+        q: [plan(source, q, c, **options) if c <= cfg.max_position_embeddings else None for c in contexts]
+        for q in quants
+    }
 
 
 def plot_sweep(table: dict[str, list[MemoryPlan | None]], path: str | Path, title: str) -> None:
     """Total memory against context, one line per quantization, with common GPU sizes marked."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -423,8 +507,15 @@ def plot_sweep(table: dict[str, list[MemoryPlan | None]], path: str | Path, titl
         sizes.setdefault(size, []).append(name)
     for size, names in sizes.items():
         ax.axhline(size / GiB, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(0.01, size / GiB, " / ".join(names), transform=ax.get_yaxis_transform(), va="bottom",
-                fontsize=7, color="dimgrey")
+        ax.text(
+            0.01,
+            size / GiB,
+            " / ".join(names),
+            transform=ax.get_yaxis_transform(),
+            va="bottom",
+            fontsize=7,
+            color="dimgrey",
+        )
     ax.set_xscale("log", base=2)
     contexts = sorted({p.context for plans in table.values() for p in plans if p})
     ax.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])
@@ -440,8 +531,10 @@ def plot_sweep(table: dict[str, list[MemoryPlan | None]], path: str | Path, titl
 
 # ---- the engine's KV pool -----------------------------------------------------------------------
 
-def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype,
-                   free_bytes: int | None = None) -> int:
+
+def kv_pool_tokens(
+    cfg: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype, free_bytes: int | None = None
+) -> int:
     """Tokens of paged KV cache the engine allocates (a multiple of the block size).
 
     `dtype` is the model's; the cache's is engine.kv_dtype's. A stated kv_cache_tokens wins.
@@ -461,16 +554,22 @@ def kv_pool_tokens(cfg: ModelConfig, engine: EngineConfig, device: torch.device,
         max_len = engine.max_model_len or cfg.max_position_embeddings
 
         def room(context: int) -> int:  # KV bytes left once a step at this context has its activations
-            step = activation_bytes(cfg, engine.resolved_max_num_batched_tokens(device.type), context,
-                                    dtype.itemsize, engine.max_num_seqs)
-            return budget - step - logits_bytes(cfg, engine.max_num_seqs, dtype.itemsize,
-                                                engine.resolved_async_scheduling(device))
+            step = activation_bytes(
+                cfg, engine.resolved_max_num_batched_tokens(device.type), context, dtype.itemsize, engine.max_num_seqs
+            )
+            return (
+                budget
+                - step
+                - logits_bytes(cfg, engine.max_num_seqs, dtype.itemsize, engine.resolved_async_scheduling(device))
+            )
 
         if room(max_len) >= max_len * per_token:
             tokens = room(max_len) // per_token
         else:  # the longest context whose own KV and activations fit
             tokens = _largest(lambda context: room(context) >= context * per_token, 0, max_len)
     if tokens < engine.block_size and not engine.kv_cache_tokens:
-        raise RuntimeError(f"no room for a KV cache: {tokens} tokens fit, a block holds {engine.block_size} "
-                           "(free memory, or lower max_num_batched_tokens / max_num_seqs)")
+        raise RuntimeError(
+            f"no room for a KV cache: {tokens} tokens fit, a block holds {engine.block_size} "
+            "(free memory, or lower max_num_batched_tokens / max_num_seqs)"
+        )
     return max(1, tokens // engine.block_size) * engine.block_size

@@ -139,8 +139,9 @@ class _PyTorchInt4Linear(QuantizedLinear):
         q, scales, lows, steps = int4_groups(weight, self.group_size)
         scale, low = int4_grid(scales, lows, steps)
         self.packed = self._pack(q)
-        self.scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(
-            torch.bfloat16)
+        self.scales_and_zeros = (
+            torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        )
 
     def _pack(self, levels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -173,8 +174,9 @@ class Int4Linear(_PyTorchInt4Linear):
         x2 = x2.to(torch.bfloat16)
         if x2.shape[0] > PACKED_KERNEL_MAX_ROWS and self.out_features % 64 == 0 and _kernel_layout_is_known():
             return self._add_bias(x2 @ self.dequantized_t())  # prefill: one bf16 GEMM is ~2x the packed kernel
-        return self._add_bias(torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
-                                                                self.scales_and_zeros))
+        return self._add_bias(
+            torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        )
 
 
 @functools.cache
@@ -196,8 +198,10 @@ class Int4KernelLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = INT4_GROUP_SIZE):
         if in_features % group_size or out_features % self.TILE_ROWS:
-            raise ValueError(f"int4 needs in_features ({in_features}) divisible by {group_size} and "
-                             f"out_features ({out_features}) by {self.TILE_ROWS}")
+            raise ValueError(
+                f"int4 needs in_features ({in_features}) divisible by {group_size} and "
+                f"out_features ({out_features}) by {self.TILE_ROWS}"
+            )
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
@@ -222,8 +226,9 @@ class Int4KernelLinear(QuantizedLinear):
         bias = self.bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
-        return kernels.op("int4_matmul")(x2.float().contiguous(), self.packed, self.scales, self.lows, self.steps,
-                                          self.group_size, bias)
+        return kernels.op("int4_matmul")(
+            x2.float().contiguous(), self.packed, self.scales, self.lows, self.steps, self.group_size, bias
+        )
 
 
 class Int4CudaLinear(_PyTorchInt4Linear):
@@ -236,16 +241,21 @@ class Int4CudaLinear(_PyTorchInt4Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = INT4_GROUP_SIZE):
         tile = self.INNER_K_TILES * 16
         if in_features % tile or out_features % 8:
-            raise ValueError(f"int4 on CUDA needs in_features ({in_features}) divisible by {tile} and "
-                             f"out_features ({out_features}) by 8")
+            raise ValueError(
+                f"int4 on CUDA needs in_features ({in_features}) divisible by {tile} and "
+                f"out_features ({out_features}) by 8"
+            )
         super().__init__(in_features, out_features, bias, group_size)
 
     def _pack(self, levels: torch.Tensor) -> torch.Tensor:
         return _pack_for_cuda(levels, self.INNER_K_TILES, _cuda_nibble_order(levels.device))
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed,
-                                                        self.group_size, self.scales_and_zeros))
+        return self._add_bias(
+            torch._weight_int4pack_mm(
+                x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros
+            )
+        )
 
 
 def _pack_for_cuda(levels: torch.Tensor, inner_k_tiles: int, high_first: bool) -> torch.Tensor:
@@ -269,8 +279,9 @@ def _cuda_nibble_order(device: torch.device) -> bool:
         product = torch._weight_int4pack_mm(identity, packed, g, ones)
         if torch.equal(product.T.float(), levels.float()):
             return high_first
-    raise RuntimeError("this torch's CUDA int4 kernel packs its weights in a layout r1 does not know; "
-                       "use --quant int8 or --quant none")
+    raise RuntimeError(
+        "this torch's CUDA int4 kernel packs its weights in a layout r1 does not know; use --quant int8 or --quant none"
+    )
 
 
 def int4_linear_class() -> type[QuantizedLinear]:
@@ -285,8 +296,9 @@ def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:
     if mode == "none":
         return
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--quant {mode} runs on PyTorch's packed CPU and CUDA kernels; on {device.type} "
-                         "use --quant none")
+        raise ValueError(
+            f"--quant {mode} runs on PyTorch's packed CPU and CUDA kernels; on {device.type} use --quant none"
+        )
     if mode == "int8":
         cls = Int8Linear  # PyTorch's _weight_int8pack_mm has a CUDA kernel too
     else:

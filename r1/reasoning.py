@@ -75,7 +75,7 @@ class _Part:
             text = text.lstrip()
         out = text.rstrip()
         self.started = self.started or bool(out)
-        self.held = "" if final else text[len(out):]
+        self.held = "" if final else text[len(out) :]
         return out
 
 
@@ -107,7 +107,7 @@ class ReasoningText:
         if self.reasoning_from is not None:
             end = upto if self.reasoning_to is None else min(upto, self.reasoning_to)
             closed = final or (self.reasoning_to is not None and upto >= self.reasoning_to)
-            reasoning = self.reasoning.take(text[max(start, self.reasoning_from):end], closed)
+            reasoning = self.reasoning.take(text[max(start, self.reasoning_from) : end], closed)
         if self.answer_from is not None:
-            answer = self.answer.take(text[max(start, self.answer_from):upto], final)
+            answer = self.answer.take(text[max(start, self.answer_from) : upto], final)
         return reasoning, answer

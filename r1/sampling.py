@@ -34,9 +34,13 @@ CANDIDATES = 64  # each row's likeliest tokens that the filters look at first
 TRIES = 3  # draws a wide row may have rejected before it is filtered by sorting
 
 
-def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
-                prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
     """Next token ids (B,) from the model's last-position logits (B, V); params must be concrete."""
     if any(p.temperature is None or p.top_p is None or p.top_k is None for p in params):
         raise ValueError("sample_next needs concrete params: call SamplingParams.with_defaults first")
@@ -51,8 +55,14 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     greedy = [i for i, p in enumerate(params) if p.greedy]
     filtered = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
     # A top_k past the candidates widens the candidates of every row filtered with it: apart.
-    filtered_groups = [g for g in ([i for i in filtered if params[i].top_k < CANDIDATES],
-                                   [i for i in filtered if params[i].top_k >= CANDIDATES]) if g]
+    filtered_groups = [
+        g
+        for g in (
+            [i for i in filtered if params[i].top_k < CANDIDATES],
+            [i for i in filtered if params[i].top_k >= CANDIDATES],
+        )
+        if g
+    ]
     unfiltered = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
     # Drawn on the host, then copied once; row r of u is the r-th of the filtered, then the rest.
     drawing = [i for group in filtered_groups for i in group] + unfiltered
@@ -62,7 +72,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
         parts.append((greedy, greedy_tokens(rows(greedy))))
     start = 0
     for group in filtered_groups:
-        group_u = u[start:start + len(group)]
+        group_u = u[start : start + len(group)]
         parts.append((group, _sample_filtered(rows(group), [params[i] for i in group], group_u)))
         start += len(group)
     if unfiltered:
@@ -96,9 +106,12 @@ def _filters(p: SamplingParams, vocab: int) -> bool:
     return 0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0
 
 
-def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
-                    output_ids: Sequence[Sequence[int]],
-                    params: Sequence[SamplingParams]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (positive logits divided by it, negative
     multiplied), then frequency (per occurrence) and presence (once) penalties subtracted for
     tokens in the output only."""
@@ -131,8 +144,9 @@ def apply_temperature(logits: torch.Tensor, temperature: PerRow) -> torch.Tensor
     return logits / t.to(logits.device, non_blocking=True).unsqueeze(1)
 
 
-def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow,
-                      temperature: PerRow = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def filter_candidates(
+    logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow, temperature: PerRow = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's tokens that survive top-k, then top-p over what top-k kept, then min-p, under
     softmax(logits / temperature) (temperatures positive).
 
@@ -159,8 +173,9 @@ def filter_candidates(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p:
     return kept, ids
 
 
-def _filter_settings(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow,
-                     temperature: PerRow) -> tuple[tuple[torch.Tensor, ...], int]:
+def _filter_settings(
+    logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: PerRow, temperature: PerRow
+) -> tuple[tuple[torch.Tensor, ...], int]:
     """((k, p, m, t) as (R,) tensors on the logits' device, a k of V or more as 0), and the
     candidates' width: one past the largest k, so that the candidates show whether the k-th
     token's ties go on. Decided on the host when the values are numbers."""
@@ -168,8 +183,12 @@ def _filter_settings(logits: torch.Tensor, top_k: PerRow, top_p: PerRow, min_p: 
     k = _per_row(top_k, logits, torch.int64)
     k = torch.where(k < vocab, k, torch.zeros_like(k))
     width = min(vocab, max(CANDIDATES, int(k.max()) + 1))
-    settings = (k, _per_row(top_p, logits, torch.float32), _per_row(min_p, logits, torch.float32),
-                _per_row(temperature, logits, torch.float32))
+    settings = (
+        k,
+        _per_row(top_p, logits, torch.float32),
+        _per_row(min_p, logits, torch.float32),
+        _per_row(temperature, logits, torch.float32),
+    )
     return tuple(x.to(logits.device, non_blocking=True) for x in settings), width
 
 
@@ -177,8 +196,13 @@ def _sample_filtered(logits: torch.Tensor, params: Sequence[SamplingParams], u: 
     """Tokens (R,) for rows that each enable a filter, from their uniform numbers u (R, TRIES + 1):
     the candidates' draw where the row's kept tokens all lie among them, otherwise `_sample_wide`'s."""
     vocab = logits.shape[1]
-    (k, p, m, t), width = _filter_settings(logits, [x.top_k for x in params], [x.top_p for x in params],
-                                           [x.min_p for x in params], [x.temperature for x in params])
+    (k, p, m, t), width = _filter_settings(
+        logits,
+        [x.top_k for x in params],
+        [x.top_p for x in params],
+        [x.min_p for x in params],
+        [x.temperature for x in params],
+    )
     values, ids = _softmax_topk(logits, t, width)
     kept, settled = _filter_sorted(values, k, p, m)
     tokens = ids.gather(1, draw(kept, u[:, 0]).unsqueeze(1)).squeeze(1)
@@ -187,13 +211,21 @@ def _sample_filtered(logits: torch.Tensor, params: Sequence[SamplingParams], u: 
     wide = (~settled).nonzero().squeeze(1)  # the one wait on the device
     if len(wide):
         rows = slice(None) if len(wide) == len(logits) else wide  # flat rows, often all of them
-        tokens[rows] = _sample_wide(logits[rows], k[rows], p[rows], m[rows], t[rows], u[rows],
-                                    min_p=any(x.min_p > 0 for x in params))
+        tokens[rows] = _sample_wide(
+            logits[rows], k[rows], p[rows], m[rows], t[rows], u[rows], min_p=any(x.min_p > 0 for x in params)
+        )
     return tokens
 
 
-def _sample_wide(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor, m: torch.Tensor, t: torch.Tensor,
-                 u: torch.Tensor, min_p: bool) -> torch.Tensor:
+def _sample_wide(
+    logits: torch.Tensor,
+    k: torch.Tensor,
+    p: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor,
+    u: torch.Tensor,
+    min_p: bool,
+) -> torch.Tensor:
     """Tokens (R,) over the whole vocabulary for rows whose kept tokens may reach past the
     candidates, with filter_candidates' semantics, except that tokens tied at top-p's edge are all
     kept (where a sort keeps those it reaches first; equal float probabilities are rare there).
@@ -241,8 +273,9 @@ def _softmax_topk(logits: torch.Tensor, temperature: torch.Tensor, width: int) -
     return (logits / temperature.unsqueeze(1)).softmax(dim=1).topk(width, dim=1)
 
 
-def _filter_sorted(values: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
-                   m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _filter_sorted(
+    values: torch.Tensor, k: torch.Tensor, p: torch.Tensor, m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The three filters on each row's W likeliest tokens' probabilities `values` (descending),
     and whether the row's kept tokens certainly all lie among them."""
     has_k, has_p, has_m = (k > 0).unsqueeze(1), (p < 1).unsqueeze(1), (m > 0).unsqueeze(1)
@@ -302,8 +335,9 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return generator
 
 
-def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                     top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compute_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen (B,), top ids (B, top_n), top logprobs (B, top_n)) from the model's raw logits.
 
     Raw, not processed: OpenAI reports the model's distribution, and top-k/top-p would put -inf
@@ -331,13 +365,13 @@ def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _token_counts(ids: list[list[int]],
-                  logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _token_counts(ids: list[list[int]], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(list index, token id, count) for each distinct token in each of the lists `ids`."""
     vocab, device = logits.shape[1], logits.device
     flat = torch.tensor([t for row in ids for t in row], dtype=torch.int64, device=device)
-    owner = torch.repeat_interleave(torch.arange(len(ids), device=device),
-                                    torch.tensor([len(row) for row in ids], device=device))
+    owner = torch.repeat_interleave(
+        torch.arange(len(ids), device=device), torch.tensor([len(row) for row in ids], device=device)
+    )
     # One key per (list, token) pair, so torch.unique counts them without a (B, V) table.
     keys, counts = torch.unique(owner * vocab + flat, return_counts=True)
     return keys // vocab, keys % vocab, counts.to(logits.dtype)

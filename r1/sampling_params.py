@@ -15,7 +15,7 @@ from typing import Any, Mapping
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs
 MAX_TOKEN_ID = 2**31 - 1  # past any vocabulary, within every index type
 MAX_TOP_K = MAX_TOKEN_ID  # a k at or past the model's vocabulary is "disabled" (the engine's clamp)
-INT64 = (-2**63, 2**63 - 1)  # seeds: what a generator takes, and what an API client can name
+INT64 = (-(2**63), 2**63 - 1)  # seeds: what a generator takes, and what an API client can name
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it would overflow
 REPETITION_PENALTY = (0.01, 100.0)  # past these a penalized logit over- or underflows float32
 MAX_STOP_STRINGS = 16
@@ -68,8 +68,9 @@ class SamplingParams:
         if self.top_k is not None:
             _check_int("top_k", self.top_k)
             if not -1 <= self.top_k <= MAX_TOP_K:
-                raise ParamError("top_k", f"top_k must be -1 or 0 (disabled) or in [1, {MAX_TOP_K}], "
-                                          f"got {self.top_k!r}")
+                raise ParamError(
+                    "top_k", f"top_k must be -1 or 0 (disabled) or in [1, {MAX_TOP_K}], got {self.top_k!r}"
+                )
             if self.top_k == -1:
                 object.__setattr__(self, "top_k", 0)  # one spelling of "disabled" downstream
         _check_float("min_p", self.min_p, low=0.0, high=1.0)
@@ -119,8 +120,7 @@ def _check_int(name: str, value: Any, low: int | None = None, high: int | None =
         raise ParamError(name, f"{name} must be {bounds}, got {value!r}")
 
 
-def _check_float(name: str, value: Any, low: float, high: float | None = None,
-                 low_open: bool = False) -> None:
+def _check_float(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r}")
     above = value > low if low_open else value >= low
@@ -143,14 +143,14 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
     if len(stop) > MAX_STOP_STRINGS:
         raise ParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise ParamError("stop", f"stop strings must be at most {MAX_STOP_CHARS} characters, "
-                                 f"got one of {max(len(s) for s in stop)}")
+        raise ParamError(
+            "stop", f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {max(len(s) for s in stop)}"
+        )
     return tuple(stop)
 
 
 def _stop_token_ids(ids: Any) -> tuple[int, ...]:
-    if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise TypeError(f"stop_token_ids must be a list of int, got {ids!r}")
     if len(ids) > MAX_STOP_TOKEN_IDS:
         raise ParamError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(ids)}")

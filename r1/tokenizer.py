@@ -81,8 +81,15 @@ def compile_chat_template(source: str) -> jinja2.Template:
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus what a model adds around it: bos, eos and the chat template."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None, eos_token_id: int | None,
-                 add_bos: bool, chat_template: str | None):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        add_bos: bool,
+        chat_template: str | None,
+    ):
         if add_bos and bos_token_id is None:
             raise ValueError("add_bos is set but the tokenizer has no bos token")
         self.backend = backend
@@ -123,37 +130,60 @@ class Tokenizer:
         add_bos = config.get("add_bos_token")
         if add_bos is None:  # no flag: it is whatever the post-processor does
             add_bos = bos is not None and backend.encode("", add_special_tokens=True).ids[:1] == [bos]
-        return cls(backend, bos_token_id=bos, eos_token_id=eos, add_bos=bool(add_bos),
-                   chat_template=_folder_chat_template(folder, config))
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            add_bos=bool(add_bos),
+            chat_template=_folder_chat_template(folder, config),
+        )
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> Tokenizer:
         """Byte-level BPE from llama.cpp's `tokenizer.ggml.*` keys (the vocab as ids, the merges)."""
         kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
         if kind != "gpt2" or pre not in _GGUF_PRE_TOKENIZERS:
-            raise ValueError(f"unsupported GGUF tokenizer {kind!r} with pre-tokenizer {pre!r} "
-                             f"(supported: gpt2 with {sorted(_GGUF_PRE_TOKENIZERS)})")
+            raise ValueError(
+                f"unsupported GGUF tokenizer {kind!r} with pre-tokenizer {pre!r} "
+                f"(supported: gpt2 with {sorted(_GGUF_PRE_TOKENIZERS)})"
+            )
         tokens = metadata["tokenizer.ggml.tokens"]
         types = metadata["tokenizer.ggml.token_type"]
         merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
         # Every token keeps its exact spelling, even R1's `<｜User｜>`, which lies outside the byte
         # alphabet: added tokens find their id by spelling (transformers respells them and loses it).
-        bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
-                         fuse_unk=False, byte_fallback=False)
+        bpe = models.BPE(
+            vocab={token: i for i, token in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False
+        )
         backend = tokenizers.Tokenizer(bpe)
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_GGUF_PRE_TOKENIZERS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_GGUF_PRE_TOKENIZERS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
-                                    for token, token_type in zip(tokens, types) if token_type == _CONTROL])
-        backend.add_tokens([AddedToken(token, special=False, normalized=False)
-                            for token, token_type in zip(tokens, types) if token_type == _USER_DEFINED])
-        return cls(backend, bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-                   eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-                   add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=metadata.get("tokenizer.chat_template"))
+        backend.add_special_tokens(
+            [
+                AddedToken(token, special=True, normalized=False)
+                for token, token_type in zip(tokens, types)
+                if token_type == _CONTROL
+            ]
+        )
+        backend.add_tokens(
+            [
+                AddedToken(token, special=False, normalized=False)
+                for token, token_type in zip(tokens, types)
+                if token_type == _USER_DEFINED
+            ]
+        )
+        return cls(
+            backend,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
 
     # -- ids ----------------------------------------------------------------------------------
 
@@ -180,8 +210,10 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ({'role', 'content'} dicts) as the model's template writes it."""
         text = self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(self.bos_token_id), eos_token=self._token_text(self.eos_token_id),
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text(self.bos_token_id),
+            eos_token=self._token_text(self.eos_token_id),
         )
         # Older R1 templates stop at the assistant tag; the current one forces the reasoning open.
         if add_generation_prompt and self._forces_think and text.endswith(R1_ASSISTANT):
@@ -232,13 +264,13 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        seen = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
+        seen = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
         # A trailing U+FFFD means the last token ended inside a multi-byte character: wait for the rest.
         if len(text) <= len(seen) or (text.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(seen):]
+        return text[len(seen) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -15,4 +15,5 @@ python3 -m venv .venv
 # torch is pinned here (a CPU build); nothing else may pull another one.
 .venv/bin/pip install -q torch==2.13.0 -e '.[test]'
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q "$@"

@@ -19,10 +19,22 @@ import torch
 # assets are not installed: bench/gpu.py runs them so on a GPU machine, which cannot reach PyPI.
 TOKENIZER_ENV = "R1_TEST_TOKENIZER"
 TINY_CONFIG = dict(
-    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=512, hidden_size=64,
-    intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-    use_sliding_window=False, torch_dtype="float32", bos_token_id=1, eos_token_id=2,
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    use_sliding_window=False,
+    torch_dtype="float32",
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -47,6 +59,7 @@ def save_tiny_hf_model(folder, seed: int = 0, **overrides):
 def kernel_path(request, monkeypatch):
     """Run a test on r1's CPU kernels (r1/kernels/) and again on the PyTorch paths they replace."""
     from r1 import kernels
+
     if request.param == "r1 kernels" and kernels.op("add_rms_norm") is None:
         pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
     if request.param == "pytorch":
@@ -65,6 +78,7 @@ def tiny_hf(tmp_path_factory):
 def small_gguf():
     """The 0.5B Qwen2.5-Coder GGUF assembled from its PyPI parts (r1[demo-small])."""
     from r1.loaders.hub import demo_path
+
     return demo_path("demo-small")
 
 
@@ -72,22 +86,32 @@ def small_gguf():
 def r1_header():
     """The GGUF header holding R1's tokenizer and chat template (tensor data cut off)."""
     from r1.loaders.hub import demo_path
+
     return demo_path("r1-tokenizer")
 
 
 _GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
 def gguf_name(hf: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in fixed:
         return fixed[hf]
     _, _, layer, rest = hf.split(".", 3)
@@ -147,8 +171,11 @@ def tiny_model_folder(tiny_hf, tmp_path_factory):
     else:
         tok = Tokenizer.from_gguf_metadata(read_header(demo_path("r1-tokenizer")).metadata)
         tok.backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}
+        )
+    )
     return folder
 
 
@@ -183,8 +210,11 @@ class Live:
         import httpx2
 
         text = httpx2.get(self.url + "/metrics", trust_env=False).text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines() if line and not line.startswith("#")}
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
 
     def wait_all_free(self, timeout: float = 60.0) -> dict[str, float]:
         """Metrics once nothing runs or waits and every KV block is free; fails after timeout."""

@@ -17,13 +17,22 @@ def reference(q, keys, values, q_len):
     """Causal attention of a sequence's last q_len queries to its keys and values (L, kv_heads, D)."""
     seq_len = keys.shape[0]
     mask = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - q_len, seq_len)[:, None]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                       attn_mask=mask, enable_gqa=True)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, enable_gqa=True
+    )
     return o.transpose(0, 1)
 
 
-def scattered_batch(seq_lens, query_lens, seed=0, cache_dtype=torch.float32, heads=HEADS, kv_heads=KV_HEADS,
-                    head_dim=HEAD_DIM, block=BLOCK):
+def scattered_batch(
+    seq_lens,
+    query_lens,
+    seed=0,
+    cache_dtype=torch.float32,
+    heads=HEADS,
+    kv_heads=KV_HEADS,
+    head_dim=HEAD_DIM,
+    block=BLOCK,
+):
     """Random keys and values for each sequence, stored in shuffled blocks of one cache."""
     g = torch.Generator().manual_seed(seed)
     tables, slots, keys, values = [], [], [], []
@@ -48,21 +57,21 @@ def test_decoding_sequences_attend_together_as_each_alone(monkeypatch, gather_to
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", gather_tokens)
     seq_lens = [5, 1, 13, 8, 4]
     q, cache, meta, keys, values = scattered_batch(seq_lens, [1] * 5)
-    got = paged_attention(q, cache, meta, HEAD_DIM ** -0.5)
+    got = paged_attention(q, cache, meta, HEAD_DIM**-0.5)
     for i in range(5):
-        want = reference(q[i:i + 1], keys[i], values[i], 1)
-        assert torch.allclose(got[i:i + 1], want, atol=1e-5), i
+        want = reference(q[i : i + 1], keys[i], values[i], 1)
+        assert torch.allclose(got[i : i + 1], want, atol=1e-5), i
 
 
 def test_decodes_mixed_with_prefill_chunks(kernel_path):
     # A fresh prompt, a decode, a prefill chunk after cached tokens, another decode.
     seq_lens, query_lens = [6, 9, 11, 3], [6, 1, 4, 1]
     q, cache, meta, keys, values = scattered_batch(seq_lens, query_lens, seed=1)
-    got = paged_attention(q, cache, meta, HEAD_DIM ** -0.5)
+    got = paged_attention(q, cache, meta, HEAD_DIM**-0.5)
     start = 0
     for i, q_len in enumerate(query_lens):
-        want = reference(q[start:start + q_len], keys[i], values[i], q_len)
-        assert torch.allclose(got[start:start + q_len], want, atol=1e-5), i
+        want = reference(q[start : start + q_len], keys[i], values[i], q_len)
+        assert torch.allclose(got[start : start + q_len], want, atol=1e-5), i
         start += q_len
 
 
@@ -71,11 +80,11 @@ def test_int8_cache_stays_within_its_rounding(query_lens, kernel_path):
     seq_lens = [6, 9, 11, 3]
     q, cache, meta, keys, values = scattered_batch(seq_lens, query_lens, seed=2, cache_dtype=torch.int8)
     assert isinstance(cache, Int8KVCache) and cache.values.dtype == torch.int8
-    got = paged_attention(q, cache, meta, HEAD_DIM ** -0.5)
+    got = paged_attention(q, cache, meta, HEAD_DIM**-0.5)
     start, worst = 0, 0.0
     for i, q_len in enumerate(query_lens):
-        want = reference(q[start:start + q_len], keys[i], values[i], q_len)
-        worst = max(worst, (got[start:start + q_len] - want).abs().max().item())
+        want = reference(q[start : start + q_len], keys[i], values[i], q_len)
+        worst = max(worst, (got[start : start + q_len] - want).abs().max().item())
         start += q_len
     # Each stored value is off by at most half a step, max|x| / 254 (~0.015 for these Gaussians);
     # the attention output, a weighted mean, stays within a few such steps (measured ~0.01).
@@ -98,13 +107,14 @@ def test_kernel_agrees_with_pytorch_at_the_models_shapes(cache_dtype, monkeypatc
     if kernels.op("decode_attention") is None:
         pytest.skip(f"r1's kernels cannot run here: {kernels.unavailable_reason()}")
     seq_lens = [1, 15, 16, 17, 300, 1000]
-    q, cache, meta, _, _ = scattered_batch(seq_lens, [1] * 6, seed=3, cache_dtype=cache_dtype, heads=12,
-                                           kv_heads=2, head_dim=128, block=16)
-    got = paged_attention(q, cache, meta, 128 ** -0.5)
+    q, cache, meta, _, _ = scattered_batch(
+        seq_lens, [1] * 6, seed=3, cache_dtype=cache_dtype, heads=12, kv_heads=2, head_dim=128, block=16
+    )
+    got = paged_attention(q, cache, meta, 128**-0.5)
     if cache_dtype == torch.int8 and kernels.this_cpus_build().name in ("avx512_amx", "avx512_vnni"):
         q = int8_rounded(q)  # its integer dot products are exact: only the query's rounding differs
     monkeypatch.setattr(kernels, "op", lambda name: None)
-    want = paged_attention(q, cache, meta, 128 ** -0.5)
+    want = paged_attention(q, cache, meta, 128**-0.5)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
@@ -118,7 +128,7 @@ def test_bf16_decode_keeps_its_scores_in_float32():
     write_kv(cache, keys.bfloat16(), values.bfloat16(), torch.arange(64))
     meta = AttentionMetadata(torch.tensor([]), torch.arange(4)[None], [1], [64])
     q = torch.ones(1, 2, 128)
-    got = attention.decode_attention(q.bfloat16(), cache, meta.decode_group(16), 128 ** -0.5).float()
+    got = attention.decode_attention(q.bfloat16(), cache, meta.decode_group(16), 128**-0.5).float()
     want = reference(q, keys.bfloat16().float(), values.bfloat16().float(), 1)
     assert (got - want).abs().max() < 0.01, (got - want).abs().max()
 

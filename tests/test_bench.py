@@ -18,12 +18,26 @@ def _run_json(capsys, *args) -> dict:
 
 def test_latency_json_and_saved_record(tiny_model_folder, tmp_path, capsys):
     saved = tmp_path / "results" / "latency.json"
-    out = _run_json(capsys, "latency", "--model", str(tiny_model_folder), "--prompt-len", "24", "--output-len", "5",
-                    "--threads", "1", "--json", "--save", str(saved))
+    out = _run_json(
+        capsys,
+        "latency",
+        "--model",
+        str(tiny_model_folder),
+        "--prompt-len",
+        "24",
+        "--output-len",
+        "5",
+        "--threads",
+        "1",
+        "--json",
+        "--save",
+        str(saved),
+    )
     assert out["bench"] == "latency" and out["quant"] == "none" and out["dtype"] == "float32"
     assert out["kv_dtype"] == "auto"
     assert out["threads"] == 1 and out["device"] == "cpu" and out["model"] == str(tiny_model_folder)
     from r1 import kernels  # which of r1's CPU kernel builds ran, if any: it changes the figures
+
     assert out["cpu_kernels"] == (kernels.running_build().name if kernels.unavailable_reason() is None else None)
     assert (out["prompt_tokens"], out["output_tokens"], out["repeats"]) == (24, 5, 1)
     assert out["prefill_seconds"] > 0 and out["decode_seconds"] > 0
@@ -48,8 +62,29 @@ def test_throughput_generates_every_requested_token(tiny_model_folder, capsys):
 
 
 def test_throughput_prints_a_summary(tiny_model_folder, capsys):
-    assert main(["bench", "throughput", "--model", str(tiny_model_folder), "--num-seqs", "2", "--max-input", "8",
-                 "--min-input", "8", "--min-output", "3", "--max-output", "3", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "throughput",
+                "--model",
+                str(tiny_model_folder),
+                "--num-seqs",
+                "2",
+                "--max-input",
+                "8",
+                "--min-input",
+                "8",
+                "--min-output",
+                "3",
+                "--max-output",
+                "3",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "2 sequences, 16 prompt tokens, 6 generated in" in capsys.readouterr().out
 
 
@@ -68,6 +103,7 @@ def test_workloads_are_reproducible_and_in_range():
 
 def test_latency_times_a_chunked_prefill_to_its_first_token(tiny_model_folder):
     from r1 import LLM
+
     llm = LLM(str(tiny_model_folder), max_num_batched_tokens=16, progress=False)
     steps = []
     runner = llm.engine.core.runner

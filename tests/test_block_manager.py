@@ -115,16 +115,19 @@ def test_equal_block_behind_another_prefix_is_not_reused():
     assert bm.lookup_prefix(seq_of(a_block + b_block + [0], 3)) == ab.block_table[:2]
 
 
-@pytest.mark.parametrize("salt_a, salt_b, shared", [
-    ("tenant-1", "tenant-1", True),
-    ("tenant-1", "tenant-2", False),
-    (None, "tenant-1", False),
-    ("tenant-1", None, False),
-    (None, None, True),
-    ("", None, False),  # an empty salt is a salt, not the unsalted namespace
-    ("\ud800", "\ud800", True),  # a lone surrogate (valid in JSON) hashes without raising
-    ("\ud800", "\udc00", False),
-])
+@pytest.mark.parametrize(
+    "salt_a, salt_b, shared",
+    [
+        ("tenant-1", "tenant-1", True),
+        ("tenant-1", "tenant-2", False),
+        (None, "tenant-1", False),
+        ("tenant-1", None, False),
+        (None, None, True),
+        ("", None, False),  # an empty salt is a salt, not the unsalted namespace
+        ("\ud800", "\ud800", True),  # a lone surrogate (valid in JSON) hashes without raising
+        ("\ud800", "\udc00", False),
+    ],
+)
 def test_cache_salt_separates_prefix_caches(salt_a, salt_b, shared):
     bm = BlockManager(num_blocks=16, block_size=BS)
     tokens = list(range(30, 39))  # two full blocks and one token
@@ -150,8 +153,9 @@ def test_block_hash_is_blake2b_over_parent_digest_and_token_ids(salt):
     def blake(data: bytes) -> bytes:
         return hashlib.blake2b(data, digest_size=32).digest()
 
-    seed = bytes(32) if salt is None else hashlib.blake2b(
-        salt.encode(), digest_size=32, person=b"r1 cache salt").digest()
+    seed = (
+        bytes(32) if salt is None else hashlib.blake2b(salt.encode(), digest_size=32, person=b"r1 cache salt").digest()
+    )
     first = blake(seed + struct.pack("<4q", *tokens[:4]))
     second = blake(first + struct.pack("<4q", *tokens[4:8]))
     assert [bm.blocks[b].hash for b in seq.block_table] == [first, second, None]

@@ -13,29 +13,86 @@ from r1.cli import main
 @pytest.fixture(autouse=True)
 def offline_hub(monkeypatch, tmp_path):
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
 def test_generate_json_raw(small_gguf, capsys):
-    assert main(["generate", "def add(a, b):", "--raw", "--json", "--model", str(small_gguf),
-                 "--temperature", "0", "--max-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "def add(a, b):",
+                "--raw",
+                "--json",
+                "--model",
+                str(small_gguf),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
-    assert set(out) == {"text", "reasoning", "answer", "prompt_token_ids", "token_ids", "finish_reason",
-                        "usage", "timing"}
+    assert set(out) == {
+        "text",
+        "reasoning",
+        "answer",
+        "prompt_token_ids",
+        "token_ids",
+        "finish_reason",
+        "usage",
+        "timing",
+    }
     assert out["usage"] == {"prompt_tokens": len(out["prompt_token_ids"]), "completion_tokens": 8}
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 8
     assert out["text"].strip() and out["answer"] == out["text"].strip() and out["reasoning"] == ""
     assert set(out["timing"]) == {"prefill_seconds", "decode_seconds"}
     # The GPU's default scheduling, asked for on the CPU, gives the same tokens.
-    assert main(["generate", "def add(a, b):", "--raw", "--json", "--model", str(small_gguf),
-                 "--temperature", "0", "--max-tokens", "8", "--async-scheduling"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "def add(a, b):",
+                "--raw",
+                "--json",
+                "--model",
+                str(small_gguf),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "8",
+                "--async-scheduling",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
 
 
 def test_generate_streams_reasoning_then_answer_with_r1_format(small_gguf, r1_header, capsys):
-    assert main(["generate", "What is 2+2?", "--model", str(small_gguf), "--tokenizer", str(r1_header),
-                 "--temperature", "0", "--max-tokens", "12", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "What is 2+2?",
+                "--model",
+                str(small_gguf),
+                "--tokenizer",
+                str(r1_header),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "12",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "Thinking..." in captured.out  # R1's template opened <think>: the output starts as reasoning
     assert re.search(r"prompt 12 tokens \(.* tok/s\), generated \d+ tokens \(.* tok/s\)", captured.err)

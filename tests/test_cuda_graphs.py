@@ -27,8 +27,16 @@ def test_graph_batch_sizes():
 
 
 def _llm(folder, device, **kw):
-    return LLM(str(folder), progress=False, dtype="fp32", device=device, kv_cache_tokens=4096, block_size=16,
-               max_num_batched_tokens=32, **kw)
+    return LLM(
+        str(folder),
+        progress=False,
+        dtype="fp32",
+        device=device,
+        kv_cache_tokens=4096,
+        block_size=16,
+        max_num_batched_tokens=32,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
@@ -48,8 +56,14 @@ def test_graph_decode_steps_equal_eager_ones(tiny_model_folder, device, kv_dtype
         # Without graphs the block manager holds every block; these six short sequences take
         # blocks from the front of 256 and never reach the last, the scratch block here.
         assert llm.engine.core.scheduler.config.num_blocks == runner.num_blocks
-        runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.block_size, runner.num_blocks - 1,
-                                     max_num_seqs=4, max_model_len=llm.engine.core.scheduler.config.max_model_len)
+        runner.graphs = DecodeGraphs(
+            runner.model,
+            runner.kv_cache,
+            runner.block_size,
+            runner.num_blocks - 1,
+            max_num_seqs=4,
+            max_model_len=llm.engine.core.scheduler.config.max_model_len,
+        )
     else:  # the block manager never hands out the scratch block, the last
         assert llm.engine.core.scheduler.config.num_blocks == runner.scratch_block == runner.num_blocks - 1
         assert set(runner.graphs.graphs) == set(graph_batch_sizes(llm.engine.core.scheduler.config.max_num_seqs))

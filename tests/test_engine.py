@@ -29,10 +29,12 @@ def _llm(folder, **kw):
 def make_llm(request, tiny_model_folder):
     """_llm with each step run to its end, then with async scheduling (the GPU's default), which on
     a CPU changes only the order of the work: every output must stay the same."""
+
     def make(**kw):
         llm = _llm(tiny_model_folder, async_scheduling=request.param, **kw)
         assert llm.engine.core.async_scheduling is request.param
         return llm
+
     return make
 
 
@@ -124,11 +126,18 @@ def test_seeded_samples_are_the_same_batched_or_alone(make_llm):
     p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
     prompts = _prompts(3, seed=9)
     solo = llm.generate(prompts[1], p)[0].token_ids
-    batched = llm.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True), p,
-                                     SamplingParams(temperature=0.7, max_tokens=10, seed=5, ignore_eos=True)])
+    batched = llm.generate(
+        prompts,
+        [
+            SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True),
+            p,
+            SamplingParams(temperature=0.7, max_tokens=10, seed=5, ignore_eos=True),
+        ],
+    )
     assert batched[1].token_ids == solo
-    n = llm.generate(prompts[1], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, n=3,
-                                                ignore_eos=True))
+    n = llm.generate(
+        prompts[1], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, n=3, ignore_eos=True)
+    )
     assert n[0].token_ids == solo and len({tuple(c.token_ids) for c in n}) == 3
 
 
@@ -237,7 +246,8 @@ def test_a_failed_forward_fails_only_what_it_ran(make_llm, alone, monkeypatch):
         with pytest.raises(StepError) as failed:
             engine.step()
     assert [(o.request_id, o.finish_reason, o.error) for o in failed.value.outputs] == [
-        ("ran", "error", "RuntimeError: device lost")]
+        ("ran", "error", "RuntimeError: device lost")
+    ]
     tokens = []
     while engine.has_unfinished():
         tokens += [t for out in engine.step() for t in out.new_token_ids]
@@ -248,9 +258,11 @@ def test_a_failed_forward_fails_only_what_it_ran(make_llm, alone, monkeypatch):
 def test_a_group_is_added_all_or_none(make_llm):
     engine = make_llm().engine
     [good] = _prompts(1)
-    for group, error in (([EngineRequest("a", good, GREEDY), EngineRequest("b", [10**6], GREEDY)], "token ids"),
-                         ([EngineRequest("a", good, GREEDY), EngineRequest("a", good, GREEDY)], "repeat"),
-                         ([EngineRequest("a", good, GREEDY), EngineRequest("b", [1] * 300, GREEDY)], "context")):
+    for group, error in (
+        ([EngineRequest("a", good, GREEDY), EngineRequest("b", [10**6], GREEDY)], "token ids"),
+        ([EngineRequest("a", good, GREEDY), EngineRequest("a", good, GREEDY)], "repeat"),
+        ([EngineRequest("a", good, GREEDY), EngineRequest("b", [1] * 300, GREEDY)], "context"),
+    ):
         with pytest.raises(ValueError, match=error):
             engine.add_requests(group)
         assert not engine.has_unfinished() and engine.stats().num_waiting == 0
@@ -263,10 +275,24 @@ def test_a_group_is_added_all_or_none(make_llm):
 def test_config_record_says_what_shapes_the_outputs(make_llm):
     llm = make_llm(max_num_batched_tokens=16)
     record = llm.engine.config_record()
-    assert {k: record[k] for k in ("max_model_len", "block_size", "max_num_batched_tokens", "kv_cache_dtype",
-                                   "cuda_graphs", "async_scheduling")} == {
-        "max_model_len": 256, "block_size": 4, "max_num_batched_tokens": 16, "kv_cache_dtype": "float32",
-        "cuda_graphs": False, "async_scheduling": llm.engine.core.async_scheduling}
+    assert {
+        k: record[k]
+        for k in (
+            "max_model_len",
+            "block_size",
+            "max_num_batched_tokens",
+            "kv_cache_dtype",
+            "cuda_graphs",
+            "async_scheduling",
+        )
+    } == {
+        "max_model_len": 256,
+        "block_size": 4,
+        "max_num_batched_tokens": 16,
+        "kv_cache_dtype": "float32",
+        "cuda_graphs": False,
+        "async_scheduling": llm.engine.core.async_scheduling,
+    }
     assert record["kernels"] == kernels.plan(torch.device("cpu"), torch.float32)
     # fp32 keys and values: layers x 2 x blocks x block_size x kv heads x head_dim x 4 bytes
     assert record["kv_cache_bytes"] == 3 * 2 * record["num_blocks"] * 4 * 2 * 16 * 4

@@ -15,21 +15,24 @@ def grader():
         yield g
 
 
-@pytest.mark.parametrize("gold, written", [
-    (r"\frac{1}{2}", "0.5"),  # fraction and decimal
-    (r"\frac12", r"\dfrac{1}{2}"),  # LaTeX spellings of one fraction
-    ("0.75", r"\frac{3}{4}"),
-    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),  # a MATH-500 gold as written there
-    (r"10\sqrt{2}", r"\sqrt{200}"),
-    ("[-2,7]", "[-2, 7]"),  # intervals
-    (r"(-\infty, 3)", r"(-\infty,3)"),
-    (r"5\text{ cm}", "5"),  # units in \text{}
-    ("18", r"18 \text{ dollars}"),
-    (r"\text{(C)}", "C"),  # a multiple-choice letter
-    ("25", "025"),  # AIME answers with leading zeros
-    ("1000", "1,000"),
-    ("2, -2", "-2, 2"),  # a list of solutions in another order
-])
+@pytest.mark.parametrize(
+    "gold, written",
+    [
+        (r"\frac{1}{2}", "0.5"),  # fraction and decimal
+        (r"\frac12", r"\dfrac{1}{2}"),  # LaTeX spellings of one fraction
+        ("0.75", r"\frac{3}{4}"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),  # a MATH-500 gold as written there
+        (r"10\sqrt{2}", r"\sqrt{200}"),
+        ("[-2,7]", "[-2, 7]"),  # intervals
+        (r"(-\infty, 3)", r"(-\infty,3)"),
+        (r"5\text{ cm}", "5"),  # units in \text{}
+        ("18", r"18 \text{ dollars}"),
+        (r"\text{(C)}", "C"),  # a multiple-choice letter
+        ("25", "025"),  # AIME answers with leading zeros
+        ("1000", "1,000"),
+        ("2, -2", "-2, 2"),  # a list of solutions in another order
+    ],
+)
 def test_equivalent_forms_are_correct(grader, gold, written):
     grade = grader.grade(f"so the answer is $\\boxed{{{written}}}$.", gold)
     assert grade.extracted == written
@@ -37,13 +40,16 @@ def test_equivalent_forms_are_correct(grader, gold, written):
     assert grade.error is None
 
 
-@pytest.mark.parametrize("gold, written", [
-    ("3", "4"),
-    ("[-2,7]", "(-2,7)"),  # open and closed intervals differ
-    (r"\frac{1}{3}", "0.3333"),
-    (r"\pi", "3.14159"),
-    (r"\text{(C)}", "D"),
-])
+@pytest.mark.parametrize(
+    "gold, written",
+    [
+        ("3", "4"),
+        ("[-2,7]", "(-2,7)"),  # open and closed intervals differ
+        (r"\frac{1}{3}", "0.3333"),
+        (r"\pi", "3.14159"),
+        (r"\text{(C)}", "D"),
+    ],
+)
 def test_wrong_answers_are_wrong(grader, gold, written):
     assert not grader.grade(f"\\boxed{{{written}}}", gold).correct
 

@@ -9,15 +9,18 @@ import pytest
 from r1.eval.metrics import ks_for, majority_correct, mean_ci95, pass_at_k, summarize
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (4, 1, 1, 1 / 4),  # pass@1 is the fraction correct
-    (4, 2, 2, 1 - 1 / 6),  # 1 - C(2,2)/C(4,2)
-    (10, 3, 2, 1 - 21 / 45),  # 1 - C(7,2)/C(10,2)
-    (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
-    (5, 3, 3, 1.0),  # only 2 wrong: any 3 include a right one
-    (6, 0, 6, 0.0),
-    (6, 6, 1, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (4, 1, 1, 1 / 4),  # pass@1 is the fraction correct
+        (4, 2, 2, 1 - 1 / 6),  # 1 - C(2,2)/C(4,2)
+        (10, 3, 2, 1 - 21 / 45),  # 1 - C(7,2)/C(10,2)
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (5, 3, 3, 1.0),  # only 2 wrong: any 3 include a right one
+        (6, 0, 6, 0.0),
+        (6, 6, 1, 1.0),
+    ],
+)
 def test_pass_at_k(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected)
 
@@ -44,17 +47,30 @@ def test_reported_ks():
 
 
 def _records(problem_id, outcomes, finish=None, tokens=(10, 4)):
-    return [{"problem_id": problem_id, "sample_index": j, "vote_key": key, "correct": ok,
-             "finish_reason": (finish or ["stop"] * len(outcomes))[j], "completion_tokens": tokens[0],
-             "reasoning_tokens": tokens[1], "answer_tokens": tokens[0] - tokens[1], "grade_error": None}
-            for j, (key, ok) in enumerate(outcomes)]
+    return [
+        {
+            "problem_id": problem_id,
+            "sample_index": j,
+            "vote_key": key,
+            "correct": ok,
+            "finish_reason": (finish or ["stop"] * len(outcomes))[j],
+            "completion_tokens": tokens[0],
+            "reasoning_tokens": tokens[1],
+            "answer_tokens": tokens[0] - tokens[1],
+            "grade_error": None,
+        }
+        for j, (key, ok) in enumerate(outcomes)
+    ]
 
 
 def test_summary_by_hand():
     # p1: 2 of 4 right, the right answer "a" is the majority. p2: 1 of 4 right, "x" (wrong) wins.
-    records = (_records("p1", [("a", True), ("a", True), ("b", False), ("c", False)],
-                        finish=["stop", "stop", "length", "stop"], tokens=(10, 4))
-               + _records("p2", [("x", False), ("x", False), ("y", False), ("z", True)], tokens=(20, 16)))
+    records = _records(
+        "p1",
+        [("a", True), ("a", True), ("b", False), ("c", False)],
+        finish=["stop", "stop", "length", "stop"],
+        tokens=(10, 4),
+    ) + _records("p2", [("x", False), ("x", False), ("y", False), ("z", True)], tokens=(20, 16))
     s = summarize("aime2024", records, samples_per_problem=4)
     assert s["num_problems"] == 2 and s["num_samples"] == 8 and s["complete"]
     assert s["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)

@@ -25,8 +25,9 @@ ENGINE = {"threads": 1, "max_num_seqs": 2}
 # ---- data ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, count", [("math500", 500), ("aime2024", 30), ("aime2025", 30), ("amc23", 40),
-                                         ("gsm8k", 1319)])
+@pytest.mark.parametrize(
+    "name, count", [("math500", 500), ("aime2024", 30), ("aime2025", 30), ("amc23", 40), ("gsm8k", 1319)]
+)
 def test_the_shared_sets_read(name, count):
     problems = read_problems(DATA / f"{name}.jsonl")
     assert len(problems) == count
@@ -59,8 +60,9 @@ def test_task_data_is_downloaded_once_then_read_from_the_cache(tmp_path, monkeyp
     monkeypatch.setenv("R1_CACHE", str(tmp_path / "cache"))
     repo = tmp_path / "repo"  # shaped like HuggingFaceH4/MATH-500
     repo.mkdir()
-    (repo / "test.jsonl").write_text(json.dumps({"problem": "1+1?", "answer": "2",
-                                                 "unique_id": "test/a/1.json"}) + "\n")
+    (repo / "test.jsonl").write_text(
+        json.dumps({"problem": "1+1?", "answer": "2", "unique_id": "test/a/1.json"}) + "\n"
+    )
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or str(repo))
     path = find_data("math500")
@@ -107,6 +109,7 @@ def test_a_torn_last_line_is_skipped_and_only_the_writer_cuts_it(tmp_path):
 @pytest.fixture(scope="module")
 def llm():
     from r1.llm import LLM
+
     return LLM("demo-small", progress=False, **ENGINE)
 
 
@@ -126,10 +129,22 @@ def test_a_run_writes_samples_manifest_and_summary(full_run, problems):
     out, summary = full_run
     samples = read_samples(out / "samples.jsonl")
     assert sorted((s["problem_id"], s["sample_index"]) for s in samples) == sorted(
-        (p.id, j) for p in problems for j in range(2))
+        (p.id, j) for p in problems for j in range(2)
+    )
     s = samples[0]
-    for key in ("prompt", "output", "reasoning", "extracted", "gold", "correct", "finish_reason",
-                "prompt_tokens", "completion_tokens", "reasoning_tokens", "answer_tokens"):
+    for key in (
+        "prompt",
+        "output",
+        "reasoning",
+        "extracted",
+        "gold",
+        "correct",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "answer_tokens",
+    ):
         assert key in s
     assert s["prompt"].endswith("Please reason step by step, and put your final answer within \\boxed{}.")
     assert {x["seed"] for x in samples} == set(range(6))  # seed + problem_index * K + sample_index
@@ -145,17 +160,47 @@ def test_a_run_writes_samples_manifest_and_summary(full_run, problems):
 
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["num_problems"] == 3 and summary["samples_per_problem"] == 2 and summary["complete"]
-    for key in ("pass@1", "pass@1_ci95", "cons@2", "pass@2", "truncated_fraction", "mean_reasoning_tokens",
-                "mean_answer_tokens"):
+    for key in (
+        "pass@1",
+        "pass@1_ci95",
+        "cons@2",
+        "pass@2",
+        "truncated_fraction",
+        "mean_reasoning_tokens",
+        "mean_answer_tokens",
+    ):
         assert key in summary
 
 
 def test_a_killed_run_resumes_without_redoing_samples_and_ends_the_same(llm, problems, full_run, tmp_path):
     out = tmp_path / "killed"
     log = tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "r1.cli", "eval", "--task", "math500", "--data", str(MATH500), "--model",
-           "demo-small", "--samples", "2", "--max-tokens", "8", "--limit", "3", "--seed", "0", "--out", str(out),
-           "--threads", "1", "--max-num-seqs", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "r1.cli",
+        "eval",
+        "--task",
+        "math500",
+        "--data",
+        str(MATH500),
+        "--model",
+        "demo-small",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "8",
+        "--limit",
+        "3",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--max-num-seqs",
+        "2",
+    ]
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
     samples_path = out / "samples.jsonl"
@@ -173,7 +218,7 @@ def test_a_killed_run_resumes_without_redoing_samples_and_ends_the_same(llm, pro
 
     summary = run_eval(llm, problems, SETTINGS, out, data_path=MATH500, resume=True)
     after = read_samples(samples_path)
-    assert after[:len(before)] == before  # finished samples were kept, not regenerated
+    assert after[: len(before)] == before  # finished samples were kept, not regenerated
     assert len(after) == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s.get("samples_generated") for s in manifest["sessions"]] == [None, 6 - len(before)]
@@ -182,8 +227,11 @@ def test_a_killed_run_resumes_without_redoing_samples_and_ends_the_same(llm, pro
     assert summary == full_summary
 
     def by_key(records):
-        return {(r["problem_id"], r["sample_index"]): (r["output"], r["completion_tokens"], r["finish_reason"])
-                for r in records}
+        return {
+            (r["problem_id"], r["sample_index"]): (r["output"], r["completion_tokens"], r["finish_reason"])
+            for r in records
+        }
+
     assert by_key(after) == by_key(read_samples(full_out / "samples.jsonl"))  # seeds make samples reproducible
 
 

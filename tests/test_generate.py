@@ -29,15 +29,20 @@ def hf_greedy(small_gguf, llm):
     """transformers' greedy continuation of each prompt, from the same GGUF dequantized to fp32."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(small_gguf.parent, gguf_file=small_gguf.name,
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(small_gguf.parent, gguf_file=small_gguf.name, dtype=torch.float32).eval()
     out = []
     for prompt in PROMPTS:
         ids = torch.tensor([llm.tokenizer.encode(prompt)])
         with torch.inference_mode():
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        out.append(gen[0, ids.shape[1]:].tolist())
+            gen = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        out.append(gen[0, ids.shape[1] :].tolist())
     return out
 
 
@@ -67,10 +72,11 @@ def test_stop_string_cuts_the_text(llm):
     stop = full.strip().split(",")[2]  # a piece of what greedy will produce
     c = llm.generate(PROMPTS[4], SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
     assert c.finish_reason == "stop"
-    assert c.text == full[:full.index(stop)]
-    kept = llm.generate(PROMPTS[4], SamplingParams(temperature=0, max_tokens=24, stop=[stop],
-                                                   include_stop_str_in_output=True))[0]
-    assert kept.text == full[:full.index(stop) + len(stop)]
+    assert c.text == full[: full.index(stop)]
+    kept = llm.generate(
+        PROMPTS[4], SamplingParams(temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=True)
+    )[0]
+    assert kept.text == full[: full.index(stop) + len(stop)]
 
 
 def test_stop_token_ids_and_max_tokens(llm):
@@ -134,30 +140,42 @@ def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
     # Stops found a step late (a stop token, a stop string), logprobs,
     # penalties, a seeded draw and a reasoning budget, batched: launching each step before the
     # last one's tokens are read must change none of them.
-    r1 = LLM(str(small_gguf), tokenizer=str(r1_header), dtype="fp32", device="cpu", kv_cache_tokens=4096,
-             progress=False)
+    r1 = LLM(
+        str(small_gguf), tokenizer=str(r1_header), dtype="fp32", device="cpu", kv_cache_tokens=4096, progress=False
+    )
     chats = [[{"role": "user", "content": c}] for c in ("What is 2+2?", "Name a colour.", "Say hi.")]
     probe = r1.chat(chats[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
-    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[probe.token_ids[5]]),
-              SamplingParams(temperature=0, max_tokens=16, stop=[probe.text[12:16]]),
-              SamplingParams(temperature=0, max_tokens=20, max_reasoning_tokens=4, logprobs=2),
-              SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=14, seed=3,
-                             ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=64)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[probe.token_ids[5]]),
+        SamplingParams(temperature=0, max_tokens=16, stop=[probe.text[12:16]]),
+        SamplingParams(temperature=0, max_tokens=20, max_reasoning_tokens=4, logprobs=2),
+        SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, max_tokens=14, seed=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=64),
+    ]
     batch = [chats[0], chats[0], chats[1], chats[2], chats[2]]
 
     def outputs(async_scheduling):
         r1.engine.core.async_scheduling = async_scheduling
         completions = r1.chat(batch, params)
         logprobs = [[(lp["logprob"], *(v for _, v in lp["top"])) for lp in c.logprobs] for c in completions]
-        return [(c.token_ids, c.text, c.reasoning, c.answer, c.finish_reason,
-                 [(lp["token_id"], [i for i, _ in lp["top"]]) for lp in c.logprobs]) for c in completions], logprobs
+        return [
+            (
+                c.token_ids,
+                c.text,
+                c.reasoning,
+                c.answer,
+                c.finish_reason,
+                [(lp["token_id"], [i for i, _ in lp["top"]]) for lp in c.logprobs],
+            )
+            for c in completions
+        ], logprobs
 
     sync, sync_logprobs = outputs(False)
     launched_ahead = []
     run = r1.engine.core.runner.run
-    r1.engine.core.runner.run = lambda scheduled, sampled=None: launched_ahead.append(sampled is not None) or run(
-        scheduled, sampled)
+    r1.engine.core.runner.run = lambda scheduled, sampled=None: (
+        launched_ahead.append(sampled is not None) or run(scheduled, sampled)
+    )
     got, got_logprobs = outputs(True)
     assert got == sync
     # Batches differ by the rows of sequences that ended a step late, which moves fp32 sums a little.

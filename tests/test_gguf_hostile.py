@@ -34,8 +34,12 @@ def _kv(key: str, vtype: int, payload: bytes) -> bytes:
 
 def _info(name: str, dims: list[int], ggml_type: int = F32, offset: int = 0, n_dims: int | None = None) -> bytes:
     """A tensor info; dims innermost first, as GGUF stores them."""
-    return (_str(name) + struct.pack("<I", len(dims) if n_dims is None else n_dims)
-            + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ggml_type, offset))
+    return (
+        _str(name)
+        + struct.pack("<I", len(dims) if n_dims is None else n_dims)
+        + b"".join(struct.pack("<Q", d) for d in dims)
+        + struct.pack("<IQ", ggml_type, offset)
+    )
 
 
 ARCH = _kv("general.architecture", STRING, _str("qwen2"))
@@ -113,12 +117,21 @@ HOSTILE = {  # name: (file bytes, offset of the bad field, phrase in the message
     "tensor count past the bytes left": (_gguf(counts=(1000, 1)), 8, "1000 tensor infos"),
     "huge key length": (_gguf(kvs=[struct.pack("<Q", 2**64 - 1) + b"general"]), KV_AT, "a string of"),
     "huge tensor name length": (_gguf(infos=[struct.pack("<Q", 2**40) + VALID_INFO[8:]]), AFTER_ARCH, "a string of"),
-    "huge string array": (_gguf(kvs=[ARCH, _kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 2**62))]),
-                          AFTER_ARCH + len(_str("tokenizer.ggml.tokens")) + 4, "an array of"),
-    "huge int array": (_gguf(kvs=[ARCH, _kv("tokenizer.ggml.token_type", ARRAY, struct.pack("<IQ", U32, 2**61))]),
-                       AFTER_ARCH + len(_str("tokenizer.ggml.token_type")) + 4, "an array of"),
-    "nested array": (_gguf(kvs=[ARCH, _kv("x", ARRAY, struct.pack("<IQ", ARRAY, 1) + struct.pack("<IQ", U32, 0))]),
-                     AFTER_ARCH + len(_str("x")) + 4, "an array of value type 9"),
+    "huge string array": (
+        _gguf(kvs=[ARCH, _kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 2**62))]),
+        AFTER_ARCH + len(_str("tokenizer.ggml.tokens")) + 4,
+        "an array of",
+    ),
+    "huge int array": (
+        _gguf(kvs=[ARCH, _kv("tokenizer.ggml.token_type", ARRAY, struct.pack("<IQ", U32, 2**61))]),
+        AFTER_ARCH + len(_str("tokenizer.ggml.token_type")) + 4,
+        "an array of",
+    ),
+    "nested array": (
+        _gguf(kvs=[ARCH, _kv("x", ARRAY, struct.pack("<IQ", ARRAY, 1) + struct.pack("<IQ", U32, 0))]),
+        AFTER_ARCH + len(_str("x")) + 4,
+        "an array of value type 9",
+    ),
     "unknown value type": (_gguf(kvs=[_kv("x", 13, b"\0" * 8)]), KV_AT + len(_str("x")), "unknown value type 13"),
     "duplicate key": (_gguf(kvs=[ARCH, ARCH]), AFTER_ARCH, "duplicate key"),
     "alignment 3": (_gguf(kvs=[ARCH, _alignment_kv(struct.pack("<I", 3))]), ALIGN_VALUE_AT, "not a power of two"),

@@ -28,8 +28,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # interpreter truncates float32 to bf16 where a GPU rounds to nearest: on a CPU, bf16 results are
 # held to three steps (up to three truncations: the residual sum, the normalized row, its product).
 ON_GPU = torch.cuda.is_available()
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6),
-             torch.bfloat16: dict(rtol=2 ** -7 if ON_GPU else 3 * 2 ** -7, atol=1e-6)}
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-7 if ON_GPU else 3 * 2**-7, atol=1e-6),
+}
 
 
 @pytest.fixture
@@ -108,8 +110,15 @@ def test_model_logits_with_the_ops_match_pytorch(gpu_ops_on, monkeypatch):
     from r1.model.attention import AttentionMetadata, allocate_kv_cache
     from r1.model.qwen2 import Qwen2ForCausalLM
 
-    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=640, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     for p in model.parameters():

@@ -14,8 +14,9 @@ spec.loader.exec_module(greedy_reference)
 REFERENCE = json.loads(greedy_reference.REFERENCE.read_text())
 
 
-@pytest.mark.parametrize("run", [r for r in greedy_reference.RUNS if r[0] == "demo-small"],
-                         ids=lambda r: greedy_reference.key(*r))
+@pytest.mark.parametrize(
+    "run", [r for r in greedy_reference.RUNS if r[0] == "demo-small"], ids=lambda r: greedy_reference.key(*r)
+)
 def test_greedy_outputs_match_the_recorded_ones(run, small_gguf):
     if run[1] == "int4" and REFERENCE["cpu_kernels"] != greedy_reference.kernel_build():
         pytest.skip(f"recorded on the {REFERENCE['cpu_kernels']} kernels; int4 sums differ between builds")

@@ -30,14 +30,29 @@ from r1.server.app import ServerConfig, build_app
 NAME = "r1-hostile"
 KEY = "sk-hostile"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-BESIDE = {"model": NAME, "prompt": "def quicksort(items):", "max_tokens": 24, "temperature": 0,
-          "ignore_eos": True, "stream": True, "logprobs": 0}
+BESIDE = {
+    "model": NAME,
+    "prompt": "def quicksort(items):",
+    "max_tokens": 24,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "logprobs": 0,
+}
 
 
 @pytest.fixture(scope="module")
 def live():
-    llm = LLM("demo-small", tokenizer="r1-tokenizer", dtype="fp32", device="cpu", kv_cache_tokens=8192,
-              max_model_len=1024, max_num_seqs=32, progress=False)
+    llm = LLM(
+        "demo-small",
+        tokenizer="r1-tokenizer",
+        dtype="fp32",
+        device="cpu",
+        kv_cache_tokens=8192,
+        max_model_len=1024,
+        max_num_seqs=32,
+        progress=False,
+    )
     with serving(build_app(llm, ServerConfig(NAME, api_key=KEY, max_requests=32))) as url:
         yield Live(url, llm)
 
@@ -85,25 +100,27 @@ def beside(live, alone):
 
 
 def post(http, path: str, body: dict, **kwargs) -> httpx2.Response:
-    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json", **AUTH},
-                     **kwargs)
+    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json", **AUTH}, **kwargs)
 
 
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 
 
-@pytest.mark.parametrize("path, body, status, param", [
-    ("/v1/chat/completions", {**CHAT, "top_k": 2**63}, 400, "top_k"),
-    ("/v1/chat/completions", {**CHAT, "seed": 2**64}, 400, "seed"),
-    ("/v1/chat/completions", {**CHAT, "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
-    ("/v1/chat/completions", {**CHAT, "stop": ["x" * (1 << 20)]}, 400, "stop"),
-    ("/v1/chat/completions", {**CHAT, "stop": ["x"] * 17}, 400, "stop"),
-    ("/v1/chat/completions", {**CHAT, "n": 17}, 400, "n"),
-    ("/v1/completions", {"model": NAME, "prompt": [-1]}, 400, "prompt"),
-    ("/v1/completions", {"model": NAME, "prompt": [2**32]}, 400, "prompt"),
-    ("/v1/completions", {"model": NAME, "prompt": ["a"] * 400_000}, 400, "prompt"),
-    ("/v1/completions", {"model": NAME, "prompt": ["a"] * 32, "n": 2}, 400, "prompt"),  # 64 samples; 32 fit
-])
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/chat/completions", {**CHAT, "top_k": 2**63}, 400, "top_k"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**64}, 400, "seed"),
+        ("/v1/chat/completions", {**CHAT, "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["x" * (1 << 20)]}, 400, "stop"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["x"] * 17}, 400, "stop"),
+        ("/v1/chat/completions", {**CHAT, "n": 17}, 400, "n"),
+        ("/v1/completions", {"model": NAME, "prompt": [-1]}, 400, "prompt"),
+        ("/v1/completions", {"model": NAME, "prompt": [2**32]}, 400, "prompt"),
+        ("/v1/completions", {"model": NAME, "prompt": ["a"] * 400_000}, 400, "prompt"),
+        ("/v1/completions", {"model": NAME, "prompt": ["a"] * 32, "n": 2}, 400, "prompt"),  # 64 samples; 32 fit
+    ],
+)
 def test_out_of_bounds_fields_get_a_400_naming_them(http, beside, path, body, status, param):
     start = time.perf_counter()
     r = post(http, path, body)
@@ -130,29 +147,48 @@ class CountingMatcher:
 
 
 def test_a_pathological_schema_for_16_samples_is_compiled_once(http, beside, monkeypatch):
-    monkeypatch.setattr(structured, "llguidance", types.SimpleNamespace(
-        LLMatcher=CountingMatcher, LLTokenizer=llguidance.LLTokenizer))
+    monkeypatch.setattr(
+        structured, "llguidance", types.SimpleNamespace(LLMatcher=CountingMatcher, LLTokenizer=llguidance.LLTokenizer)
+    )
     schema = {"enum": [f"value{i}" for i in range(20_000)]}  # ~60 ms a compile
-    r = post(http, "/v1/chat/completions", {**CHAT, "n": 16, "max_tokens": 1, "max_reasoning_tokens": 0,
-                                             "response_format": {"type": "json_schema",
-                                                                 "json_schema": {"schema": schema}}})
+    r = post(
+        http,
+        "/v1/chat/completions",
+        {
+            **CHAT,
+            "n": 16,
+            "max_tokens": 1,
+            "max_reasoning_tokens": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+        },
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 16, r.text
     assert CountingMatcher.built == 1
 
 
 def test_web_pages_cannot_drive_the_server(live, http, beside):
     # A cross-origin page can POST text/plain without a preflight: refused before any work.
-    r = http.post("/v1/completions", content=json.dumps({"model": NAME, "prompt": "hi"}),
-                  headers={"Content-Type": "text/plain", **AUTH})
+    r = http.post(
+        "/v1/completions",
+        content=json.dumps({"model": NAME, "prompt": "hi"}),
+        headers={"Content-Type": "text/plain", **AUTH},
+    )
     assert (r.status_code, r.json()["error"]["code"]) == (415, "unsupported_media_type")
     # DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends its own Host.
     for path in ("/health", "/v1/models", "/"):
         r = http.get(path, headers={"Host": "evil.example"})
         assert (r.status_code, r.json()["error"]["code"]) == (403, "host_not_allowed"), path
     port = live.url.rsplit(":", 1)[1]
-    for host, status in ((f"localhost:{port}", 200), (f"LOCALHOST.:{port}", 200), (f"[::1]:{port}", 200),
-                         ("10.1.2.3", 200), ("evil.example.", 403), (f"evil.example:{port}", 403),
-                         ("localhost:²", 403), (None, 200)):  # None: an HTTP/1.0 client without a Host
+    for host, status in (
+        (f"localhost:{port}", 200),
+        (f"LOCALHOST.:{port}", 200),
+        (f"[::1]:{port}", 200),
+        ("10.1.2.3", 200),
+        ("evil.example.", 403),
+        (f"evil.example:{port}", 403),
+        ("localhost:²", 403),
+        (None, 200),
+    ):  # None: an HTTP/1.0 client without a Host
         assert raw_status(live.url, "/health", host) == status, host
     # A path out of /static is refused, however it is spelled (sent raw: clients tidy '..' away).
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py"):
@@ -172,8 +208,7 @@ ABORTED = 'r1_requests_finished_total{finish_reason="abort"}'
 
 def test_a_stream_of_16_closed_early_frees_its_blocks(live, http):
     aborted = live.metrics().get(ABORTED, 0)
-    body = {"model": NAME, "prompt": "Once upon a time", "n": 16, "max_tokens": 400, "ignore_eos": True,
-            "stream": True}
+    body = {"model": NAME, "prompt": "Once upon a time", "n": 16, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
         next(r.iter_lines())
     live.wait_all_free(timeout=1.0)
@@ -196,7 +231,8 @@ def test_a_request_whose_sampling_fails_fails_alone(live, http, beside, monkeypa
     assert "injected sampling failure" in error["message"]
     # A stream fails in-band: its 200 was sent before the failure.
     assert stream_tokens(live.url, {**BESIDE, "seed": 666, "temperature": 0.6}) == [
-        "error: generation failed: RuntimeError: injected sampling failure"]
+        "error: generation failed: RuntimeError: injected sampling failure"
+    ]
     assert post(http, "/v1/chat/completions", {**CHAT, "seed": 7, "temperature": 0.6}).status_code == 200
 
 
@@ -221,12 +257,23 @@ DYING_SERVER = textwrap.dedent("""
 
 
 def test_a_dead_engine_fails_every_waiter_and_the_process(tiny_model_folder):
-    server = subprocess.Popen([sys.executable, "-c", DYING_SERVER, str(tiny_model_folder)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", DYING_SERVER, str(tiny_model_folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = server.stdout.readline().split(" at ")[1].split()[0]
-        long = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "temperature": 0,
-                "stream": True, "logprobs": 0}
+        long = {
+            "model": "tiny",
+            "prompt": [5, 6, 7],
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+            "logprobs": 0,
+        }
         waiting, started = [], threading.Event()
         thread = threading.Thread(target=lambda: waiting.append(stream_tokens(url, long, started)))
         thread.start()
@@ -265,9 +312,15 @@ def fail_with_device_fault(*args, **kwargs):
 
 def test_only_named_origins_pass_the_cors_preflight(live, tiny_model_folder):
     def preflight(url: str, origin: str) -> httpx2.Response:
-        return httpx2.options(url + "/v1/chat/completions", trust_env=False, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        return httpx2.options(
+            url + "/v1/chat/completions",
+            trust_env=False,
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
 
     # No --cors-origin: no page's preflight passes, so no page can send its JSON.
     assert "access-control-allow-origin" not in preflight(live.url, "https://app.example").headers

@@ -44,8 +44,15 @@ def test_this_machine_runs_its_widest_build():
     assert kernels.this_cpus_build() == (AVX512_AMX if has_flags(AVX512_AMX) else AVX512_VNNI)
     assert kernels.unavailable_reason() is None and kernels.running_build() == kernels.this_cpus_build()
     assert quant.int4_linear_class() is Int4KernelLinear
-    other_ops = ("int4_quantize", "decode_attention", "add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul",
-                 "softmax_topk")
+    other_ops = (
+        "int4_quantize",
+        "decode_attention",
+        "add_rms_norm",
+        "rotary_",
+        "write_kv_int8_",
+        "silu_mul",
+        "softmax_topk",
+    )
     assert all(kernels.op(name) is not None for name in other_ops)
 
 
@@ -153,8 +160,10 @@ def test_int4_quantize_fits_a_better_grid_than_min_max(rows, k, monkeypatch):
     # the fitted scale and low to the stored grid can cost a group a little against min..max
     # (measured: 28 groups of 3072 lose, the worst by 1.9%).
     monkeypatch.setattr(kernels, "op_for", lambda name, x: None)  # quant's portable path: min..max
-    ours, plain = (group_errors(weight, levels, scales, lows, steps),
-                   group_errors(weight, *quant.int4_groups(weight, 32)))
+    ours, plain = (
+        group_errors(weight, levels, scales, lows, steps),
+        group_errors(weight, *quant.int4_groups(weight, 32)),
+    )
     assert torch.all(ours <= plain * 1.05)
     assert ours.sum() < 0.85 * plain.sum(), (ours.sum() / plain.sum()).item()
 
@@ -171,11 +180,10 @@ def test_int4_quantize_keeps_a_grid_it_can_hold_exactly(portable, monkeypatch):
     levels[:, ::32], levels[:, 1::32] = 0, 15
     scales = torch.tensor([[255, 3], [17, 255], [255, 255], [255, 1]])
     lows = torch.tensor([[-127, 40], [5, 127], [-127, -127], [-127, 127]])
-    steps = torch.tensor([[2.0 ** -10, 2.0 ** -16, 2.0 ** -4, 2.0 ** -12],
-                          [2.0 ** -9, 2.0 ** -12, 2.0 ** -3, 2.0 ** -10]])
+    steps = torch.tensor([[2.0**-10, 2.0**-16, 2.0**-4, 2.0**-12], [2.0**-9, 2.0**-12, 2.0**-3, 2.0**-10]])
     scale, low = quant.int4_grid(scales, lows, steps)
     weight = levels * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
-    weight[3, 32:] = 127 * 2.0 ** -10
+    weight[3, 32:] = 127 * 2.0**-10
     got_levels, got_scales, got_lows, got_steps = quant.int4_groups(weight, 32)
     assert torch.equal(got_levels[:, :32].float(), levels[:, :32]) and torch.equal(got_levels[:3].float(), levels[:3])
     assert torch.equal(got_levels[3, 32:], torch.zeros(32, dtype=torch.uint8))
@@ -185,7 +193,7 @@ def test_int4_quantize_keeps_a_grid_it_can_hold_exactly(portable, monkeypatch):
     assert torch.allclose(got_steps[:, :3], steps[:, :3], rtol=1e-5, atol=0)
     assert torch.allclose(got_steps[1, 3], steps[1, 3], rtol=1e-5)  # least squares: 2e-6
     _, rebuilt_low = quant.int4_grid(got_scales, got_lows, got_steps)
-    assert torch.allclose(rebuilt_low[3, 1], torch.tensor(127 * 2.0 ** -10), rtol=1e-6)
+    assert torch.allclose(rebuilt_low[3, 1], torch.tensor(127 * 2.0**-10), rtol=1e-6)
 
 
 def logit_rows(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -246,8 +254,15 @@ def test_bad_inputs_are_refused_with_a_reason():
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, layer.steps, 0, None)
     wide = kernel_layer(16, 512, bias=False)
     with pytest.raises(RuntimeError, match="group must be a positive multiple of 16, at most 256"):
-        op(torch.randn(2, 512), wide.packed, wide.scales[:, :1].contiguous(), wide.lows[:, :1].contiguous(), wide.steps,
-           512, None)
+        op(
+            torch.randn(2, 512),
+            wide.packed,
+            wide.scales[:, :1].contiguous(),
+            wide.lows[:, :1].contiguous(),
+            wide.steps,
+            512,
+            None,
+        )
     with pytest.raises(RuntimeError, match="bias must be"):
         op(torch.randn(2, 64), layer.packed, layer.scales, layer.lows, layer.steps, 32, torch.zeros(8))
     with pytest.raises(ValueError, match="out_features"):
@@ -285,11 +300,16 @@ def test_op_does_not_look_for_the_build_again(monkeypatch):
 VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}
 
 
-@pytest.mark.parametrize("flags, build", [(VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"},
-                                           "avx512_amx"),
-                                          (VNNI_FLAGS | {"amx_tile", "amx_int8"}, "avx512_vnni"),  # AMX without bf16
-                                          (VNNI_FLAGS, "avx512_vnni"), ({"avx512f", "avx2", "fma"}, "avx2"),
-                                          ({"avx2", "fma"}, "avx2")])
+@pytest.mark.parametrize(
+    "flags, build",
+    [
+        (VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, "avx512_amx"),
+        (VNNI_FLAGS | {"amx_tile", "amx_int8"}, "avx512_vnni"),  # AMX without bf16
+        (VNNI_FLAGS, "avx512_vnni"),
+        ({"avx512f", "avx2", "fma"}, "avx2"),
+        ({"avx2", "fma"}, "avx2"),
+    ],
+)
 def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
     monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
@@ -305,16 +325,20 @@ def test_a_build_that_does_not_compile_gives_way_to_the_next(monkeypatch):
     assert kernels.running_build() == AVX512_VNNI and kernels.unavailable_reason() is None
     errors.update(avx512_vnni="error: x", avx2="error: y")
     assert kernels.running_build() is None
-    assert kernels.unavailable_reason() == ("building r1/kernels failed: avx512_amx: error: unrecognized command-line "
-                                            "option '-mamx-bf16'; avx512_vnni: error: x; avx2: error: y")
+    assert kernels.unavailable_reason() == (
+        "building r1/kernels failed: avx512_amx: error: unrecognized command-line "
+        "option '-mamx-bf16'; avx512_vnni: error: x; avx2: error: y"
+    )
 
 
 def test_a_cpu_without_either_is_told_why(monkeypatch):
     monkeypatch.delenv(kernels.BUILD_ENV, raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
-    assert kernels.unavailable_reason() == ("this CPU has no build of them (avx512_amx needs avx512f, avx512bw, "
-                                            "avx512vl, avx512_vnni, avx512_bf16, amx_tile, amx_bf16; avx512_vnni needs "
-                                            "avx512f, avx512bw, avx512vl, avx512_vnni; avx2 needs avx2, fma)")
+    assert kernels.unavailable_reason() == (
+        "this CPU has no build of them (avx512_amx needs avx512f, avx512bw, "
+        "avx512vl, avx512_vnni, avx512_bf16, amx_tile, amx_bf16; avx512_vnni needs "
+        "avx512f, avx512bw, avx512vl, avx512_vnni; avx2 needs avx2, fma)"
+    )
 
 
 def test_an_unknown_build_name_is_told_apart(monkeypatch):
@@ -322,7 +346,6 @@ def test_an_unknown_build_name_is_told_apart(monkeypatch):
     assert kernels.unavailable_reason() == "R1_KERNELS=sse2 names none of their builds (avx512_amx, avx512_vnni, avx2)"
     monkeypatch.setenv(kernels.BUILD_ENV, "off")
     assert kernels.unavailable_reason() == "R1_KERNELS=off"
-
 
 
 @pytest.fixture
@@ -361,6 +384,7 @@ def test_the_engine_config_chooses_the_kernels_and_the_environment_overrides(sel
 
 def test_the_choices_list_the_builds():
     assert options.CPU_KERNELS == ("auto", "off", *(b.name for b in kernels.BUILDS))
+
 
 AVX2_CHECK = """
 import json, sys, torch
@@ -408,8 +432,9 @@ json.dump(out, sys.stdout)
 """
 
 
-@pytest.mark.skipif(not (has_flags(AVX2) and has_flags(AVX512_VNNI)),
-                    reason="compares the AVX2 build with the AVX-512 VNNI one")
+@pytest.mark.skipif(
+    not (has_flags(AVX2) and has_flags(AVX512_VNNI)), reason="compares the AVX2 build with the AVX-512 VNNI one"
+)
 def test_the_avx2_build_computes_what_the_vnni_one_does():
     # Laptops without AVX-512 run the AVX2 build; CI's machines have AVX-512, so it is built and
     # run here in a process of its own (both builds register the same op names).

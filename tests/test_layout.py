@@ -26,22 +26,32 @@ def test_only_the_engine_package_is_imported():
     offenders = []
     for path in outside_the_engine():
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
-                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
-                          if n.startswith("r1.engine.")]
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names if n.startswith("r1.engine.")
+            ]
     assert not offenders, "\n".join(offenders)
 
 
 def _is_engine(node: ast.expr) -> bool:
     return (isinstance(node, ast.Name) and node.id == "engine") or (
-        isinstance(node, ast.Attribute) and node.attr == "engine")
+        isinstance(node, ast.Attribute) and node.attr == "engine"
+    )
 
 
 def test_an_engine_is_reached_only_through_its_surface():
-    offenders = [f"{path.relative_to(ROOT)}:{node.lineno} reads engine.{node.attr}"
-                 for path in outside_the_engine() for node in ast.walk(ast.parse(path.read_text()))
-                 if isinstance(node, ast.Attribute) and node.attr in ENGINE_PARTS and _is_engine(node.value)]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{node.lineno} reads engine.{node.attr}"
+        for path in outside_the_engine()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in ENGINE_PARTS and _is_engine(node.value)
+    ]
     assert not offenders, "\n".join(offenders)
 
 

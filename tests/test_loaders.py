@@ -20,9 +20,11 @@ from r1.loaders.safetensors import CheckpointError
 
 def _logits(model, ids):
     from r1.model.attention import AttentionMetadata, allocate_kv_cache
+
     cfg = model.config
-    cache = allocate_kv_cache(cfg.num_hidden_layers, 16, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32,
-                              "cpu")
+    cache = allocate_kv_cache(
+        cfg.num_hidden_layers, 16, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
+    )
     n = len(ids)
     meta = AttentionMetadata(torch.arange(n), torch.arange(16)[None], [n], [n])
     with torch.inference_mode():
@@ -57,8 +59,9 @@ def test_generation_config_gives_sampling_defaults(tiny_hf):
     assert open_model_files(str(folder)).sampling_defaults == {"temperature": 0.6, "top_p": 0.95}
 
 
-@pytest.mark.parametrize("qtype, tol", [(None, 1e-4), (gguf.GGMLQuantizationType.F16, 2e-2),
-                                        (gguf.GGMLQuantizationType.Q8_0, 5e-2)])
+@pytest.mark.parametrize(
+    "qtype, tol", [(None, 1e-4), (gguf.GGMLQuantizationType.F16, 2e-2), (gguf.GGMLQuantizationType.Q8_0, 5e-2)]
+)
 def test_gguf_matches_the_checkpoint_it_was_made_from(tiny_hf, tmp_path, qtype, tol):
     _, hf = tiny_hf
     if qtype == gguf.GGMLQuantizationType.F16:  # F16 is a plain dtype in GGUF: store the arrays as float16
@@ -83,8 +86,12 @@ def test_real_gguf_metadata_and_types(small_gguf):
     types = {gguf.GGMLQuantizationType(t.ggml_type).name for t in header.tensors}
     assert types == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
     cfg = open_model_files(str(small_gguf)).config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-            cfg.num_key_value_heads) == (24, 896, 14, 2)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        24,
+        896,
+        14,
+        2,
+    )
 
 
 def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
@@ -94,6 +101,7 @@ def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
     import numpy as np
 
     from r1.loaders.gguf import DEQUANTIZE_ROWS, dequantize, tensor_nbytes
+
     header = read_header(small_gguf)
     data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_offset)
     by_type = {}
@@ -102,10 +110,11 @@ def test_real_gguf_tensors_dequantize_as_gguf_does(small_gguf):
     assert by_type[gguf.GGMLQuantizationType.Q8_0].shape[0] > DEQUANTIZE_ROWS
     assert {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K} <= by_type.keys()
     for qtype, t in by_type.items():
-        raw = data[t.offset:t.offset + tensor_nbytes(t)]
+        raw = data[t.offset : t.offset + tensor_nbytes(t)]
         want = gguf.quants.dequantize(np.array(raw).reshape(int(np.prod(t.shape[:-1])), -1), qtype)
-        assert torch.equal(dequantize(raw, t),
-                           torch.from_numpy(np.asarray(want, dtype=np.float32)).reshape(t.shape)), qtype
+        assert torch.equal(dequantize(raw, t), torch.from_numpy(np.asarray(want, dtype=np.float32)).reshape(t.shape)), (
+            qtype
+        )
 
 
 def test_truncated_r1_header_reads_metadata_only(r1_header):
@@ -117,6 +126,7 @@ def test_truncated_r1_header_reads_metadata_only(r1_header):
 
 
 # ---- bad input ------------------------------------------------------------------------------
+
 
 def test_missing_path():
     with pytest.raises(FileNotFoundError, match="model not found: './no/such/model'"):
@@ -168,8 +178,11 @@ def test_unsupported_architecture_in_gguf(tiny_hf, tmp_path):
 
 
 def test_unsupported_quant_type(tiny_hf, tmp_path):
-    path = save_tiny_gguf(tmp_path / "iq.gguf", tiny_hf[1],
-                          raw_type_of={"model.layers.0.mlp.up_proj.weight": gguf.GGMLQuantizationType.IQ4_NL})
+    path = save_tiny_gguf(
+        tmp_path / "iq.gguf",
+        tiny_hf[1],
+        raw_type_of={"model.layers.0.mlp.up_proj.weight": gguf.GGMLQuantizationType.IQ4_NL},
+    )
     with pytest.raises(GGUFError, match="blk.0.ffn_up.weight has quantization type IQ4_NL"):
         load_model(open_model_files(str(path)), torch.float32, "cpu", progress=False)
 
@@ -202,6 +215,7 @@ def test_offline_hub_id_says_how_to_get_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ConnectionError, match="--model demo"):
@@ -210,8 +224,14 @@ def test_offline_hub_id_says_how_to_get_weights(monkeypatch, tmp_path):
 
 def test_demo_asset_missing_parts_names_the_extra(monkeypatch, tmp_path):
     from r1.loaders import hub
+
     monkeypatch.setenv("R1_CACHE", str(tmp_path))
-    monkeypatch.setitem(hub.DEMO_ASSETS, "demo-missing", hub.DemoAsset(
-        "nothing", (("r1_no_such_part_package", "data/x.bin"), ("r1_no_such_part_package2", "x")), 1, "0", "demo"))
+    monkeypatch.setitem(
+        hub.DEMO_ASSETS,
+        "demo-missing",
+        hub.DemoAsset(
+            "nothing", (("r1_no_such_part_package", "data/x.bin"), ("r1_no_such_part_package2", "x")), 1, "0", "demo"
+        ),
+    )
     with pytest.raises(FileNotFoundError, match=r"pip install 'r1\[demo\]'"):
         hub.demo_path("demo-missing")

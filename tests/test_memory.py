@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---- R1-1.5B's arithmetic ---------------------------------------------------------------------
 
+
 def test_r1_parameters_kv_and_weights():
     assert R1_1_5B.num_parameters() == 1_777_088_000
     p = memory.plan(R1_1_5B, "bf16", 32768, device="cuda")
@@ -75,6 +76,7 @@ def test_decoding_rows_are_gathered_together_up_to_a_bound():
 
 # ---- weight formats -----------------------------------------------------------------------------
 
+
 def test_config_tensors_add_up_to_the_parameter_count():
     for cfg in (R1_1_5B, ModelConfig(tie_word_embeddings=True)):
         assert sum(math.prod(s) for _, s in memory.gguf_tensors(cfg)) == cfg.num_parameters()
@@ -103,14 +105,22 @@ def test_q4_k_m_estimate_equals_the_small_gguf_file_tensor_for_tensor(small_gguf
 
 
 def test_r1_weight_only_formats_by_hand():
-    cfg = ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    cfg = ModelConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     linears = [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]  # (rows, cols)
     per_layer_vectors = 256 + 128 + 128 + 256 + 256  # q, k, v biases and the two norms
     rest = 1000 * 256 + 2 * per_layer_vectors + 256  # embedding, vectors, final norm: in bf16
     int8 = 2 * sum(r * c + 2 * r for r, c in linears) + (1000 * 256 + 2 * 1000)
-    int4 = (2 * sum(r * c // 2 + r * (c // 32) * 2 + r * 8 for r, c in linears)
-            + (1000 * 256 // 2 + 1000 * 8 * 2 + 1000 * 8))
+    int4 = 2 * sum(r * c // 2 + r * (c // 32) * 2 + r * 8 for r, c in linears) + (
+        1000 * 256 // 2 + 1000 * 8 * 2 + 1000 * 8
+    )
     assert memory.weight_line(cfg, "int8", "bf16").bytes == int8 + 2 * rest
     assert memory.weight_line(cfg, "int4", "bf16").bytes == int4 + 2 * rest
     assert memory.weight_line(cfg, "int4", "fp32").bytes == int4 + 4 * rest
@@ -122,6 +132,7 @@ def test_int4_bytes_are_what_each_devices_linear_holds(device, monkeypatch):
     """The plan's int4 bytes are the buffers of the linear r1 builds on that device: r1's kernel
     layout on the CPU, tinygemm's on CUDA (packed on the meta device, which needs no GPU)."""
     from r1 import quant
+
     monkeypatch.setattr(quant, "_cuda_nibble_order", lambda device: True)  # a GPU finds it by a multiply
     out_features, in_features = 256, 1536
     linear = (quant.Int4KernelLinear if device == "cpu" else quant.Int4CudaLinear)(in_features, out_features, False)
@@ -137,8 +148,18 @@ def test_int4_bytes_are_what_each_devices_linear_holds(device, monkeypatch):
 def test_weight_formats_order_by_size():
     sizes = {q: memory.weight_line(R1_1_5B, q, "bf16").bytes for q in memory.QUANTS}
     # r1's int4 is 4.5 bits a weight (an 8-bit scale and low per 32) but keeps the embedding in bf16.
-    assert sizes["fp32"] > sizes["bf16"] == sizes["fp16"] > sizes["int8"] > sizes["q8_0"] > sizes["q6_k"] \
-        > sizes["int4"] > sizes["q5_k_m"] > sizes["q4_k_m"] > sizes["q4_0"]
+    assert (
+        sizes["fp32"]
+        > sizes["bf16"]
+        == sizes["fp16"]
+        > sizes["int8"]
+        > sizes["q8_0"]
+        > sizes["q6_k"]
+        > sizes["int4"]
+        > sizes["q5_k_m"]
+        > sizes["q4_k_m"]
+        > sizes["q4_0"]
+    )
 
 
 def test_hf_folder_gives_exact_bytes_from_the_safetensors_header(tiny_hf):
@@ -170,23 +191,29 @@ def test_default_model_offline_uses_the_known_config(offline):
 
 # ---- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(quant="q3_xs"), "unknown quantization 'q3_xs'"),
-    (dict(context=131073), "exceeds the model's maximum of 131,072"),
-    (dict(context=0), "context must be a positive"),
-    (dict(batch=-1), "batch must be a positive"),
-    (dict(batch=257), "exceeds the engine's max_num_seqs"),
-    (dict(kv_dtype="int3"), "unknown KV cache dtype"),
-    (dict(device="tpu"), "device must be cpu or cuda"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(quant="q3_xs"), "unknown quantization 'q3_xs'"),
+        (dict(context=131073), "exceeds the model's maximum of 131,072"),
+        (dict(context=0), "context must be a positive"),
+        (dict(batch=-1), "batch must be a positive"),
+        (dict(batch=257), "exceeds the engine's max_num_seqs"),
+        (dict(kv_dtype="int3"), "unknown KV cache dtype"),
+        (dict(device="tpu"), "device must be cpu or cuda"),
+    ],
+)
 def test_bad_input_is_refused_clearly(kwargs, message):
     args = dict(quant="bf16", context=1024, batch=1) | kwargs
     with pytest.raises(ValueError, match=message):
         memory.plan(R1_1_5B, **args)
 
 
-@pytest.mark.parametrize("text, expected", [("8GiB", 8 * GiB), ("8 gb", 8 * 10**9), ("8G", 8 * GiB),
-                                            ("7500MiB", 7500 << 20), ("1.5", int(1.5 * GiB))])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("8GiB", 8 * GiB), ("8 gb", 8 * 10**9), ("8G", 8 * GiB), ("7500MiB", 7500 << 20), ("1.5", int(1.5 * GiB))],
+)
 def test_parse_size(text, expected):
     assert memory.parse_size(text) == expected
 
@@ -206,6 +233,7 @@ def test_cli_reports_bad_input_as_one_line(offline, capsys):
 
 
 # ---- questions: fit, sweep, plot ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("quant", ["bf16", "int4", "q4_k_m"])
 def test_fit_is_the_largest_context_under_the_budget(quant):
@@ -239,6 +267,7 @@ def test_cli_json_modes(offline, capsys):
 
 def test_cli_tables_and_plot(offline, tmp_path, capsys):
     import matplotlib  # noqa: F401  (the plot extra; a missing install fails here)
+
     png = tmp_path / "memory.png"
     assert main(["memory", "--plot", str(png)]) == 0
     shown = capsys.readouterr().out
@@ -251,11 +280,12 @@ def test_cli_tables_and_plot(offline, tmp_path, capsys):
 
 # ---- the engine's KV pool -----------------------------------------------------------------------
 
+
 def test_pool_honours_a_stated_size_and_the_cpu_budget():
     cpu = torch.device("cpu")
     assert memory.kv_pool_tokens(R1_1_5B, EngineConfig(kv_cache_tokens=1000), cpu, torch.float32) == 992
     # A stated pool is kept past the two full contexts a sized one stops at.
-    assert memory.kv_pool_tokens(R1_1_5B, EngineConfig(kv_cache_tokens=2 ** 19), cpu, torch.bfloat16) == 2 ** 19
+    assert memory.kv_pool_tokens(R1_1_5B, EngineConfig(kv_cache_tokens=2**19), cpu, torch.bfloat16) == 2**19
     tokens = memory.kv_pool_tokens(R1_1_5B, EngineConfig(), cpu, torch.bfloat16)
     assert tokens == memory.CPU_KV_BUDGET_BYTES // 28_672 // 16 * 16
     short = dataclasses.replace(R1_1_5B, max_position_embeddings=4096)  # its budget holds 36 contexts
@@ -270,7 +300,8 @@ def test_step_budget_is_smaller_on_a_cpu_and_never_below_max_num_seqs():
     # The plan's activations are those of the device's chunk.
     cpu = memory.plan(R1_1_5B, "fp32", 4096, device="cpu")
     assert [line.bytes for line in cpu.lines if line.name == "activations"] == [
-        memory.activation_bytes(R1_1_5B, 256, 4096, 4, 1)]
+        memory.activation_bytes(R1_1_5B, 256, 4096, 4, 1)
+    ]
 
 
 def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
@@ -278,9 +309,9 @@ def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
     per_token = 28_672
 
     def reserve(context):
-        return (memory.activation_bytes(R1_1_5B, engine.resolved_max_num_batched_tokens("cuda"), context, 2,
-                                        engine.max_num_seqs)
-                + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2, async_scheduling=True))
+        return memory.activation_bytes(
+            R1_1_5B, engine.resolved_max_num_batched_tokens("cuda"), context, 2, engine.max_num_seqs
+        ) + memory.logits_bytes(R1_1_5B, engine.max_num_seqs, 2, async_scheduling=True)
 
     big = memory.kv_pool_tokens(R1_1_5B, engine, cuda, torch.bfloat16, free_bytes=120 * GiB)
     assert big > 20 * R1_1_5B.max_position_embeddings  # room for many full-length sequences
@@ -295,12 +326,26 @@ def test_cuda_pool_leaves_room_for_a_step_at_the_context_it_allows():
 
 # ---- against a real run -------------------------------------------------------------------------
 
+
 def test_estimate_matches_a_measured_run_within_10_percent(small_gguf, tmp_path):
     """A fresh process loads the 0.5B in fp32 and prefills 1K tokens; its peak RSS (loading and
     serving) and its own accounting of parameters and KV cache are checked against the plan."""
     out = tmp_path / "memory.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "memory_validation.py"), "--model", str(small_gguf),
-                           "--points", "fp32:1024:1", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "memory_validation.py"),
+            "--model",
+            str(small_gguf),
+            "--points",
+            "fp32:1024:1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.is_file(), done.stderr[-2000:]
     point = json.loads(out.read_text())["points"][0]
     m, p = point["measured"], point["estimate"]

@@ -11,8 +11,9 @@ BLOCK = 4  # small blocks so a sequence spans several, non-contiguous ones
 
 
 def _cache(cfg, num_blocks=64):
-    return allocate_kv_cache(cfg.num_hidden_layers, num_blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim,
-                             torch.float32, "cpu")
+    return allocate_kv_cache(
+        cfg.num_hidden_layers, num_blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
+    )
 
 
 def _meta(block_table, start, n):
@@ -38,7 +39,7 @@ def test_prefill_and_decode_logits_match_transformers(tiny_hf, kernel_path):
     got = [ours.compute_logits(ours(ids[:20], torch.arange(20), cache, _meta(table, 0, 20)))]
     got.append(ours.compute_logits(ours(ids[20:29], torch.arange(20, 29), cache, _meta(table, 20, 9))))
     for p in range(29, 37):
-        got.append(ours.compute_logits(ours(ids[p:p + 1], torch.tensor([p]), cache, _meta(table, p, 1))))
+        got.append(ours.compute_logits(ours(ids[p : p + 1], torch.tensor([p]), cache, _meta(table, p, 1))))
     assert (torch.cat(got) - ref).abs().max() < 1e-4
 
 
@@ -50,8 +51,9 @@ def test_two_sequences_in_one_batch_match_each_alone(tiny_hf, kernel_path):
     b = torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(3))
     cache = _cache(ours.config)
     ta, tb = [0, 1, 2], [7, 8]
-    slots = ([ta[p // BLOCK] * BLOCK + p % BLOCK for p in range(11)]
-             + [tb[p // BLOCK] * BLOCK + p % BLOCK for p in range(6)])
+    slots = [ta[p // BLOCK] * BLOCK + p % BLOCK for p in range(11)] + [
+        tb[p // BLOCK] * BLOCK + p % BLOCK for p in range(6)
+    ]
     meta = AttentionMetadata(torch.tensor(slots), torch.tensor([ta, tb + [0]]), [11, 6], [11, 6])
     hidden = ours(torch.cat([a, b]), torch.cat([torch.arange(11), torch.arange(6)]), cache, meta)
     logits = ours.compute_logits(hidden)
@@ -66,8 +68,15 @@ def test_half_precisions_track_fp32(tiny_hf):
     ref = hf(ids[None]).logits[0]
     for dtype in (torch.bfloat16, torch.float16):
         ours = load_model(open_model_files(str(folder)), dtype, "cpu", progress=False)
-        cache = allocate_kv_cache(ours.config.num_hidden_layers, 16, BLOCK, ours.config.num_key_value_heads,
-                                  ours.config.head_dim, dtype, "cpu")
+        cache = allocate_kv_cache(
+            ours.config.num_hidden_layers,
+            16,
+            BLOCK,
+            ours.config.num_key_value_heads,
+            ours.config.head_dim,
+            dtype,
+            "cpu",
+        )
         logits = ours.compute_logits(ours(ids, torch.arange(20), cache, _meta(list(range(16)), 0, 20)))
         assert logits.dtype == torch.float32
         assert ((logits - ref).norm() / ref.norm()) < 2e-2, dtype

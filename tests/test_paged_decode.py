@@ -23,8 +23,7 @@ from r1.kernels import paged_decode  # noqa: E402
 
 if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
     # 3.6's interpreter makes a loaded scalar a 1-element array, which a loop's bound cannot be.
-    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run the kernel (3.9's can)",
-                allow_module_level=True)
+    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run the kernel (3.9's can)", allow_module_level=True)
 from test_attention import scattered_batch  # noqa: E402
 
 from r1.model import attention  # noqa: E402
@@ -43,31 +42,36 @@ def _kernel(q, cache, group, scale, num_splits):
         (keys, values), (key_scales, value_scales) = cache.values, cache.scales
     else:
         (keys, values), key_scales, value_scales = cache, None, None
-    return paged_decode.paged_decode_attention(q, keys, values, key_scales, value_scales, group.block_tables,
-                                               group.seq_lens, scale, num_splits=num_splits)
+    return paged_decode.paged_decode_attention(
+        q, keys, values, key_scales, value_scales, group.block_tables, group.seq_lens, scale, num_splits=num_splits
+    )
 
 
 # Lengths within one block, across several, and past one 64-token chunk; splits past the context's
 # end (8 splits of a 1-token sequence) must weigh nothing.
 @pytest.mark.parametrize("num_splits", [1, 2, 8])
-@pytest.mark.parametrize("dtype, cache_dtype, tolerance", [
-    (torch.float32, torch.float32, 1e-6),
-    (torch.bfloat16, torch.bfloat16, 5e-3),  # the outputs and the reference's probabilities round to bf16
-    (torch.float32, torch.int8, 1e-6),
-    (torch.bfloat16, torch.int8, 5e-3),  # a GPU's --kv-dtype int8
-])
+@pytest.mark.parametrize(
+    "dtype, cache_dtype, tolerance",
+    [
+        (torch.float32, torch.float32, 1e-6),
+        (torch.bfloat16, torch.bfloat16, 5e-3),  # the outputs and the reference's probabilities round to bf16
+        (torch.float32, torch.int8, 1e-6),
+        (torch.bfloat16, torch.int8, 5e-3),  # a GPU's --kv-dtype int8
+    ],
+)
 def test_kernel_agrees_with_pytorch(num_splits, dtype, cache_dtype, tolerance):
     # R1's heads: 6 query heads share each kv head (padded to tl.dot's 16 rows), head_dim 128.
     seq_lens = [1, 16, 17, 130, 300]
-    q, cache, meta, _, _ = scattered_batch(seq_lens, [1] * len(seq_lens), seed=5, cache_dtype=cache_dtype,
-                                           heads=12, kv_heads=2, head_dim=128, block=16)
+    q, cache, meta, _, _ = scattered_batch(
+        seq_lens, [1] * len(seq_lens), seed=5, cache_dtype=cache_dtype, heads=12, kv_heads=2, head_dim=128, block=16
+    )
     if cache_dtype == torch.bfloat16:
         cache = cache.to(dtype)
     q, cache = q.to(DEVICE, dtype), _on_device(cache)
     meta.block_tables = meta.block_tables.to(DEVICE)
     group = meta.decode_group(16)
-    got = _kernel(q, cache, group, 128 ** -0.5, num_splits)
-    want = attention._gathered_decode_attention(q, cache, group, 128 ** -0.5)
+    got = _kernel(q, cache, group, 128**-0.5, num_splits)
+    want = attention._gathered_decode_attention(q, cache, group, 128**-0.5)
     assert got.dtype == dtype and got.shape == want.shape
     error = ((got.float() - want.float()).norm() / want.float().norm()).item()
     assert error < tolerance, error
@@ -80,25 +84,26 @@ def test_kernel_reads_only_the_listed_blocks():
     q, cache, meta, _, _ = scattered_batch(seq_lens, [1, 1], seed=6, heads=12, kv_heads=2, head_dim=128, block=16)
     q, cache, meta.block_tables = q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE)
     group = meta.decode_group(16)
-    want = _kernel(q, cache, group, 128 ** -0.5, 2)
+    want = _kernel(q, cache, group, 128**-0.5, 2)
     used = set(group.block_tables[0, :2].tolist()) | {group.block_tables[1, 0].item()}
     unused = next(b for b in range(cache.shape[1]) if b not in used)
     cache[:, unused] = float("nan")
     group.block_tables = torch.cat([group.block_tables, torch.full((2, 3), unused, device=DEVICE)], 1)
     group.block_tables[1, 1] = unused
-    got = _kernel(q, cache, group, 128 ** -0.5, 2)
+    got = _kernel(q, cache, group, 128**-0.5, 2)
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("block_size", [8, 24, 128])  # under, across and over the kernel's 64-token chunk
 def test_any_block_size(block_size):
     seq_lens = [1, 30, 200]
-    q, cache, meta, _, _ = scattered_batch(seq_lens, [1] * len(seq_lens), seed=7, heads=12, kv_heads=2,
-                                           head_dim=128, block=block_size)
+    q, cache, meta, _, _ = scattered_batch(
+        seq_lens, [1] * len(seq_lens), seed=7, heads=12, kv_heads=2, head_dim=128, block=block_size
+    )
     q, cache, meta.block_tables = q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE)
     group = meta.decode_group(block_size)
-    got = _kernel(q, cache, group, 128 ** -0.5, 2)
-    want = attention._gathered_decode_attention(q, cache, group, 128 ** -0.5)
+    got = _kernel(q, cache, group, 128**-0.5, 2)
+    want = attention._gathered_decode_attention(q, cache, group, 128**-0.5)
     assert ((got - want).norm() / want.norm()).item() < 1e-6
 
 

@@ -29,6 +29,7 @@ def models(small_gguf):
 @pytest.fixture(scope="module")
 def token_ids(small_gguf):
     from r1.llm import load_tokenizer
+
     return load_tokenizer(None, open_model_files(str(small_gguf))).encode(REFERENCE_TEXT)
 
 
@@ -89,7 +90,6 @@ def test_a_smaller_kv_cache_keeps_the_perplexity(models, token_ids, kv_dtype, on
     assert abs(got / base - 1) < 0.005, (base, got)
     if one_at_a_time:  # the float cache read a token at a time is the one-pass model, to float rounding
         assert perplexity(models["none"], token_ids, one_at_a_time=True) == pytest.approx(base, rel=1e-5)
-
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

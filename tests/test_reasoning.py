@@ -12,8 +12,12 @@ START, END = 1, 2  # the tag tokens' ids; every other character is a token of it
 # (text, prompt_opened_think, expected reasoning, expected answer)
 CASES = [
     # the usual shape: the prompt opened <think>, the model closes it and answers
-    ("Okay, 2+2.\nThat is 4.\n</think>\n\nThe answer is **4**.", True,
-     "Okay, 2+2.\nThat is 4.", "The answer is **4**."),
+    (
+        "Okay, 2+2.\nThat is 4.\n</think>\n\nThe answer is **4**.",
+        True,
+        "Okay, 2+2.\nThat is 4.",
+        "The answer is **4**.",
+    ),
     # the model re-opens <think> itself (older template), with leading whitespace
     ("\n<think>\nLet me see.\n</think>\n\n42\n", True, "Let me see.", "42"),
     ("<think>\nLet me see.\n</think>\n\n42", False, "Let me see.", "42"),
@@ -40,13 +44,15 @@ CASES = [
     ("<thin", False, "", "<thin"),
     ("<think", True, "<think", ""),
     # inner whitespace is kept, outer whitespace is not
-    ("  step 1\n\n  step 2  \n</think>\n  indented\n\n  answer\n\n", True,
-     "step 1\n\n  step 2", "indented\n\n  answer"),
+    (
+        "  step 1\n\n  step 2  \n</think>\n  indented\n\n  answer\n\n",
+        True,
+        "step 1\n\n  step 2",
+        "indented\n\n  answer",
+    ),
     ("\t\n \n", True, "", ""),
     ("数学：1+1=2。\n</think>\n\n答案是 **2** 🎉", True, "数学：1+1=2。", "答案是 **2** 🎉"),
 ]
-
-
 
 
 def tokens(text: str) -> list[tuple[int, str]]:
@@ -133,10 +139,17 @@ def test_is_blank_is_asked_only_at_the_start():
     assert len(asked) == 3  # the two spaces and "a"
 
 
-@pytest.mark.parametrize("prompt, opens", [
-    ([5, START, 6], True), ([5, START, 6, END, 7], False), ([START, END, START], True),
-    ([5, 6], False), ([END], False), ([], False),
-])
+@pytest.mark.parametrize(
+    "prompt, opens",
+    [
+        ([5, START, 6], True),
+        ([5, START, 6, END, 7], False),
+        ([START, END, START], True),
+        ([5, 6], False),
+        ([END], False),
+        ([], False),
+    ],
+)
 def test_the_prompt_opens_the_block_when_its_last_think_is_unclosed(prompt, opens):
     assert prompt_opens_reasoning(prompt, START, END) is opens
     assert prompt_opens_reasoning(prompt, None, END) is False

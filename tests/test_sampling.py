@@ -62,18 +62,22 @@ TOL = 0.015
 
 # --- filters: the set each keeps ---------------------------------------------------------------
 
-@pytest.mark.parametrize("top_p, expected", [
-    (0.4, {1}),           # 0.4 <= 0.5
-    (0.7, {1, 3}),        # 0.5 < 0.7 <= 0.75
-    (0.8, {1, 3, 0}),     # 0.75 < 0.8 <= 0.875
-    (0.99, {1, 3, 0, 2, 4}),  # 0.9375 < 0.99
-])
+
+@pytest.mark.parametrize(
+    "top_p, expected",
+    [
+        (0.4, {1}),  # 0.4 <= 0.5
+        (0.7, {1, 3}),  # 0.5 < 0.7 <= 0.75
+        (0.8, {1, 3, 0}),  # 0.75 < 0.8 <= 0.875
+        (0.99, {1, 3, 0, 2, 4}),  # 0.9375 < 0.99
+    ],
+)
 def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
     assert kept(logits_of(TABLE), top_p=top_p) == [expected]
     # Kept probabilities are the model's, in descending order, not renormalized.
     probs, ids = filter_candidates(logits_of(TABLE), 0, top_p, 0.0)
-    assert probs[0, :len(expected)].tolist() == sorted((TABLE[i] for i in expected), reverse=True)
-    assert set(ids[0, :len(expected)].tolist()) == expected
+    assert probs[0, : len(expected)].tolist() == sorted((TABLE[i] for i in expected), reverse=True)
+    assert set(ids[0, : len(expected)].tolist()) == expected
 
 
 def test_top_p_between_tied_tokens_keeps_one_of_them():
@@ -127,7 +131,7 @@ def test_top_p_applies_to_what_top_k_kept():
 def test_min_p():
     # Threshold = min_p * 0.5.
     assert kept(logits_of(TABLE), min_p=0.2) == [{1, 3, 0}]  # 0.1: drops the 1/16s
-    assert kept(logits_of(TABLE), min_p=0.3) == [{1, 3}]     # 0.15: drops 1/8 too
+    assert kept(logits_of(TABLE), min_p=0.3) == [{1, 3}]  # 0.15: drops 1/8 too
     assert kept(logits_of(TABLE), min_p=1.0) == [{1}]
 
 
@@ -151,8 +155,16 @@ def test_filters_match_sorting_the_whole_vocabulary():
     # Peaked rows settle among the first candidates, flat ones (small spread) need more.
     spread = torch.tensor([8.0, 4.0, 1.0, 0.1, 8.0, 0.05, 2.0, 0.5])[:, None]
     logits = torch.randn(8, 5000, generator=gen) * spread
-    settings = [(0, 0.95, 0.0), (40, 0.9, 0.0), (0, 0.5, 0.0), (0, 0.95, 0.0),
-                (0, 1.0, 0.05), (100, 1.0, 0.0), (20, 0.8, 0.1), (0, 0.99, 0.5)]
+    settings = [
+        (0, 0.95, 0.0),
+        (40, 0.9, 0.0),
+        (0, 0.5, 0.0),
+        (0, 0.95, 0.0),
+        (0, 1.0, 0.05),
+        (100, 1.0, 0.0),
+        (20, 0.8, 0.1),
+        (0, 0.99, 0.5),
+    ]
     top_k, top_p, min_p = zip(*settings)
     got = kept(logits, list(top_k), list(top_p), list(min_p))
     expected = [reference_kept(row, *s) for row, s in zip(logits, settings)]
@@ -179,14 +191,17 @@ def test_per_row_temperature_leaves_rows_at_0_and_1_untouched():
 
 # --- penalties: exact logits --------------------------------------------------------------------
 
+
 def test_penalties_exact_logits():
     row = [2.0, -1.0, 0.5, -0.5, 1.0]
     logits = torch.tensor([row, row, row])
     prompt = [[0, 1], [0, 1], [0, 1]]
     output = [[2, 2, 3], [2, 2, 3], [2, 2, 3]]
-    ps = [params(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
-          params(),
-          params(presence_penalty=1.0)]
+    ps = [
+        params(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+        params(),
+        params(presence_penalty=1.0),
+    ]
     out = apply_penalties(logits, prompt, output, ps)
     # Row 0, repetition over prompt+output {0,1,2,3}: 2->1, -1->-2, 0.5->0.25, -0.5->-1.
     # Then output counts {2: 2, 3: 1}: 0.25 - 2*0.5 - 0.25 = -1.0; -1.0 - 0.5 - 0.25 = -1.75.
@@ -240,14 +255,18 @@ def test_filters_keep_the_same_tokens_with_or_without_the_kernel(monkeypatch):
 
 # --- draws: empirical frequencies against the tables --------------------------------------------
 
-@pytest.mark.parametrize("kw, expected", [
-    ({}, TABLE),
-    ({"top_k": 2}, [0, 2 / 3, 0, 1 / 3, 0]),
-    ({"top_p": 0.8}, [1 / 7, 4 / 7, 0, 2 / 7, 0]),
-    ({"min_p": 0.3}, [0, 2 / 3, 0, 1 / 3, 0]),
-    # T=0.5 squares: 1/64, 1/4, 1/256, 1/16, 1/256 over 0.3359375.
-    ({"temperature": 0.5}, [x * x / 0.3359375 for x in TABLE]),
-])
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({}, TABLE),
+        ({"top_k": 2}, [0, 2 / 3, 0, 1 / 3, 0]),
+        ({"top_p": 0.8}, [1 / 7, 4 / 7, 0, 2 / 7, 0]),
+        ({"min_p": 0.3}, [0, 2 / 3, 0, 1 / 3, 0]),
+        # T=0.5 squares: 1/64, 1/4, 1/256, 1/16, 1/256 over 0.3359375.
+        ({"temperature": 0.5}, [x * x / 0.3359375 for x in TABLE]),
+    ],
+)
 def test_draw_frequencies_match_table(kw, expected):
     freq = frequencies(logits_of(TABLE), params(**kw))
     expected = torch.tensor(expected)
@@ -267,11 +286,14 @@ def wide_row(temperature: float) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("kw", [
-    {"top_p": 0.95},  # ~105 tokens; a draw is rejected 5% of the time
-    {"top_p": 0.8, "temperature": 0.6},  # 67 tokens: rejected 20%, so some rows run out of tries
-    {"top_p": 0.95, "min_p": 0.2},  # min-p's 81 tokens: nothing to reject
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"top_p": 0.95},  # ~105 tokens; a draw is rejected 5% of the time
+        {"top_p": 0.8, "temperature": 0.6},  # 67 tokens: rejected 20%, so some rows run out of tries
+        {"top_p": 0.95, "min_p": 0.2},  # min-p's 81 tokens: nothing to reject
+    ],
+)
 def test_wide_rows_draw_the_kept_distribution(monkeypatch, kw):
     p = params(**{"temperature": 1.0, **kw})
     logits = wide_row(p.temperature)
@@ -300,6 +322,7 @@ def test_wide_rows_keep_every_token_tied_with_the_kth():
 class DeviceReads(TorchDispatchMode):
     """Counts the reads of numbers computed from `source` (nonzero, item, bool): on a GPU each
     waits for the device's queue to drain."""
+
     READS = {torch.ops.aten.nonzero, torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero}
 
     def __init__(self, source: torch.Tensor):
@@ -320,8 +343,14 @@ class DeviceReads(TorchDispatchMode):
 def test_sampling_waits_on_the_device_once_a_step():
     logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(8))
     logits[:, :10] += 12  # a model's few likely tokens: every row settles among the candidates
-    batch = [params(temperature=0), params(top_p=0.95), params(temperature=0.6, top_p=0.95),
-             params(temperature=1.0), params(top_k=20, min_p=0.05), params(temperature=0)]
+    batch = [
+        params(temperature=0),
+        params(top_p=0.95),
+        params(temperature=0.6, top_p=0.95),
+        params(temperature=1.0),
+        params(top_k=20, min_p=0.05),
+        params(temperature=0),
+    ]
     gens = [None, make_generator(1), None, make_generator(2), None, None]
     with DeviceReads(logits) as reads:
         sample_next(logits, batch, [[]] * 6, [[]] * 6, gens)
@@ -336,17 +365,25 @@ def mixed_batch(rows: int = 48) -> tuple[torch.Tensor, list[SamplingParams], lis
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(rows, 151936, generator=gen)
     logits[::2, :30] += 10  # peaked: settled among the candidates; the odd rows are flat
-    settings = [dict(temperature=0), dict(temperature=0.6, top_p=0.95), dict(temperature=1.0),
-                dict(temperature=0.8, min_p=0.05), dict(top_k=40, top_p=0.9),
-                dict(temperature=1.3, top_p=0.99, min_p=0.5)]
+    settings = [
+        dict(temperature=0),
+        dict(temperature=0.6, top_p=0.95),
+        dict(temperature=1.0),
+        dict(temperature=0.8, min_p=0.05),
+        dict(top_k=40, top_p=0.9),
+        dict(temperature=1.3, top_p=0.99, min_p=0.5),
+    ]
     ps = [params(**settings[i % len(settings)]) for i in range(rows)]
     return logits, ps, [make_generator(100 + i) for i in range(rows)]
 
 
-@pytest.mark.parametrize("where", [
-    "pytorch",  # PyTorch's softmax and topk in place of r1's kernel
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "pytorch",  # PyTorch's softmax and topk in place of r1's kernel
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
 def test_same_seeds_same_tokens_on_every_path(monkeypatch, where):
     logits, ps, gens = mixed_batch()
     expected = sample_next(logits, ps, [[]] * len(ps), [[]] * len(ps), gens)
@@ -370,6 +407,7 @@ def test_seeded_row_draws_match_table():
 
 # --- seeds ---------------------------------------------------------------------------------------
 
+
 def run_seeded(batch: list[tuple[SamplingParams, int | None]], steps: int = 25) -> list[list[int]]:
     """Token sequences for each row of `batch`, all rows given the same logits every step,
     with the output fed back through the penalties."""
@@ -389,8 +427,15 @@ def test_same_seed_same_tokens_alone_or_batched():
     target = params(temperature=0.9, top_p=0.95, presence_penalty=0.5)
     with torch.random.fork_rng():
         alone = run_seeded([(target, 7)])
-        batched = run_seeded([(params(temperature=1.0), None), (params(top_k=3), 8),
-                              (params(temperature=0), None), (target, 7), (params(top_k=500), 9)])
+        batched = run_seeded(
+            [
+                (params(temperature=1.0), None),
+                (params(top_k=3), 8),
+                (params(temperature=0), None),
+                (target, 7),
+                (params(top_k=500), 9),
+            ]
+        )
     assert batched[3] == alone[0]
 
 
@@ -416,6 +461,7 @@ def test_sample_next_requires_concrete_params():
 
 # --- logprobs ------------------------------------------------------------------------------------
 
+
 def test_compute_logprobs_matches_log_softmax():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
@@ -435,38 +481,49 @@ def test_compute_logprobs_matches_log_softmax():
 
 # --- SamplingParams ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, error, message", [
-    ({"temperature": -0.1}, ValueError, "temperature must be a finite number >= 0.0, got -0.1"),
-    ({"temperature": float("nan")}, ValueError, "temperature"),
-    ({"top_p": 0}, ValueError, r"top_p must be a finite number in \(0.0, 1.0\], got 0"),
-    ({"top_p": 1.5}, ValueError, r"top_p must be a finite number in \(0.0, 1.0\], got 1.5"),
-    ({"top_k": -2}, ValueError, "top_k must be -1 or 0 .* got -2"),
-    ({"top_k": 2.5}, TypeError, "top_k must be an int, got 2.5"),
-    ({"min_p": 1.1}, ValueError, "min_p"),
-    ({"top_k": 2**63}, ValueError,
-     r"top_k must be -1 or 0 \(disabled\) or in \[1, 2147483647\], got 9223372036854775808"),
-    ({"repetition_penalty": 0}, ValueError, r"repetition_penalty must be a finite number in \[0.01, 100.0\], got 0"),
-    ({"repetition_penalty": 1e300}, ValueError, "repetition_penalty"),
-    ({"presence_penalty": 2.5}, ValueError, r"presence_penalty .*\[-2.0, 2.0\], got 2.5"),
-    ({"frequency_penalty": -3}, ValueError, "frequency_penalty"),
-    ({"stop": [1, 2]}, TypeError, r"stop must be a str or a list of str, got \[1, 2\]"),
-    ({"stop": 5}, TypeError, "stop must be a str or a list of str, got 5"),
-    ({"stop": ["a", ""]}, ValueError, "stop strings must be non-empty"),
-    ({"stop": ["x"] * 17}, ValueError, "at most 16 stop strings, got 17"),
-    ({"stop": "x" * 513}, ValueError, "stop strings must be at most 512 characters, got one of 513"),
-    ({"stop_token_ids": ["1"]}, TypeError, "stop_token_ids must be a list of int"),
-    ({"stop_token_ids": [2**32]}, ValueError, "stop_token_ids must lie in"),
-    ({"stop_token_ids": list(range(65))}, ValueError, "at most 64 stop_token_ids"),
-    ({"n": 0}, ValueError, "n must be >= 1, got 0"),
-    ({"n": True}, TypeError, "n must be an int, got True"),
-    ({"max_tokens": 0}, ValueError, "max_tokens must be >= 1, got 0"),
-    ({"logprobs": 21}, ValueError, r"logprobs must be in \[0, 20\], got 21"),
-    ({"logprobs": -1}, ValueError, "logprobs"),
-    ({"seed": "1"}, TypeError, "seed must be an int"),
-    ({"seed": 2**64}, ValueError, r"seed must be in \[-9223372036854775808, 9223372036854775807\]"),
-    ({"seed": -2**63 - 1}, ValueError, "seed must be in"),
-    ({"ignore_eos": 1}, TypeError, "ignore_eos must be a bool"),
-])
+
+@pytest.mark.parametrize(
+    "kw, error, message",
+    [
+        ({"temperature": -0.1}, ValueError, "temperature must be a finite number >= 0.0, got -0.1"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"top_p": 0}, ValueError, r"top_p must be a finite number in \(0.0, 1.0\], got 0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be a finite number in \(0.0, 1.0\], got 1.5"),
+        ({"top_k": -2}, ValueError, "top_k must be -1 or 0 .* got -2"),
+        ({"top_k": 2.5}, TypeError, "top_k must be an int, got 2.5"),
+        ({"min_p": 1.1}, ValueError, "min_p"),
+        (
+            {"top_k": 2**63},
+            ValueError,
+            r"top_k must be -1 or 0 \(disabled\) or in \[1, 2147483647\], got 9223372036854775808",
+        ),
+        (
+            {"repetition_penalty": 0},
+            ValueError,
+            r"repetition_penalty must be a finite number in \[0.01, 100.0\], got 0",
+        ),
+        ({"repetition_penalty": 1e300}, ValueError, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, ValueError, r"presence_penalty .*\[-2.0, 2.0\], got 2.5"),
+        ({"frequency_penalty": -3}, ValueError, "frequency_penalty"),
+        ({"stop": [1, 2]}, TypeError, r"stop must be a str or a list of str, got \[1, 2\]"),
+        ({"stop": 5}, TypeError, "stop must be a str or a list of str, got 5"),
+        ({"stop": ["a", ""]}, ValueError, "stop strings must be non-empty"),
+        ({"stop": ["x"] * 17}, ValueError, "at most 16 stop strings, got 17"),
+        ({"stop": "x" * 513}, ValueError, "stop strings must be at most 512 characters, got one of 513"),
+        ({"stop_token_ids": ["1"]}, TypeError, "stop_token_ids must be a list of int"),
+        ({"stop_token_ids": [2**32]}, ValueError, "stop_token_ids must lie in"),
+        ({"stop_token_ids": list(range(65))}, ValueError, "at most 64 stop_token_ids"),
+        ({"n": 0}, ValueError, "n must be >= 1, got 0"),
+        ({"n": True}, TypeError, "n must be an int, got True"),
+        ({"max_tokens": 0}, ValueError, "max_tokens must be >= 1, got 0"),
+        ({"logprobs": 21}, ValueError, r"logprobs must be in \[0, 20\], got 21"),
+        ({"logprobs": -1}, ValueError, "logprobs"),
+        ({"seed": "1"}, TypeError, "seed must be an int"),
+        ({"seed": 2**64}, ValueError, r"seed must be in \[-9223372036854775808, 9223372036854775807\]"),
+        ({"seed": -(2**63) - 1}, ValueError, "seed must be in"),
+        ({"ignore_eos": 1}, TypeError, "ignore_eos must be a bool"),
+    ],
+)
 def test_validation_errors(kw, error, message):
     with pytest.raises(error, match=message) as refused:
         SamplingParams(**kw)

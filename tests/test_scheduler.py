@@ -81,8 +81,9 @@ def plan(scheduled):
     return [(s.seq.seq_id, s.num_new_tokens, s.samples) for s in scheduled]
 
 
-@pytest.mark.parametrize("field", ["num_blocks", "block_size", "max_num_seqs",
-                                   "max_num_batched_tokens", "max_model_len"])
+@pytest.mark.parametrize(
+    "field", ["num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"]
+)
 def test_config_rejects_non_positive_values(field):
     kwargs = {"num_blocks": 8, field: 0}
     with pytest.raises(ValueError, match=field):
@@ -277,8 +278,14 @@ def test_abort_while_the_step_runs():
 def test_random_workload_finishes_everything_without_leaks(seed):
     rng = random.Random(seed)
     caching = seed % 2 == 0
-    eng = FakeEngine(num_blocks=24, block_size=4, max_num_seqs=5, max_num_batched_tokens=20,
-                     max_model_len=96, enable_prefix_caching=caching)
+    eng = FakeEngine(
+        num_blocks=24,
+        block_size=4,
+        max_num_seqs=5,
+        max_num_batched_tokens=20,
+        max_model_len=96,
+        enable_prefix_caching=caching,
+    )
     system = prompt(500, 12)
     expected, aborted = {}, set()
     for _ in range(400):

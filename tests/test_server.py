@@ -36,8 +36,16 @@ SCREENSHOT = Path(__file__).parent.parent / "docs" / "chat.png"
 
 @pytest.fixture(scope="module")
 def live():
-    llm = LLM("demo-small", tokenizer="r1-tokenizer", dtype="fp32", device="cpu", kv_cache_tokens=8192,
-              max_model_len=1024, max_num_seqs=MAX_REQUESTS, progress=False)
+    llm = LLM(
+        "demo-small",
+        tokenizer="r1-tokenizer",
+        dtype="fp32",
+        device="cpu",
+        kv_cache_tokens=8192,
+        max_model_len=1024,
+        max_num_seqs=MAX_REQUESTS,
+        progress=False,
+    )
     with serving(build_app(llm, ServerConfig(NAME, api_key=KEY, max_requests=MAX_REQUESTS))) as url:
         yield Live(url, llm)
 
@@ -49,8 +57,9 @@ def client(live):
 
 @pytest.fixture(scope="module")
 def http(live):
-    with httpx2.Client(base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=180,
-                       trust_env=False) as http:
+    with httpx2.Client(
+        base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=180, trust_env=False
+    ) as http:
         yield http
 
 
@@ -61,8 +70,9 @@ def test_models_and_health(live, client, http):
 
 
 def test_chat_returns_reasoning_apart_from_the_answer(client):
-    r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=12, temperature=0,
-                                       extra_body={**CAP, "ignore_eos": True})
+    r = client.chat.completions.create(
+        model=NAME, messages=QUESTION, max_tokens=12, temperature=0, extra_body={**CAP, "ignore_eos": True}
+    )
     message = r.choices[0].message
     assert message.reasoning_content and message.content
     assert "think>" not in message.content + message.reasoning_content
@@ -71,13 +81,15 @@ def test_chat_returns_reasoning_apart_from_the_answer(client):
 
 
 def test_streaming_gives_the_same_split_reasoning_first(client):
-    kwargs = dict(model=NAME, messages=QUESTION, max_tokens=10, temperature=0,
-                  extra_body={**CAP, "ignore_eos": True})
+    kwargs = dict(model=NAME, messages=QUESTION, max_tokens=10, temperature=0, extra_body={**CAP, "ignore_eos": True})
     whole = client.chat.completions.create(**kwargs).choices[0].message
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    kinds = ["reasoning" if getattr(d, "reasoning_content", None) else "answer" for d in deltas if
-             getattr(d, "reasoning_content", None) or d.content]
+    kinds = [
+        "reasoning" if getattr(d, "reasoning_content", None) else "answer"
+        for d in deltas
+        if getattr(d, "reasoning_content", None) or d.content
+    ]
     assert kinds == sorted(kinds, key=lambda k: k == "answer")  # all reasoning, then all answer
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == whole.reasoning_content
     assert "".join(d.content or "" for d in deltas) == whole.content
@@ -90,8 +102,9 @@ def test_async_client_streams_and_collects_concurrently(live):
     async def main():
         async with openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=180) as client:
             kwargs = dict(model=NAME, prompt="def fibonacci(n):", max_tokens=8, temperature=0)
-            streamed, whole = await asyncio.gather(_join(await client.completions.create(**kwargs, stream=True)),
-                                                   client.completions.create(**kwargs))
+            streamed, whole = await asyncio.gather(
+                _join(await client.completions.create(**kwargs, stream=True)), client.completions.create(**kwargs)
+            )
         return streamed, whole.choices[0].text
 
     streamed, whole = asyncio.run(main())
@@ -103,8 +116,13 @@ async def _join(stream) -> str:
 
 
 def test_n_samples_follow_their_seeds(client):
-    kwargs = dict(model=NAME, prompt="The best thing about Python is", max_tokens=8, temperature=1.0,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=NAME,
+        prompt="The best thing about Python is",
+        max_tokens=8,
+        temperature=1.0,
+        extra_body={"ignore_eos": True},
+    )
     pair = client.completions.create(**kwargs, n=2, seed=11)
     assert [c.index for c in pair.choices] == [0, 1]
     assert pair.usage.completion_tokens == 16
@@ -118,14 +136,15 @@ def test_n_samples_follow_their_seeds(client):
 def test_stop_string_cuts_the_text(client):
     kwargs = dict(model=NAME, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     full = client.completions.create(**kwargs).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = client.completions.create(**kwargs, stop=[stop]).choices[0]
-    assert (cut.text, cut.finish_reason) == (full[:full.find(stop)], "stop")
+    assert (cut.text, cut.finish_reason) == (full[: full.find(stop)], "stop")
 
 
 def test_logprobs_chat_and_completions(client):
-    r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=5, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=NAME, messages=QUESTION, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 5
     for entry in content:
@@ -133,22 +152,33 @@ def test_logprobs_chat_and_completions(client):
         assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
         assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, pytest.approx(tops[0]))  # greedy
         assert bytes(entry.bytes).decode(errors="replace") == entry.token
-    legacy = client.completions.create(model=NAME, prompt="import numpy as", max_tokens=4, temperature=0,
-                                       logprobs=2).choices[0]
+    legacy = client.completions.create(
+        model=NAME, prompt="import numpy as", max_tokens=4, temperature=0, logprobs=2
+    ).choices[0]
     assert "".join(legacy.logprobs.tokens) == legacy.text
     assert all(len(top) == 2 for top in legacy.logprobs.top_logprobs)
 
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
-          "properties": {"name": {"type": "string", "maxLength": 12},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 130}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+    },
+}
 
 
 def test_json_schema_output_parses_and_validates(client):
     r = client.chat.completions.create(
-        model=NAME, max_tokens=48, temperature=0, extra_body={"max_reasoning_tokens": 2},
+        model=NAME,
+        max_tokens=48,
+        temperature=0,
+        extra_body={"max_reasoning_tokens": 2},
         messages=[{"role": "user", "content": "Give a person's name and age as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}},
+    )
     choice = r.choices[0]
     jsonschema.validate(json.loads(choice.message.content), SCHEMA)
     assert choice.finish_reason == "stop" and choice.message.reasoning_content
@@ -167,34 +197,60 @@ GOOD = {"model": NAME, "messages": QUESTION, "max_tokens": 2}
 NESTED = b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
 
 
-@pytest.mark.parametrize("method, path, body, headers, status, code", [
-    ("POST", "/v1/chat/completions", GOOD, {"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
-    ("POST", "/v1/chat/completions", GOOD, {"Authorization": ""}, 401, "invalid_api_key"),
-    ("GET", "/v1/models", None, {"Authorization": ""}, 401, "invalid_api_key"),
-    ("POST", "/v1/chat/completions", b'{"messages": [', {}, 400, "invalid_json"),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}', {}, 400,
-     "invalid_json"),
-    ("POST", "/v1/chat/completions", NESTED, {}, 400, "invalid_json"),
-    ("POST", "/v1/chat/completions", {**GOOD, "max_tokens": -5}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "temperature": 7}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "top_p": "high"}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "messages": []}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "robot", "content": "x"}]}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "n": 10**6}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "max_tokens": 10**9}, {}, 400, "context_length_exceeded"),
-    ("POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": "word " * 1100}]}, {},
-     400, "context_length_exceeded"),
-    ("POST", "/v1/chat/completions", {**GOOD, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "nonsense"}}}}, {}, 400, None),
-    ("POST", "/v1/completions", {"model": NAME, "prompt": [5, 10**7]}, {}, 400, None),
-    ("POST", "/v1/chat/completions", {**GOOD, "model": "gpt-4"}, {}, 404, "model_not_found"),
-    ("GET", "/v1/models/gpt-4", None, {}, 404, "model_not_found"),
-    ("GET", "/v2/everything", None, {}, 404, None),
-    ("GET", "/v1/chat/completions", None, {}, 405, None),
-    ("POST", "/v1/completions", b"x" * (10 << 20), {}, 413, "request_too_large"),
-])
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, method, path, body, headers,
-                                                                     status, code):
+@pytest.mark.parametrize(
+    "method, path, body, headers, status, code",
+    [
+        ("POST", "/v1/chat/completions", GOOD, {"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
+        ("POST", "/v1/chat/completions", GOOD, {"Authorization": ""}, 401, "invalid_api_key"),
+        ("GET", "/v1/models", None, {"Authorization": ""}, 401, "invalid_api_key"),
+        ("POST", "/v1/chat/completions", b'{"messages": [', {}, 400, "invalid_json"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}',
+            {},
+            400,
+            "invalid_json",
+        ),
+        ("POST", "/v1/chat/completions", NESTED, {}, 400, "invalid_json"),
+        ("POST", "/v1/chat/completions", {**GOOD, "max_tokens": -5}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "temperature": 7}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "top_p": "high"}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "messages": []}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "messages": [{"role": "robot", "content": "x"}]}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "n": 10**6}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "max_tokens": 10**9}, {}, 400, "context_length_exceeded"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {**GOOD, "messages": [{"role": "user", "content": "word " * 1100}]},
+            {},
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {
+                **GOOD,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                },
+            },
+            {},
+            400,
+            None,
+        ),
+        ("POST", "/v1/completions", {"model": NAME, "prompt": [5, 10**7]}, {}, 400, None),
+        ("POST", "/v1/chat/completions", {**GOOD, "model": "gpt-4"}, {}, 404, "model_not_found"),
+        ("GET", "/v1/models/gpt-4", None, {}, 404, "model_not_found"),
+        ("GET", "/v2/everything", None, {}, 404, None),
+        ("GET", "/v1/chat/completions", None, {}, 405, None),
+        ("POST", "/v1/completions", b"x" * (10 << 20), {}, 413, "request_too_large"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, method, path, body, headers, status, code):
     content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
     r = http.request(method, path, content=content, headers={"Content-Type": "application/json", **headers})
     assert r.status_code == status, r.text
@@ -245,16 +301,25 @@ def _rss_bytes() -> int:
 
 
 RSS_GROWTH_BOUND = 256 << 20  # after a 32-sequence batch has already run (the test above)
-SYSTEM = {"role": "system", "content": "You are a terse assistant. Answer in one short line, no preamble, "
-                                       "no apologies, no markdown, and never repeat the question."}
+SYSTEM = {
+    "role": "system",
+    "content": "You are a terse assistant. Answer in one short line, no preamble, "
+    "no apologies, no markdown, and never repeat the question.",
+}
 
 
 def test_32_concurrent_streaming_clients(live, client):
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model=NAME, messages=[SYSTEM, {"role": "user", "content": f"Say the number {i}."}], max_tokens=8,
-            temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "max_reasoning_tokens": 4})
+            model=NAME,
+            messages=[SYSTEM, {"role": "user", "content": f"Say the number {i}."}],
+            max_tokens=8,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "max_reasoning_tokens": 4},
+        )
         text, finish, usage = "", None, None
         async for chunk in stream:
             usage = chunk.usage or usage
@@ -286,12 +351,14 @@ def test_metrics_count_requests_by_status(live, http):
     def count(route: str, status: int) -> float:
         return live.metrics().get(f'r1_http_requests_total{{route="{route}",status="{status}"}}', 0)
 
-    cases = [("/v1/completions", {"model": NAME, "prompt": "ok", "max_tokens": 1}, {}, 200),
-             ("/v1/completions", {"model": NAME, "prompt": ""}, {}, 400),
-             ("/v1/completions", {"model": NAME, "prompt": "ok"}, {"Authorization": "Bearer no"}, 401),
-             ("/v1/completions", {"model": "other", "prompt": "ok"}, {}, 404),
-             ("/tokenize", {"prompt": "x" * (5 << 20)}, {}, 413),
-             ("/nowhere", {}, {}, 404)]
+    cases = [
+        ("/v1/completions", {"model": NAME, "prompt": "ok", "max_tokens": 1}, {}, 200),
+        ("/v1/completions", {"model": NAME, "prompt": ""}, {}, 400),
+        ("/v1/completions", {"model": NAME, "prompt": "ok"}, {"Authorization": "Bearer no"}, 401),
+        ("/v1/completions", {"model": "other", "prompt": "ok"}, {}, 404),
+        ("/tokenize", {"prompt": "x" * (5 << 20)}, {}, 413),
+        ("/nowhere", {}, {}, 404),
+    ]
     for path, body, headers, status in cases:
         route = "other" if path == "/nowhere" else path
         before = count(route, status)
@@ -308,15 +375,27 @@ CHROMIUM = shutil.which("chromium")
 def test_chat_page_streams_reasoning_and_answer(live, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                       headless=True, args=flags,
-                                                       viewport={"width": 1100, "height": 720})
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=flags,
+            viewport={"width": 1100, "height": 720},
+        )
         page = browser.new_page()
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(live.url)
-                   else route.abort())  # nothing but this server, ever
+        page.route(
+            "**/*", lambda route: route.continue_() if route.request.url.startswith(live.url) else route.abort()
+        )  # nothing but this server, ever
         page.goto(live.url + "/")
         page.fill("#api-key", KEY)
         page.fill("#temperature", "0")

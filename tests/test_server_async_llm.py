@@ -186,10 +186,13 @@ def test_the_engine_thread_dying_fails_every_waiter_at_once(llm, breakable):
     assert not front.is_alive and [str(d) for d in deaths] == ["the engine died: Panic: injected"]
 
 
-@pytest.mark.parametrize("error, failures_to_die", [
-    (RuntimeError("out of luck"), MAX_FAILED_STEPS),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), 1),  # sticky: no retry helps
-])
+@pytest.mark.parametrize(
+    "error, failures_to_die",
+    [
+        (RuntimeError("out of luck"), MAX_FAILED_STEPS),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), 1),  # sticky: no retry helps
+    ],
+)
 def test_steps_failing_in_a_row_kill_the_engine(llm, breakable, error, failures_to_die):
     def failing_run(*args, **kwargs):
         raise error

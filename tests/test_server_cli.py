@@ -25,9 +25,26 @@ def _lines(pipe, sink: queue.Queue) -> None:
 
 def test_serve_answers_then_stops_on_sigterm_mid_stream():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "r1.cli", "serve", "--model", "demo-small", "--port", "0", "--max-model-len", "512",
-         "--kv-cache-tokens", "2048", "--served-model-name", "small"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "r1.cli",
+            "serve",
+            "--model",
+            "demo-small",
+            "--port",
+            "0",
+            "--max-model-len",
+            "512",
+            "--kv-cache-tokens",
+            "2048",
+            "--served-model-name",
+            "small",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
     try:
@@ -39,14 +56,19 @@ def test_serve_answers_then_stops_on_sigterm_mid_stream():
             if match := re.search(r"at (http://127\.0\.0\.1:\d+) ", line):
                 url = match.group(1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-        r = client.chat.completions.create(model="small", max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": "Say hello."}])
+        r = client.chat.completions.create(
+            model="small", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Say hello."}]
+        )
         message = r.choices[0].message
         assert message.content and message.reasoning_content is None
 
-        stream = client.chat.completions.create(model="small", max_tokens=400, stream=True,
-                                                messages=[{"role": "user", "content": "Count to 500."}],
-                                                extra_body={"ignore_eos": True})
+        stream = client.chat.completions.create(
+            model="small",
+            max_tokens=400,
+            stream=True,
+            messages=[{"role": "user", "content": "Count to 500."}],
+            extra_body={"ignore_eos": True},
+        )
         chunks = iter(stream)
         while not next(chunks).choices[0].delta.content:
             pass

@@ -48,9 +48,20 @@ def tokenizer(r1_header):
 
 
 def test_chat_request_becomes_sampling_params():
-    p = chat(max_tokens=50, max_completion_tokens=20, temperature=0.2, top_p=0.9, top_k=40, n=3, seed=5,
-             stop=["\n\n"], presence_penalty=0.5, logprobs=True, top_logprobs=4, max_reasoning_tokens=64
-             ).to_sampling_params()
+    p = chat(
+        max_tokens=50,
+        max_completion_tokens=20,
+        temperature=0.2,
+        top_p=0.9,
+        top_k=40,
+        n=3,
+        seed=5,
+        stop=["\n\n"],
+        presence_penalty=0.5,
+        logprobs=True,
+        top_logprobs=4,
+        max_reasoning_tokens=64,
+    ).to_sampling_params()
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.n, p.seed) == (20, 0.2, 0.9, 40, 3, 5)
     assert (p.stop, p.presence_penalty, p.logprobs, p.max_reasoning_tokens) == (("\n\n",), 0.5, 4, 64)
     # Left out, the model's generation config decides (R1: 0.6 / 0.95), and no logprobs are made.
@@ -60,29 +71,38 @@ def test_chat_request_becomes_sampling_params():
 
 
 def test_messages_for_the_template():
-    req = chat(messages=[{"role": "developer", "content": "be brief"},
-                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
-    assert engine_messages(req.messages) == [{"role": "system", "content": "be brief"},
-                                             {"role": "user", "content": "ab"}]
+    req = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+    )
+    assert engine_messages(req.messages) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": 2.5}, "temperature"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"n": "2"}, "n"),  # strict: no string-to-number coercion
-    ({"n": 1000}, "n"),
-    ({"top_p": 0}, "top_p"),
-    ({"stream": 1}, "stream"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content.str"),
-    ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
-    ({"response_format": {"type": "yaml"}}, "response_format.type"),
-    ({"cache_salt": ""}, "cache_salt"),
-    ({"cache_salt": "s" * 257}, "cache_salt"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"n": "2"}, "n"),  # strict: no string-to-number coercion
+        ({"n": 1000}, "n"),
+        ({"top_p": 0}, "top_p"),
+        ({"stream": 1}, "stream"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content.str"),
+        ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"cache_salt": ""}, "cache_salt"),
+        ({"cache_salt": "s" * 257}, "cache_salt"),
+    ],
+)
 def test_invalid_fields_are_400s_naming_the_field(fields, param):
     err = error_of(json.dumps({"messages": [USER], **fields}))
     assert err.status == 400 and err.type == "invalid_request_error"
@@ -90,21 +110,27 @@ def test_invalid_fields_are_400s_naming_the_field(fields, param):
     assert err.body()["error"]["message"]
 
 
-@pytest.mark.parametrize("fields, words", [
-    ({"top_logprobs": 2}, "needs logprobs"),
-    ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "last message"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
-])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"top_logprobs": 2}, "needs logprobs"),
+        ({"messages": [USER, {"role": "assistant", "content": "x"}]}, "last message"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+    ],
+)
 def test_inconsistent_requests_say_why(fields, words):
     assert words in error_of(json.dumps({"messages": [USER], **fields})).message
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json",
-    b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',  # invalid UTF-8
-    b"[" * 100_000 + b"]" * 100_000,  # nesting past any sane depth
-    b"",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',  # invalid UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nesting past any sane depth
+        b"",
+    ],
+)
 def test_malformed_bodies_are_400s(body):
     err = error_of(body)
     assert (err.status, err.code) == (400, "invalid_json")
@@ -131,13 +157,19 @@ def test_required_field_message():
 def test_completion_prompts_in_every_form():
     def prompts(p):
         return CompletionRequest.model_validate_json(json.dumps({"prompt": p})).prompts()
+
     assert prompts("a") == ["a"]
     assert prompts([1, 2]) == [[1, 2]]
     assert prompts(["a", "b"]) == ["a", "b"]
     assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
     assert CompletionRequest.model_validate_json('{"prompt": "a"}').to_sampling_params().max_tokens == 16
-    for bad in ('{"prompt": ""}', '{"prompt": []}', '{"prompt": ["a", ""]}', '{"prompt": "a", "echo": true}',
-                '{"prompt": [1, "a"]}'):
+    for bad in (
+        '{"prompt": ""}',
+        '{"prompt": []}',
+        '{"prompt": ["a", ""]}',
+        '{"prompt": "a", "echo": true}',
+        '{"prompt": [1, "a"]}',
+    ):
         assert error_of(bad, CompletionRequest).status == 400
 
 
@@ -157,8 +189,12 @@ def test_logprobs_spell_tokens_as_their_bytes(tokenizer):
     assert legacy["top_logprobs"][0] == {legacy["tokens"][0]: -0.5, "<think>": -2.0}
 
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-          "required": ["name", "age"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 
 def test_json_schema_constraint_allows_exactly_valid_continuations(tokenizer):
@@ -183,8 +219,10 @@ def test_json_schema_constraint_allows_exactly_valid_continuations(tokenizer):
 
 def test_bad_schemas_are_value_errors(tokenizer):
     structured = StructuredOutputs(tokenizer, vocab_size=151936, eos_token_ids=[tokenizer.eos_token_id])
-    for fmt in ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
-                {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/missing"}}}):
+    for fmt in (
+        {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
+        {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/missing"}}},
+    ):
         with pytest.raises(ValueError, match="invalid JSON schema"):
             structured.constraints(fmt, 1)
 
@@ -194,8 +232,17 @@ def output(request_id, n_new, ttft, decode, finished=False, reason=None) -> Requ
 
 
 def test_metrics_histograms_and_gauges():
-    m = Metrics(lambda: EngineStats(num_running=2, num_waiting=1, num_blocks=100, num_free_blocks=75,
-                                    kv_cache_usage=0.25, prefix_queries=200, prefix_hits=50))
+    m = Metrics(
+        lambda: EngineStats(
+            num_running=2,
+            num_waiting=1,
+            num_blocks=100,
+            num_free_blocks=75,
+            kv_cache_usage=0.25,
+            prefix_queries=200,
+            prefix_hits=50,
+        )
+    )
     seen: dict = {}
     for out in (output("a", 1, 0.5, 0.0), output("a", 1, 0.5, 0.1), output("a", 2, 0.5, 0.3, True, "length")):
         m.observe(out, seen)
@@ -207,8 +254,12 @@ def test_metrics_histograms_and_gauges():
     assert "r1_generation_tokens_total 4.0" in text
     assert 'r1_requests_finished_total{finish_reason="length"} 1.0' in text
     assert 'r1_http_requests_total{route="other",status="404"} 1.0' in text
-    for line in ("r1_requests_running 2.0", "r1_requests_waiting 1.0", "r1_kv_cache_usage_ratio 0.25",
-                 "r1_prefix_cache_hit_rate 0.25"):
+    for line in (
+        "r1_requests_running 2.0",
+        "r1_requests_waiting 1.0",
+        "r1_kv_cache_usage_ratio 0.25",
+        "r1_prefix_cache_hit_rate 0.25",
+    ):
         assert line in text
     assert not seen  # finished requests leave no state behind
 
@@ -226,11 +277,19 @@ def test_logprobs_are_finite_json(tokenizer):
     json.dumps([chat_content, legacy], allow_nan=False)
 
 
-@pytest.mark.parametrize("host, key, insecure, refused", [
-    ("127.0.0.1", None, False, False), ("localhost", None, False, False), ("::1", None, False, False),
-    ("0.0.0.0", None, False, True), ("192.168.1.5", None, False, True), ("::", None, False, True),
-    ("0.0.0.0", "sk-x", False, False), ("0.0.0.0", None, True, False),
-])
+@pytest.mark.parametrize(
+    "host, key, insecure, refused",
+    [
+        ("127.0.0.1", None, False, False),
+        ("localhost", None, False, False),
+        ("::1", None, False, False),
+        ("0.0.0.0", None, False, True),
+        ("192.168.1.5", None, False, True),
+        ("::", None, False, True),
+        ("0.0.0.0", "sk-x", False, False),
+        ("0.0.0.0", None, True, False),
+    ],
+)
 def test_a_server_beyond_loopback_needs_a_key(host, key, insecure, refused):
     if refused:
         with pytest.raises(ValueError, match="--api-key"):
@@ -246,8 +305,9 @@ def test_host_allowlist():
     assert host_allowlist("0.0.0.0", "sk-x") is None  # beyond loopback the API key guards it
     assert host_allowlist("0.0.0.0", "sk-x", ("r1.example",)) == ("localhost", "r1.example")
     # Beyond loopback without a key (--insecure) the names still guard it: this machine's own.
-    assert host_allowlist("0.0.0.0", None) == tuple(dict.fromkeys(
-        n.lower() for n in ("localhost", socket.gethostname(), socket.getfqdn())))
+    assert host_allowlist("0.0.0.0", None) == tuple(
+        dict.fromkeys(n.lower() for n in ("localhost", socket.gethostname(), socket.getfqdn()))
+    )
 
 
 def test_an_empty_api_key_is_refused():

@@ -37,22 +37,39 @@ CODE = [
     "I'm sure they'll say we've DON'T it's; x!=y && y>=z || a::b->c",
 ]
 WHITESPACE = [
-    "a  b   c    d", "\t\tx\n\n\ny\r\nz\r\r", " leading and trailing  ", " " * 37, "\n",
-    "line1\n    indented\n        more\n\n\n", "  \t \n \t", "\u3000full-width\u00a0no-break space", "",
+    "a  b   c    d",
+    "\t\tx\n\n\ny\r\nz\r\r",
+    " leading and trailing  ",
+    " " * 37,
+    "\n",
+    "line1\n    indented\n        more\n\n\n",
+    "  \t \n \t",
+    "\u3000full-width\u00a0no-break space",
+    "",
 ]
 EMOJI = ["👍 ok 👍🏽", "family 👨‍👩‍👧‍👦 and 🏳️‍🌈 flag 🇯🇵🇺🇸", "🤖🧠💡✨🔥", "❤️ ☺️ ©️ ® 🫠🪿"]
 NUMBERS = [
-    "3.14159265358979 and 2,718,281,828", "1234567890 0x1F 1e-10 -42 +7 1_000_000",
-    "2024-01-31T23:59:59Z", "x = 100000000000000000000000", "١٢٣ ٤٥٦ ١٢٣٤٥ ۱۲۳", "Ⅻ ½ ² ① 𝟙𝟚",
+    "3.14159265358979 and 2,718,281,828",
+    "1234567890 0x1F 1e-10 -42 +7 1_000_000",
+    "2024-01-31T23:59:59Z",
+    "x = 100000000000000000000000",
+    "١٢٣ ٤٥٦ ١٢٣٤٥ ۱۲۳",
+    "Ⅻ ½ ² ① 𝟙𝟚",
 ]
 # Special tokens with the same ids in both files: Qwen2.5's tool-call, fill-in-the-middle and padding rows.
 SHARED_SPECIAL_TEXT = [
-    "text<tool_call>{}</tool_call>", "<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>", "< |im_start| >", "[PAD151665]",
+    "text<tool_call>{}</tool_call>",
+    "<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>",
+    "< |im_start| >",
+    "[PAD151665]",
 ]
 # Ids that R1 gives other tokens: ChatML's are special in the 0.5B, `<think>` and `<|EOT|>` in R1.
 RENAMED_SPECIAL_TEXT = [
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|>", "a<|endoftext|>b",
-    "<think>\nreasoning\n</think>\n\nanswer", "<|EOT|>",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>",
+    "a<|endoftext|>b",
+    "<think>\nreasoning\n</think>\n\nanswer",
+    "<|EOT|>",
 ]
 SHARED = MULTILINGUAL + CODE + WHITESPACE + EMOJI + NUMBERS + SHARED_SPECIAL_TEXT
 CORPUS = SHARED + RENAMED_SPECIAL_TEXT
@@ -157,10 +174,12 @@ CHATS = [
 @pytest.mark.parametrize("messages", CHATS)
 def test_r1_chat_matches_its_own_template(r1, r1_metadata, messages):
     plain = jinja2.Template(r1_metadata["tokenizer.chat_template"]).render(
-        messages=messages, bos_token=BOS, eos_token=EOS, add_generation_prompt=True)
+        messages=messages, bos_token=BOS, eos_token=EOS, add_generation_prompt=True
+    )
     assert r1.apply_chat_template(messages) == plain + "<think>\n"  # the header's template predates the forced <think>
     without = jinja2.Template(r1_metadata["tokenizer.chat_template"]).render(
-        messages=messages, bos_token=BOS, eos_token=EOS, add_generation_prompt=False)
+        messages=messages, bos_token=BOS, eos_token=EOS, add_generation_prompt=False
+    )
     assert r1.apply_chat_template(messages, add_generation_prompt=False) == without
 
 
@@ -208,13 +227,20 @@ def test_hf_folder_whose_post_processor_adds_bos(tmp_path, r1, r1_metadata):
     tokenizer_json["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": BOS, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": BOS, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {BOS: {"id": BOS, "ids": [151646], "tokens": [BOS]}},
     }
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
-    config = {"bos_token": {"__type": "AddedToken", "content": BOS}, "eos_token": EOS,
-              "chat_template": r1_metadata["tokenizer.chat_template"]}
+    config = {
+        "bos_token": {"__type": "AddedToken", "content": BOS},
+        "eos_token": EOS,
+        "chat_template": r1_metadata["tokenizer.chat_template"],
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     folder = Tokenizer.from_hf_folder(tmp_path)
     assert (folder.bos_token_id, folder.eos_token_id, folder.add_bos) == (151646, 151643, True)
@@ -229,7 +255,7 @@ STREAMED = MULTILINGUAL + EMOJI + ["mixed: 中文 😀 عربى ℕ⊆ℤ 🇯�
 
 def _stream(tokenizer, ids, chunk=1, skip_special_tokens=True):
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
-    deltas = [detok.add(ids[i:i + chunk]) for i in range(0, len(ids), chunk)] + [detok.flush()]
+    deltas = [detok.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)] + [detok.flush()]
     return deltas, detok
 
 

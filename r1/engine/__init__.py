@@ -11,12 +11,19 @@ torch.
 import importlib
 
 _PUBLIC = {
-    "AsyncLLM": "async_llm", "EngineDeadError": "async_llm", "QueueFullError": "async_llm",
+    "AsyncLLM": "async_llm",
+    "EngineDeadError": "async_llm",
+    "QueueFullError": "async_llm",
     "RequestStream": "async_llm",
-    "EngineRequest": "interface", "EngineStats": "interface", "PromptTooLongError": "interface",
-    "RequestOutput": "interface", "StepError": "interface", "TokenConstraint": "interface",
+    "EngineRequest": "interface",
+    "EngineStats": "interface",
+    "PromptTooLongError": "interface",
+    "RequestOutput": "interface",
+    "StepError": "interface",
+    "TokenConstraint": "interface",
     "LLMEngine": "llm_engine",
-    "ModelRunner": "model_runner", "SchedulerConfig": "scheduler",  # what an engine is built from
+    "ModelRunner": "model_runner",
+    "SchedulerConfig": "scheduler",  # what an engine is built from
 }
 __all__ = sorted(_PUBLIC)
 

@@ -45,8 +45,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, max_requests: int = 256,
-                 on_dead: Callable[[EngineDeadError], None] | None = None):
+    def __init__(
+        self, engine: LLMEngine, max_requests: int = 256, on_dead: Callable[[EngineDeadError], None] | None = None
+    ):
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
         self.engine = engine
@@ -109,9 +110,11 @@ class AsyncLLM:
 
     def close(self, timeout: float = 30.0) -> None:
         """Abort everything unfinished and stop the engine thread."""
+
         def stop():
             self._abort_all(list(self._sinks))
             self._stopping = True
+
         self._submit(stop)
         self._thread.join(timeout)
 
@@ -152,8 +155,9 @@ class AsyncLLM:
                 if is_device_fault(cause):
                     raise EngineDeadError(f"the device failed: {type(cause).__name__}: {cause}") from cause
                 if failed_steps >= MAX_FAILED_STEPS:
-                    raise EngineDeadError(f"{failed_steps} steps failed in a row, the last with "
-                                          f"{type(cause).__name__}: {cause}") from cause
+                    raise EngineDeadError(
+                        f"{failed_steps} steps failed in a row, the last with {type(cause).__name__}: {cause}"
+                    ) from cause
                 if isinstance(e, StepError):
                     self._deliver(e.outputs)
                 else:

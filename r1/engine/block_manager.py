@@ -27,8 +27,9 @@ def chain_seed(cache_salt: str | None) -> bytes:
     if cache_salt is None:
         return bytes(DIGEST_SIZE)
     # surrogatepass: any Python str encodes (one from JSON may hold a lone surrogate), injectively.
-    return hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"), digest_size=DIGEST_SIZE,
-                           person=b"r1 cache salt").digest()
+    return hashlib.blake2b(
+        cache_salt.encode("utf-8", "surrogatepass"), digest_size=DIGEST_SIZE, person=b"r1 cache salt"
+    ).digest()
 
 
 def block_digest(parent: bytes, token_ids: list[int]) -> bytes:
@@ -36,8 +37,7 @@ def block_digest(parent: bytes, token_ids: list[int]) -> bytes:
 
     Fixed-width fields make the input unambiguous, and the digest the same in every process.
     """
-    return hashlib.blake2b(parent + struct.pack(f"<{len(token_ids)}q", *token_ids),
-                           digest_size=DIGEST_SIZE).digest()
+    return hashlib.blake2b(parent + struct.pack(f"<{len(token_ids)}q", *token_ids), digest_size=DIGEST_SIZE).digest()
 
 
 @dataclass
@@ -83,7 +83,7 @@ class BlockManager:
         hits: list[int] = []
         parent = chain_seed(seq.cache_salt)
         for start in range(0, seq.num_tokens - self.block_size, self.block_size):
-            parent = block_digest(parent, seq.token_ids[start:start + self.block_size])
+            parent = block_digest(parent, seq.token_ids[start : start + self.block_size])
             # The digest alone decides: it covers the salt and every token up to the block's end,
             # and finding two inputs with one 256-bit BLAKE2b digest is out of reach, so comparing
             # the block's own tokens as well would add nothing.
@@ -140,7 +140,7 @@ class BlockManager:
             parent = chain_seed(seq.cache_salt)
         for i in range(first, end):
             block = self.blocks[seq.block_table[i]]
-            block.hash = parent = block_digest(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            block.hash = parent = block_digest(parent, seq.token_ids[i * bs : (i + 1) * bs])
             # Two sequences may compute the same block side by side; the first one stays findable.
             self._cached.setdefault(block.hash, block.block_id)
 

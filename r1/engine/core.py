@@ -52,8 +52,14 @@ class CoreRequest:
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: set[int],
-                 is_blank: Callable[[int], bool], async_scheduling: bool = False):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        eos_token_ids: set[int],
+        is_blank: Callable[[int], bool],
+        async_scheduling: bool = False,
+    ):
         self.runner, self.scheduler = runner, scheduler
         self.eos_token_ids, self.is_blank = eos_token_ids, is_blank
         self.max_model_len = scheduler.config.max_model_len
@@ -163,8 +169,7 @@ class EngineCore:
 
     def _reaches_length(self, seq: Sequence, new_tokens: int) -> bool:
         """Whether seq is at its length (max_tokens, or the context) with new_tokens more."""
-        return (seq.num_output_tokens + new_tokens >= seq.max_tokens
-                or seq.num_tokens + new_tokens >= self.max_model_len)
+        return seq.num_output_tokens + new_tokens >= seq.max_tokens or seq.num_tokens + new_tokens >= self.max_model_len
 
     def _append_token(self, req: CoreRequest, token_id: int, logprobs: list[dict]) -> TokenUpdate:
         seq, params = req.seq, req.params
@@ -196,5 +201,15 @@ class EngineCore:
     @staticmethod
     def _update(req: CoreRequest, token_id, logprobs, reason, role=None, error=None) -> TokenUpdate:
         seq = req.seq
-        return TokenUpdate(req.request_id, token_id, role, logprobs, reason, seq.num_prompt_tokens,
-                           seq.num_output_tokens, seq.num_cached_tokens, req.reasoning.num_tokens, error)
+        return TokenUpdate(
+            req.request_id,
+            token_id,
+            role,
+            logprobs,
+            reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            seq.num_cached_tokens,
+            req.reasoning.num_tokens,
+            error,
+        )

@@ -29,8 +29,15 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Qwen2ForCausalLM, kv_cache, block_size: int, scratch_block: int,
-                 max_num_seqs: int, max_model_len: int):
+    def __init__(
+        self,
+        model: Qwen2ForCausalLM,
+        kv_cache,
+        block_size: int,
+        scratch_block: int,
+        max_num_seqs: int,
+        max_model_len: int,
+    ):
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -52,8 +59,9 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> None:
         """The decode forward of the first `size` rows of the static buffers, into self.hidden."""
-        meta = AttentionMetadata.for_decode(self.slot_mapping[:size], self.block_tables[:size],
-                                            self.seq_lens[:size], self.block_size)
+        meta = AttentionMetadata.for_decode(
+            self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size], self.block_size
+        )
         self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
 
     @torch.inference_mode()
@@ -69,8 +77,14 @@ class DecodeGraphs:
             pool, self.graphs[size] = graph.pool(), graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
         """Hidden states (n, hidden) of n <= max_batch sequences that decode one token each; their
         n input ids are on the device (the last step's samples may be among them, unread)."""
         n = len(input_ids)
@@ -87,8 +101,10 @@ class DecodeGraphs:
         fill(self.slot_mapping[:size], slots + [self.scratch_slot] * pad)
         fill(self.seq_lens[:size], seq_lens + [1] * pad)
         scratch = self.scratch_block
-        fill(self.block_tables[:size, :width], [t + [scratch] * (width - len(t)) for t in block_tables]
-             + [[scratch] * width] * pad)
+        fill(
+            self.block_tables[:size, :width],
+            [t + [scratch] * (width - len(t)) for t in block_tables] + [[scratch] * width] * pad,
+        )
         if size in self.graphs:
             self.graphs[size].replay()
         else:

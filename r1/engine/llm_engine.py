@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler_config: SchedulerConfig,
-                 sampling_defaults: dict, eos_token_ids: set[int], async_scheduling: bool = False):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        scheduler_config: SchedulerConfig,
+        sampling_defaults: dict,
+        eos_token_ids: set[int],
+        async_scheduling: bool = False,
+    ):
         self.tokenizer, self.sampling_defaults = tokenizer, sampling_defaults
         self.eos_token_ids = eos_token_ids
         self.max_model_len = scheduler_config.max_model_len
@@ -51,8 +58,7 @@ class LLMEngine:
         """Raise ValueError unless the ids are a non-empty list of the model's token ids."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
-               for t in prompt_token_ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
 
     def add_requests(self, requests: Seq[EngineRequest]) -> None:
@@ -75,20 +81,32 @@ class LLMEngine:
         self.check_prompt_ids(r.prompt_token_ids)
         n = len(r.prompt_token_ids)
         if n >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {n} tokens but the context holds {self.max_model_len} "
-                                     f"(max_model_len), leaving no room to generate")
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens but the context holds {self.max_model_len} "
+                f"(max_model_len), leaving no room to generate"
+            )
         params = r.params.with_defaults(self.sampling_defaults)
         if params.top_k >= self.vocab_size:  # keeps every token: vLLM's clamp
             params = dataclasses.replace(params, top_k=0)
         if params.max_reasoning_tokens is not None and self.think_ids[1] is None:
             raise ValueError("max_reasoning_tokens needs a tokenizer with a </think> token")
         room = self.max_model_len - n
-        seq = Sequence(next(self.core.seq_ids), list(r.prompt_token_ids), min(params.max_tokens or room, room),
-                       cache_salt=r.cache_salt)
+        seq = Sequence(
+            next(self.core.seq_ids),
+            list(r.prompt_token_ids),
+            min(params.max_tokens or room, room),
+            cache_salt=r.cache_salt,
+        )
         self.core.scheduler.check(seq)
         opens = prompt_opens_reasoning(seq.prompt_token_ids, *self.think_ids)
-        return CoreRequest(r.request_id, seq, params, make_generator(params.seed),
-                           ReasoningTracker(*self.think_ids, opens), r.constraint)
+        return CoreRequest(
+            r.request_id,
+            seq,
+            params,
+            make_generator(params.seed),
+            ReasoningTracker(*self.think_ids, opens),
+            r.constraint,
+        )
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Finish the requests with "abort" (their final outputs come out of the next step); ids
@@ -102,21 +120,35 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         sched = self.core.scheduler
         bm = sched.block_manager
-        return EngineStats(sched.num_running, sched.num_waiting, bm.num_blocks, bm.num_free_blocks, bm.usage,
-                           bm.prefix_queries, bm.prefix_hits, sched.num_preemptions)
+        return EngineStats(
+            sched.num_running,
+            sched.num_waiting,
+            bm.num_blocks,
+            bm.num_free_blocks,
+            bm.usage,
+            bm.prefix_queries,
+            bm.prefix_hits,
+            sched.num_preemptions,
+        )
 
     def config_record(self) -> dict[str, Any]:
         """The engine's settings that shape its outputs or its speed, for bench records and manifests."""
         cfg, runner = self.core.scheduler.config, self.core.runner
-        return {"max_model_len": cfg.max_model_len, "block_size": cfg.block_size, "num_blocks": cfg.num_blocks,
-                "max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
-                "enable_prefix_caching": cfg.enable_prefix_caching, "async_scheduling": self.core.async_scheduling,
-                "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
-                "kv_cache_bytes": runner.kv_cache.nbytes,
-                "cuda_graphs": runner.graphs is not None,
-                "cuda_graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
-                "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None,
-                "kernels": kernels.plan(runner.device, runner.model.model.embed_tokens.weight.dtype)}
+        return {
+            "max_model_len": cfg.max_model_len,
+            "block_size": cfg.block_size,
+            "num_blocks": cfg.num_blocks,
+            "max_num_seqs": cfg.max_num_seqs,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "async_scheduling": self.core.async_scheduling,
+            "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
+            "kv_cache_bytes": runner.kv_cache.nbytes,
+            "cuda_graphs": runner.graphs is not None,
+            "cuda_graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
+            "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None,
+            "kernels": kernels.plan(runner.device, runner.model.model.embed_tokens.weight.dtype),
+        }
 
     # ---- one step ----------------------------------------------------------------------------
 

@@ -23,21 +23,30 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen2ForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 enforce_eager: bool = False):
+    def __init__(
+        self,
+        model: Qwen2ForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        enforce_eager: bool = False,
+    ):
         cfg = model.config
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         self.device = model.model.embed_tokens.weight.device
         self.kv_dtype = kv_dtype
-        self.kv_cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
-                                          cfg.head_dim, kv_dtype, self.device)
+        self.kv_cache = allocate_kv_cache(
+            cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, self.device
+        )
         # On a GPU decode steps replay CUDA graphs, unless asked not to, or unless Triton's paged
         # kernel cannot run here: without it every graph would gather each sequence's cache to
         # max_model_len, each layer. The graphs' padding rows write to the pool's last block.
         self.captures_graphs = self.device.type == "cuda" and not enforce_eager and num_blocks > 1
         if self.captures_graphs and not triton_decode_runs(self.device, cfg.head_dim):
-            log.warning("decode steps run without CUDA graphs: Triton's paged decode kernel cannot run here "
-                        "(it needs triton, and a head_dim that is a power of two >= 16)")
+            log.warning(
+                "decode steps run without CUDA graphs: Triton's paged decode kernel cannot run here "
+                "(it needs triton, and a head_dim that is a power of two >= 16)"
+            )
             self.captures_graphs = False
         self.scratch_block = num_blocks - 1 if self.captures_graphs else None
         self.graphs: DecodeGraphs | None = None
@@ -50,8 +59,9 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture the decode forward for batches up to max_num_seqs, where graphs run."""
         if self.captures_graphs:
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs,
-                                       max_model_len)
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs, max_model_len
+            )
 
     def prepare(self, scheduled: list[ScheduledSeq], pending_rows: dict[int, int]):
         """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached
@@ -66,8 +76,9 @@ class ModelRunner:
                 pending.append((len(token_ids), pending_rows[seq.seq_id]))
                 token_ids.append(0)  # a place for the id, filled on the device
             positions += range(start, end)
-            slots += (seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, end))
+            slots += (
+                seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)
+            )
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
             if s.samples:
@@ -76,8 +87,9 @@ class ModelRunner:
         return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq],
-            sampled: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
+    def run(
+        self, scheduled: list[ScheduledSeq], sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+    ) -> torch.Tensor:
         """Run one step; float32 logits (M, vocab) for the M scheduled sequences that sample.
 
         `sampled` holds the last step's tokens, and the row of each sequence whose input still
@@ -86,7 +98,8 @@ class ModelRunner:
         """
         tokens, pending_rows = sampled if sampled is not None else (None, {})
         token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending = self.prepare(
-            scheduled, pending_rows)
+            scheduled, pending_rows
+        )
 
         def tensor(x):  # non-blocking: an in-flight forward need not finish before this one is queued
             return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
@@ -99,8 +112,9 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
         else:
             width = max(len(t) for t in tables)
-            meta = AttentionMetadata(tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]),
-                                     query_lens, seq_lens)
+            meta = AttentionMetadata(
+                tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]), query_lens, seq_lens
+            )
             hidden = self.model(input_ids, tensor(positions), self.kv_cache, meta)
         return self.model.compute_logits(hidden[tensor(sample_rows)])
 
@@ -117,4 +131,5 @@ class ModelRunner:
         def read() -> list:
             copied.synchronize()
             return host.tolist()
+
         return read

@@ -34,8 +34,11 @@ class OutputProcessor:
         self.outputs: dict[str, _Output] = {}
 
     def add(self, request_id: str, params: SamplingParams, prompt_opens_reasoning: bool) -> None:
-        self.outputs[request_id] = _Output(params, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
-                                           ReasoningText(prompt_opens_reasoning))
+        self.outputs[request_id] = _Output(
+            params,
+            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            ReasoningText(prompt_opens_reasoning),
+        )
 
     def process(self, update: TokenUpdate) -> RequestOutput:
         """The request's output for this step; finish_reason "stop" where a stop string appeared
@@ -78,22 +81,38 @@ class OutputProcessor:
         if not hits:
             return False
         i, s = min(hits)
-        out.text = out.text[:i + len(s)] if out.params.include_stop_str_in_output else out.text[:i]
+        out.text = out.text[: i + len(s)] if out.params.include_stop_str_in_output else out.text[:i]
         return True
 
-    def _output(self, update: TokenUpdate, out: _Output, new_ids: list[int], upto: int,
-                reason: str | None) -> RequestOutput:
-        delta = out.text[out.num_emitted_chars:upto]
+    def _output(
+        self, update: TokenUpdate, out: _Output, new_ids: list[int], upto: int, reason: str | None
+    ) -> RequestOutput:
+        delta = out.text[out.num_emitted_chars : upto]
         out.num_emitted_chars = upto
         reasoning, answer = out.split.take(out.text, upto, final=reason is not None)
         return self._record(update, out, new_ids, delta, reasoning, answer, reason, update.logprobs)
 
     @staticmethod
-    def _record(update: TokenUpdate, out: _Output, new_ids, delta, reasoning, answer, reason, logprobs,
-                error=None) -> RequestOutput:
+    def _record(
+        update: TokenUpdate, out: _Output, new_ids, delta, reasoning, answer, reason, logprobs, error=None
+    ) -> RequestOutput:
         """The RequestOutput of these pieces, with the update's counts and out's timing as of now."""
         now = time.perf_counter()
         first = out.first_token_time or now
-        return RequestOutput(update.request_id, new_ids, delta, reasoning, answer, reason is not None, reason,
-                             update.num_prompt_tokens, update.num_output_tokens, update.num_cached_tokens,
-                             first - out.arrival, now - first, list(logprobs), error, update.num_reasoning_tokens)
+        return RequestOutput(
+            update.request_id,
+            new_ids,
+            delta,
+            reasoning,
+            answer,
+            reason is not None,
+            reason,
+            update.num_prompt_tokens,
+            update.num_output_tokens,
+            update.num_cached_tokens,
+            first - out.arrival,
+            now - first,
+            list(logprobs),
+            error,
+            update.num_reasoning_tokens,
+        )

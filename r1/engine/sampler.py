@@ -29,7 +29,7 @@ def sample_rows(logits: torch.Tensor, reqs: list) -> tuple[list, torch.Tensor | 
         if state is not None:
             req.generator.set_state(state)
         try:
-            token, lp = _sample(logits[row:row + 1], [req])
+            token, lp = _sample(logits[row : row + 1], [req])
         except Exception as e:
             if is_device_fault(e):
                 raise
@@ -48,10 +48,15 @@ def _sample(logits: torch.Tensor, reqs: list) -> tuple[torch.Tensor, list[list[d
         logits = logits.clone()
         for i in constrained:
             allowed = reqs[i].constraint.allowed_tokens().to(logits.device)
-            logits[i, :allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
-            logits[i, allowed.shape[0]:] = float("-inf")  # the model's padding rows
-    tokens = sample_next(logits, [r.params for r in reqs], [r.seq.prompt_token_ids for r in reqs],
-                         [r.seq.output_token_ids for r in reqs], [r.generator for r in reqs])
+            logits[i, : allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+            logits[i, allowed.shape[0] :] = float("-inf")  # the model's padding rows
+    tokens = sample_next(
+        logits,
+        [r.params for r in reqs],
+        [r.seq.prompt_token_ids for r in reqs],
+        [r.seq.output_token_ids for r in reqs],
+        [r.generator for r in reqs],
+    )
     for i, r in enumerate(reqs):
         if r.reasoning.budget_spent(r.params.max_reasoning_tokens):
             tokens[i] = r.reasoning.end_id  # thinking budget spent: close it, the answer follows

@@ -29,8 +29,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self):
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len"):
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
@@ -52,8 +51,7 @@ class ScheduledSeq:
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission
         self.num_preemptions = 0
@@ -82,13 +80,17 @@ class Scheduler:
             raise ValueError(f"max_tokens must be positive, got {seq.max_tokens}")
         max_len = seq.num_prompt_tokens + seq.max_tokens
         if max_len > self.config.max_model_len:
-            raise ValueError(f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) "
-                             f"exceeds max_model_len ({self.config.max_model_len})")
+            raise ValueError(
+                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) "
+                f"exceeds max_model_len ({self.config.max_model_len})"
+            )
         # A sequence the whole pool cannot hold would preempt itself forever. Its last sampled
         # token is never run through the model, so it needs KV for max_len - 1 tokens.
         if self.block_manager.blocks_needed(max_len - 1) > self.config.num_blocks:
-            raise ValueError(f"prompt + max_tokens ({max_len} tokens) would outgrow the KV cache "
-                             f"({self.config.num_blocks} blocks of {self.config.block_size} tokens)")
+            raise ValueError(
+                f"prompt + max_tokens ({max_len} tokens) would outgrow the KV cache "
+                f"({self.config.num_blocks} blocks of {self.config.block_size} tokens)"
+            )
 
     def schedule(self) -> list[ScheduledSeq]:
         """Hand out this step's token budget: running sequences in admission order, then admissions."""
@@ -113,8 +115,12 @@ class Scheduler:
 
         # Then waiting ones in arrival order, unless blocks just ran out: admitting now would only
         # take back what the preemption freed.
-        while (self.num_preemptions == preemptions_before and self.waiting and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+        while (
+            self.num_preemptions == preemptions_before
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             seq = self.waiting[0]
             cached = self.block_manager.lookup_prefix(seq)
             num_cached = len(cached) * self.config.block_size

@@ -20,8 +20,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """A prompt and the tokens generated after it, with its KV-cache bookkeeping."""
 
-    def __init__(self, seq_id: int, prompt_token_ids: list[int], max_tokens: int, *,
-                 cache_salt: str | None = None):
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], max_tokens: int, *, cache_salt: str | None = None):
         self.seq_id = seq_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -62,5 +61,7 @@ class Sequence:
         self.token_ids.append(token_id)
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+        return (
+            f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

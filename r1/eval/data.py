@@ -64,7 +64,7 @@ def find_data(task: str, data: str | Path | None = None) -> Path:
             f"no data for {task!r}: not in the cache ({path}) and the download from the Hugging Face "
             f"dataset {TASKS[task].hf_dataset} failed "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"Pass a JSON Lines file of {{\"id\", \"problem\", \"answer\"}} with --data, or put one at {path}"
+            f'Pass a JSON Lines file of {{"id", "problem", "answer"}} with --data, or put one at {path}'
         ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -114,8 +114,7 @@ def normalize_rows(task: str, rows: list[dict]) -> list[dict]:
         answer = str(answer)
         if "####" in answer:  # GSM8K: the worked solution, then "#### 1,234"
             answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
-        out.append({"id": str(ids[i]) if use_ids else f"{task}-{i}",
-                    "problem": problem, "answer": answer})
+        out.append({"id": str(ids[i]) if use_ids else f"{task}-{i}", "problem": problem, "answer": answer})
     return out
 
 

@@ -61,7 +61,7 @@ def _box_content(text: str, i: int) -> str | None:
         if text[j] in "{}" and text[j - 1] != "\\":  # \{ and \} are set braces, not grouping
             depth += 1 if text[j] == "{" else -1
             if depth == 0:
-                return text[i + 1:j]
+                return text[i + 1 : j]
     return None
 
 

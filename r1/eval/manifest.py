@@ -56,16 +56,23 @@ def file_sha256(path: Path) -> str:
 def model_record(llm, tokenizer: str | None = None) -> dict:
     """The model's source, files with their sha256, format, and the types its weights are stored in."""
     files = llm.files
-    record = {"source": files.source, "path": str(files.path), "format": files.format,
-              "tokenizer": tokenizer or "the model's own"}
+    record = {
+        "source": files.source,
+        "path": str(files.path),
+        "format": files.format,
+        "tokenizer": tokenizer or "the model's own",
+    }
     if files.format == "gguf":
         demo = hub.DEMO_ASSETS.get(files.source)
         record["sha256"] = demo.sha256 if demo else file_sha256(files.path)
         record["size"] = files.path.stat().st_size
         record["weight_types"] = _gguf_types(files.gguf_header)
     else:
-        record["files"] = {p.name: file_sha256(p) for p in sorted(files.path.iterdir())
-                           if p.suffix in (".safetensors", ".json") and p.is_file()}
+        record["files"] = {
+            p.name: file_sha256(p)
+            for p in sorted(files.path.iterdir())
+            if p.suffix in (".safetensors", ".json") and p.is_file()
+        }
         record["weight_types"] = {files.config.dtype: files.num_tensors}
     return record
 
@@ -82,11 +89,19 @@ def engine_record(llm) -> dict:
 
     import r1
 
-    return {"name": "r1", "version": r1.__version__, "git_commit": _git_commit(Path(r1.__file__).parent),
-            "torch": torch.__version__, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
-            "max_model_len": llm.engine.max_model_len, "kv_pool_tokens": llm.kv_pool_tokens,
-            "max_num_seqs": llm.engine_config.max_num_seqs, "quant": llm.engine_config.quant,
-            "config": llm.engine.config_record()}
+    return {
+        "name": "r1",
+        "version": r1.__version__,
+        "git_commit": _git_commit(Path(r1.__file__).parent),
+        "torch": torch.__version__,
+        "device": str(llm.device),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "max_model_len": llm.engine.max_model_len,
+        "kv_pool_tokens": llm.kv_pool_tokens,
+        "max_num_seqs": llm.engine_config.max_num_seqs,
+        "quant": llm.engine_config.quant,
+        "config": llm.engine.config_record(),
+    }
 
 
 def _git_commit(folder: Path) -> str | None:
@@ -99,15 +114,21 @@ def _git_commit(folder: Path) -> str | None:
 
 
 def _git(folder: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
 
 
 def machine_record() -> dict:
     import torch
 
-    record = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
-              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    record = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         record["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return record

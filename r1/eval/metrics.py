@@ -68,12 +68,14 @@ def summarize(task: str, records: list[dict], samples_per_problem: int) -> dict:
         "complete": all(len(g) == samples_per_problem for g in groups),
         "pass@1": _mean(per_problem),
         "pass@1_ci95": mean_ci95(per_problem),
-        f"cons@{samples_per_problem}": _mean([majority_correct([(r["vote_key"], r["correct"]) for r in g])
-                                              for g in groups]),
+        f"cons@{samples_per_problem}": _mean(
+            [majority_correct([(r["vote_key"], r["correct"]) for r in g]) for g in groups]
+        ),
     }
     for k in ks_for(samples_per_problem)[1:]:
-        summary[f"pass@{k}"] = _mean([pass_at_k(len(g), sum(r["correct"] for r in g), k)
-                                      for g in groups if len(g) >= k])
+        summary[f"pass@{k}"] = _mean(
+            [pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in groups if len(g) >= k]
+        )
     summary["truncated_fraction"] = _mean([r["finish_reason"] == "length" for r in records])
     for name in ("completion_tokens", "reasoning_tokens", "answer_tokens"):
         summary[f"mean_{name}"] = _mean([r[name] for r in records])

@@ -30,8 +30,9 @@ The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are 25 primes 
 
 
 @torch.inference_mode()
-def token_logits(model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.dtype | None = None,
-                 one_at_a_time: bool = False) -> torch.Tensor:
+def token_logits(
+    model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.dtype | None = None, one_at_a_time: bool = False
+) -> torch.Tensor:
     """Float32 logits (T, vocab) at every position of one sequence; the KV cache in kv_dtype
     (default: the model's dtype). In one pass, as a prompt is prefilled, or one token a forward,
     as generation reads the cache (decode attention)."""
@@ -39,8 +40,15 @@ def token_logits(model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.
     device = model.model.embed_tokens.weight.device
     block_size = 16
     num_blocks = -(-n // block_size)
-    cache = allocate_kv_cache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
-                              cfg.head_dim, kv_dtype or model.model.embed_tokens.weight.dtype, device)
+    cache = allocate_kv_cache(
+        cfg.num_hidden_layers,
+        num_blocks,
+        block_size,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        kv_dtype or model.model.embed_tokens.weight.dtype,
+        device,
+    )
     ids, table = torch.tensor(token_ids, device=device), torch.arange(num_blocks, device=device)[None]
     chunks = [(p, p + 1) for p in range(n)] if one_at_a_time else [(0, n)]
     hidden = []
@@ -51,8 +59,9 @@ def token_logits(model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.
     return model.compute_logits(torch.cat(hidden))
 
 
-def perplexity(model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.dtype | None = None,
-               one_at_a_time: bool = False) -> float:
+def perplexity(
+    model: Qwen2ForCausalLM, token_ids: list[int], kv_dtype: torch.dtype | None = None, one_at_a_time: bool = False
+) -> float:
     logits = token_logits(model, token_ids, kv_dtype, one_at_a_time)[:-1]
     targets = torch.tensor(token_ids[1:], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits, targets)

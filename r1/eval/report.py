@@ -25,9 +25,15 @@ class EvalProgress:
     """The bar shown during a run: problems done, samples/s, running pass@1."""
 
     def __init__(self, console, task: str):
-        self.bar = Progress(TextColumn(f"{task}"), BarColumn(), TextColumn("{task.fields[problems]} problems"),
-                            TextColumn("{task.fields[rate]} samples/s"), TextColumn("pass@1 {task.fields[score]}"),
-                            TimeElapsedColumn(), console=console)
+        self.bar = Progress(
+            TextColumn(f"{task}"),
+            BarColumn(),
+            TextColumn("{task.fields[problems]} problems"),
+            TextColumn("{task.fields[rate]} samples/s"),
+            TextColumn("pass@1 {task.fields[score]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
         self.task_id = None
 
     def __enter__(self) -> EvalProgress:
@@ -38,8 +44,9 @@ class EvalProgress:
         self.bar.stop()
 
     def start(self, state) -> None:
-        self.task_id = self.bar.add_task("eval", total=state.samples_total, completed=state.samples_done,
-                                         **self._fields(state))
+        self.task_id = self.bar.add_task(
+            "eval", total=state.samples_total, completed=state.samples_done, **self._fields(state)
+        )
 
     def update(self, state) -> None:
         self.bar.update(self.task_id, completed=state.samples_done, **self._fields(state))
@@ -48,8 +55,11 @@ class EvalProgress:
     def _fields(state) -> dict:
         elapsed = time.perf_counter() - state.started
         score = f"{100 * state.correct_done / state.samples_done:.1f}%" if state.samples_done else "-"
-        return {"problems": f"{state.problems_done}/{state.problems_total}",
-                "rate": f"{state.generated / elapsed:.2f}" if elapsed > 0 else "-", "score": score}
+        return {
+            "problems": f"{state.problems_done}/{state.problems_total}",
+            "rate": f"{state.generated / elapsed:.2f}" if elapsed > 0 else "-",
+            "score": score,
+        }
 
 
 def load_run(folder: str | Path) -> tuple[dict, dict]:
@@ -67,8 +77,11 @@ def load_run(folder: str | Path) -> tuple[dict, dict]:
 
 
 def _rows(summary: dict, manifest: dict | None) -> list[tuple[str, str]]:
-    rows = [("task", summary["task"]), ("problems", str(summary["num_problems"])),
-            ("samples per problem", str(summary["samples_per_problem"]))]
+    rows = [
+        ("task", summary["task"]),
+        ("problems", str(summary["num_problems"])),
+        ("samples per problem", str(summary["samples_per_problem"])),
+    ]
     if not summary.get("complete", True):
         rows.append(("complete", "no: summarized from the samples so far"))
     ci = summary.get("pass@1_ci95")
@@ -85,8 +98,9 @@ def _rows(summary: dict, manifest: dict | None) -> list[tuple[str, str]]:
     if manifest:
         s = manifest["settings"]
         rows.append(("model", manifest["model"]["source"]))
-        rows.append(("sampling",
-                     f"T={s['temperature']} top-p={s['top_p']} max {s['max_tokens']} tokens seed {s['seed']}"))
+        rows.append(
+            ("sampling", f"T={s['temperature']} top-p={s['top_p']} max {s['max_tokens']} tokens seed {s['seed']}")
+        )
     published = PUBLISHED.get(summary["task"], {})
     rows += [(f"published {k} (R1-Distill-Qwen-1.5B)", _pct(v)) for k, v in published.items()]
     return rows

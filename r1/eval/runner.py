@@ -46,8 +46,9 @@ class EvalSettings:
 
     def params(self, problem_index: int, sample_index: int) -> SamplingParams:
         seed = self.seed + problem_index * self.samples + sample_index
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=0, max_tokens=self.max_tokens,
-                              seed=seed)
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=0, max_tokens=self.max_tokens, seed=seed
+        )
 
 
 @dataclass
@@ -76,8 +77,17 @@ class RunState:
         return sum(n >= self.samples_per_problem for n in self.per_problem.values())
 
 
-def run_eval(llm, problems: list[Problem], settings: EvalSettings, out_dir: str | Path, *, data_path: Path,
-             resume: bool = False, tokenizer: str | None = None, progress=None) -> dict:
+def run_eval(
+    llm,
+    problems: list[Problem],
+    settings: EvalSettings,
+    out_dir: str | Path,
+    *,
+    data_path: Path,
+    resume: bool = False,
+    tokenizer: str | None = None,
+    progress=None,
+) -> dict:
     """Generate and grade every missing sample of `problems`, then write and return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,8 +177,9 @@ def _generate(llm, work: list[tuple[Problem, list[int]]], settings: EvalSettings
                 problem, todo = queue.popleft()
                 messages = [{"role": "user", "content": build_prompt(problem.problem)}]
                 ids = llm.encode_prompt(messages, chat=True)
-                group = [EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j))
-                         for j in todo]
+                group = [
+                    EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j)) for j in todo
+                ]
                 engine.add_requests(group)
                 live.update((r.request_id, _Sample(problem, j)) for r, j in zip(group, todo))
             for out in engine.step():
@@ -189,13 +200,23 @@ def _record(s: _Sample, grade, settings: EvalSettings) -> dict:
     problem, last = s.problem, s.last
     reasoning_tokens = last.num_reasoning_tokens
     return {
-        "problem_id": problem.id, "problem_index": problem.index, "sample_index": s.sample_index,
+        "problem_id": problem.id,
+        "problem_index": problem.index,
+        "sample_index": s.sample_index,
         "seed": settings.params(problem.index, s.sample_index).seed,
-        "prompt": build_prompt(problem.problem), "output": s.text, "reasoning": s.reasoning,
-        "extracted": grade.extracted, "gold": problem.answer, "correct": grade.correct,
-        "vote_key": grade.vote_key, "grade_error": grade.error, "finish_reason": last.finish_reason,
-        "prompt_tokens": last.num_prompt_tokens, "cached_tokens": last.num_cached_tokens,
-        "completion_tokens": last.num_output_tokens, "reasoning_tokens": reasoning_tokens,
+        "prompt": build_prompt(problem.problem),
+        "output": s.text,
+        "reasoning": s.reasoning,
+        "extracted": grade.extracted,
+        "gold": problem.answer,
+        "correct": grade.correct,
+        "vote_key": grade.vote_key,
+        "grade_error": grade.error,
+        "finish_reason": last.finish_reason,
+        "prompt_tokens": last.num_prompt_tokens,
+        "cached_tokens": last.num_cached_tokens,
+        "completion_tokens": last.num_output_tokens,
+        "reasoning_tokens": reasoning_tokens,
         "answer_tokens": last.num_output_tokens - reasoning_tokens,
         "seconds": round(last.time_to_first_token + last.decode_seconds, 3),
     }
@@ -225,16 +246,27 @@ def read_samples(path: Path, repair: bool = False) -> list[dict]:
 
 # What must match for --resume: anything that changes what a sample is. The KV cache's dtype and
 # the CPU kernels' build change the numbers a sample is drawn from; the pool's size does not.
-_RESUME_KEYS = ("task", "settings", "prompt", "data_sha256", "model_sha256", "dtype", "quant", "kv_cache_dtype",
-                "cpu_kernels", "kernels")
+_RESUME_KEYS = (
+    "task",
+    "settings",
+    "prompt",
+    "data_sha256",
+    "model_sha256",
+    "dtype",
+    "quant",
+    "kv_cache_dtype",
+    "cpu_kernels",
+    "kernels",
+)
 
 
 def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, resume: bool) -> dict:
     model = mf.model_record(llm, tokenizer)
     engine = mf.engine_record(llm)
     # The first prompt as the model sees it, chat template applied: what an auditor checks first.
-    rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": build_prompt(problems[0].problem)}],
-                                                 add_generation_prompt=True)
+    rendered = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": build_prompt(problems[0].problem)}], add_generation_prompt=True
+    )
     current = {
         "task": settings.task,
         "settings": {**asdict(settings), "seed_rule": "seed + problem_index * samples + sample_index"},
@@ -250,8 +282,10 @@ def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, r
         manifest = json.loads(path.read_text())
         differ = [k for k in _RESUME_KEYS if _identity(manifest)[k] != identity[k]]
         if differ:
-            raise ValueError(f"cannot resume {path.parent}: its {', '.join(differ)} differ from this run's "
-                             f"(see {path.name}); start a new --out instead")
+            raise ValueError(
+                f"cannot resume {path.parent}: its {', '.join(differ)} differ from this run's "
+                f"(see {path.name}); start a new --out instead"
+            )
         manifest["num_problems"] = len(problems)
         manifest["finished_at"] = None
         manifest["sessions"].append(session)
@@ -264,10 +298,18 @@ def _start_manifest(llm, settings, problems, data_path, tokenizer, path: Path, r
 def _identity(m: dict) -> dict:
     model, engine = m["model"], m["engine"]
     config = engine.get("config", {})
-    return {"task": m["task"], "settings": m["settings"], "prompt": m["prompt"], "data_sha256": m["data"]["sha256"],
-            "model_sha256": model.get("sha256") or model.get("files"), "dtype": engine["dtype"],
-            "quant": engine["quant"], "kv_cache_dtype": config.get("kv_cache_dtype"),
-            "cpu_kernels": config.get("cpu_kernels"), "kernels": config.get("kernels")}
+    return {
+        "task": m["task"],
+        "settings": m["settings"],
+        "prompt": m["prompt"],
+        "data_sha256": m["data"]["sha256"],
+        "model_sha256": model.get("sha256") or model.get("files"),
+        "dtype": engine["dtype"],
+        "quant": engine["quant"],
+        "kv_cache_dtype": config.get("kv_cache_dtype"),
+        "cpu_kernels": config.get("cpu_kernels"),
+        "kernels": config.get("kernels"),
+    }
 
 
 def _write_json(path: Path, obj: dict) -> None:

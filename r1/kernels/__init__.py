@@ -52,19 +52,36 @@ class Build:
 
 
 BUILDS = (  # widest first: a CPU takes the first whose flags it has and that compiles
-    Build("avx512_amx", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
-          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-           "-fopenmp")),
-    Build("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-          ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")),
+    Build(
+        "avx512_amx",
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
+        (
+            "-O3",
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512vnni",
+            "-mavx512bf16",
+            "-mamx-tile",
+            "-mamx-bf16",
+            "-fopenmp",
+        ),
+    ),
+    Build(
+        "avx512_vnni",
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
+    ),
     Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp")),
 )
 # Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
-OPS = {"int4_matmul.cpp": ("int4_matmul",),
-       "int4_quantize.cpp": ("int4_quantize",),
-       "decode_attention.cpp": ("decode_attention",),
-       "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
-       "softmax_topk.cpp": ("softmax_topk",)}
+OPS = {
+    "int4_matmul.cpp": ("int4_matmul",),
+    "int4_quantize.cpp": ("int4_quantize",),
+    "decode_attention.cpp": ("decode_attention",),
+    "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
+    "softmax_topk.cpp": ("softmax_topk",),
+}
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
 BUILD_ENV = "R1_KERNELS"
@@ -143,8 +160,11 @@ def unavailable_reason() -> str | None:
         return f"{source} names none of their builds ({', '.join(b.name for b in BUILDS)})"
     builds = this_cpus_builds()
     if not builds:
-        needs = "; ".join(f"{b.name} needs {', '.join(f for f in b.cpu_flags if f not in cpu_flags())}"
-                          for b in BUILDS if wanted in (None, b.name))
+        needs = "; ".join(
+            f"{b.name} needs {', '.join(f for f in b.cpu_flags if f not in cpu_flags())}"
+            for b in BUILDS
+            if wanted in (None, b.name)
+        )
         return f"this CPU has no build of them ({needs})"
     if running_build() is None:
         return "building r1/kernels failed: " + "; ".join(f"{b.name}: {_build(b)}" for b in builds)
@@ -157,8 +177,11 @@ def _available_ops() -> frozenset[str]:
     times a decode step, and finding the build reads /proc/cpuinfo."""
     reason = unavailable_reason()
     if reason is not None:
-        log.warning("r1's CPU kernels are off (int4 quantizing and matmuls, decode attention, norms, rotary, "
-                    "int8 cache writes, SwiGLU and sampling take PyTorch's slower paths) because %s", reason)
+        log.warning(
+            "r1's CPU kernels are off (int4 quantizing and matmuls, decode attention, norms, rotary, "
+            "int8 cache writes, SwiGLU and sampling take PyTorch's slower paths) because %s",
+            reason,
+        )
         return frozenset()
     return frozenset(name for names in OPS.values() for name in names)
 
@@ -183,14 +206,19 @@ def plan(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     names = [name for names in OPS.values() for name in names]
     if device.type == "cuda":
         why = "the layer ops are off" if not _gpu_layer_ops_on() else "triton is not installed"
-        return {name: "triton" if name in _gpu_ops() else f"pytorch ({why})" for name in names
-                if name not in ("int4_matmul", "int4_quantize", "softmax_topk", "decode_attention")}
+        return {
+            name: "triton" if name in _gpu_ops() else f"pytorch ({why})"
+            for name in names
+            if name not in ("int4_matmul", "int4_quantize", "softmax_topk", "decode_attention")
+        }
     reason = unavailable_reason()
     if reason is not None:
         return dict.fromkeys(names, f"pytorch ({reason})")
     floats_only = "pytorch (r1's kernels take float32)"
-    return {name: f"r1 {running_build().name}" if dtype == torch.float32 or name.startswith("int4") else floats_only
-            for name in names}
+    return {
+        name: f"r1 {running_build().name}" if dtype == torch.float32 or name.startswith("int4") else floats_only
+        for name in names
+    }
 
 
 @functools.cache
@@ -199,6 +227,7 @@ def _gpu_ops() -> dict:
     if not _gpu_layer_ops_on() or importlib.util.find_spec("triton") is None:
         return {}
     from r1.kernels import gpu_layer_ops  # imports Triton: only for CUDA tensors
+
     return gpu_layer_ops.OPS
 
 
@@ -209,11 +238,19 @@ def _build(build: Build) -> str | None:
 
     started = time.perf_counter()
     sources = [str(Path(__file__).with_name(name)) for name in OPS]
-    print(f"r1: preparing the CPU kernels for {build.name} (compiled on first use, then cached)", file=sys.stderr,
-          flush=True)
+    print(
+        f"r1: preparing the CPU kernels for {build.name} (compiled on first use, then cached)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
-        load(name=f"r1_kernels_{build.name}", sources=sources, extra_cflags=list(build.compiler_flags),
-             extra_ldflags=["-fopenmp"], is_python_module=False)
+        load(
+            name=f"r1_kernels_{build.name}",
+            sources=sources,
+            extra_cflags=list(build.compiler_flags),
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
     except Exception as e:  # no compiler, no ninja, a failed compile: all mean "use the portable kernel"
         lines = str(e).strip().splitlines() or [type(e).__name__]
         return next((line for line in lines if "error" in line.lower()), lines[-1])

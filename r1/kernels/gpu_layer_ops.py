@@ -27,8 +27,9 @@ import triton.language as tl
 SILU_BLOCK = 1024  # intermediate columns per program
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight * RMSNorm(x + residual), x + residual) for (N, hidden) x; the sum is x itself
     without a residual."""
     n, hidden = x.shape
@@ -36,20 +37,42 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     residual = residual if has_residual else x  # never read without HAS_RESIDUAL; any tensor will do
     normed = torch.empty_like(x)
     total = torch.empty_like(x) if has_residual else x
-    _add_rms_norm[(n,)](x, residual, weight, normed, total, hidden, eps, x.stride(0), residual.stride(0),
-                        HAS_RESIDUAL=has_residual, BLOCK=triton.next_power_of_2(hidden))
+    _add_rms_norm[(n,)](
+        x,
+        residual,
+        weight,
+        normed,
+        total,
+        hidden,
+        eps,
+        x.stride(0),
+        residual.stride(0),
+        HAS_RESIDUAL=has_residual,
+        BLOCK=triton.next_power_of_2(hidden),
+    )
     return normed, total
 
 
 @triton.jit
-def _add_rms_norm(x_ptr, res_ptr, w_ptr, normed_ptr, sum_ptr, hidden, eps, x_stride, res_stride,
-                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    normed_ptr,
+    sum_ptr,
+    hidden,
+    eps,
+    x_stride,
+    res_stride,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < hidden
     x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=0.0)
     if HAS_RESIDUAL:  # the sum rounds to the model's dtype, as PyTorch's add does, before the norm reads it
-        x = (x.to(tl.float32) + tl.load(res_ptr + row * res_stride + cols, mask=inside, other=0.0).to(tl.float32))
+        x = x.to(tl.float32) + tl.load(res_ptr + row * res_stride + cols, mask=inside, other=0.0).to(tl.float32)
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * hidden + cols, x, mask=inside)
     x = x.to(tl.float32)
@@ -64,13 +87,33 @@ def rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -
     (NeoX) convention; cos and sin are (N, head_dim // 2)."""
     n, _, head_dim = x.shape
     half = head_dim // 2
-    _rotary[(n,)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads, half,
-                  HEADS_PAD=triton.next_power_of_2(heads), HALF_PAD=triton.next_power_of_2(half))
+    _rotary[(n,)](
+        x,
+        cos,
+        sin,
+        x.stride(0),
+        x.stride(1),
+        cos.stride(0),
+        heads,
+        half,
+        HEADS_PAD=triton.next_power_of_2(heads),
+        HALF_PAD=triton.next_power_of_2(half),
+    )
 
 
 @triton.jit
-def _rotary(x_ptr, cos_ptr, sin_ptr, x_stride_token, x_stride_head, angle_stride, heads, half,
-            HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+def _rotary(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    x_stride_token,
+    x_stride_head,
+    angle_stride,
+    heads,
+    half,
+    HEADS_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
     token = tl.program_id(0)
     rows, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF_PAD)[None, :]
     inside = (rows < heads) & (dims < half)

@@ -44,10 +44,17 @@ def num_splits_for(num_seqs: int, kv_heads: int, device: torch.device) -> int:
     return min(128, triton.next_power_of_2(wanted))
 
 
-def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           num_splits: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_scales: torch.Tensor | None,
+    value_scales: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """(D, heads, head_dim) attention outputs in q's dtype.
 
     q (D, heads, head_dim); keys, values (num_blocks, block_size, kv_heads, head_dim), with
@@ -66,29 +73,78 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     parts = torch.empty(d, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(d, heads, num_splits, dtype=torch.float32, device=q.device)
     _attend_split[(d, kv_heads, num_splits)](
-        q, keys, values, key_scales, value_scales, block_tables, seq_lens, parts, part_lse, scale,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        key_scales.stride(0) if quantized else 0, key_scales.stride(1) if quantized else 0,
+        q,
+        keys,
+        values,
+        key_scales,
+        value_scales,
+        block_tables,
+        seq_lens,
+        parts,
+        part_lse,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        key_scales.stride(0) if quantized else 0,
+        key_scales.stride(1) if quantized else 0,
         block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        CHUNK=CHUNK, NUM_SPLITS=num_splits, INT8=quantized,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        CHUNK=CHUNK,
+        NUM_SPLITS=num_splits,
+        INT8=quantized,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # a float32 model keeps float32 products
-        num_warps=8)  # with 4, ptxas spills the (16, 128) accumulator and the chunk's keys and values
+        num_warps=8,
+    )  # with 4, ptxas spills the (16, 128) accumulator and the chunk's keys and values
     out = torch.empty_like(q)
-    _combine_splits[(d, heads)](parts, part_lse, out, out.stride(0), out.stride(1),
-                                HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
+    _combine_splits[(d, heads)](
+        parts, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits
+    )
     return out
 
 
 # The table's row stride is the longest sequence's block count in an eager step: left unspecialized,
 # so each new width does not compile the kernel again (Triton specializes ints divisible by 16).
 @triton.jit(do_not_specialize=["table_stride"])
-def _attend_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, parts_ptr, lse_ptr, scale,
-                  q_stride_seq, q_stride_head, k_stride_block, k_stride_token, k_stride_head,
-                  v_stride_block, v_stride_token, v_stride_head, s_stride_block, s_stride_token, table_stride,
-                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  CHUNK: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_split(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ks_ptr,
+    vs_ptr,
+    tables_ptr,
+    lens_ptr,
+    parts_ptr,
+    lse_ptr,
+    scale,
+    q_stride_seq,
+    q_stride_head,
+    k_stride_block,
+    k_stride_token,
+    k_stride_head,
+    v_stride_block,
+    v_stride_token,
+    v_stride_head,
+    s_stride_block,
+    s_stride_token,
+    table_stride,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    INT8: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One (sequence, kv head, split): the kv head's GROUP query heads over one stretch of the
     context, with an online softmax; writes the normalized partial output and its log-sum-exp."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -99,8 +155,11 @@ def _attend_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, par
 
     rows, dims, tokens = tl.arange(0, GROUP_PAD), tl.arange(0, HEAD_DIM), tl.arange(0, CHUNK)
     heads = kv_head * GROUP + rows  # rows past GROUP are padding (tl.dot wants 16 rows)
-    q = tl.load(q_ptr + seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :],
-                mask=rows[:, None] < GROUP, other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + seq * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :],
+        mask=rows[:, None] < GROUP,
+        other=0.0,
+    ).to(tl.float32)
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -109,10 +168,20 @@ def _attend_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, par
         cached = positions < seq_len
         blocks = tl.load(tables_ptr + seq * table_stride + positions // BLOCK_SIZE, mask=cached, other=0)
         offsets = positions % BLOCK_SIZE
-        k = tl.load(k_ptr + (blocks * k_stride_block + offsets * k_stride_token + kv_head * k_stride_head)[:, None]
-                    + dims[None, :], mask=cached[:, None], other=0.0)
-        v = tl.load(v_ptr + (blocks * v_stride_block + offsets * v_stride_token + kv_head * v_stride_head)[:, None]
-                    + dims[None, :], mask=cached[:, None], other=0.0)
+        k = tl.load(
+            k_ptr
+            + (blocks * k_stride_block + offsets * k_stride_token + kv_head * k_stride_head)[:, None]
+            + dims[None, :],
+            mask=cached[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr
+            + (blocks * v_stride_block + offsets * v_stride_token + kv_head * v_stride_head)[:, None]
+            + dims[None, :],
+            mask=cached[:, None],
+            other=0.0,
+        )
         if INT8:
             scales_at = blocks * s_stride_block + offsets * s_stride_token + kv_head
             k = k.to(tl.float32) * tl.load(ks_ptr + scales_at, mask=cached, other=0.0)[:, None]
@@ -139,8 +208,9 @@ def _attend_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, par
 
 
 @triton.jit
-def _combine_splits(parts_ptr, lse_ptr, out_ptr, out_stride_seq, out_stride_head,
-                    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _combine_splits(
+    parts_ptr, lse_ptr, out_ptr, out_stride_seq, out_stride_head, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr
+):
     """One (sequence, query head): the splits' outputs weighted by their share of the softmax."""
     seq, head = tl.program_id(0), tl.program_id(1)
     splits, dims = tl.arange(0, NUM_SPLITS), tl.arange(0, HEAD_DIM)

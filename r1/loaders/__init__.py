@@ -46,8 +46,10 @@ def resolve_path(source: str) -> Path:
         return path
     if hub.looks_like_hub_id(source):
         return hub.hub_snapshot(source)
-    raise FileNotFoundError(f"model not found: {source!r} is neither a local folder or .gguf file, "
-                            f"a Hugging Face hub id (owner/name), nor one of {', '.join(hub.DEMO_ASSETS)}")
+    raise FileNotFoundError(
+        f"model not found: {source!r} is neither a local folder or .gguf file, "
+        f"a Hugging Face hub id (owner/name), nor one of {', '.join(hub.DEMO_ASSETS)}"
+    )
 
 
 def _sampling_defaults(folder: Path) -> dict:
@@ -67,15 +69,30 @@ def open_model_files(source: str) -> ModelFiles:
         header = gguf.read_header(path)
         shapes = {t.name: t.shape for t in header.tensors}
         config = ModelConfig.from_gguf_metadata(header.metadata, shapes)
-        return ModelFiles(source, path, "gguf", config, dict(R1_SAMPLING_DEFAULTS), len(header.tensors),
-                          lambda: gguf.iter_tensors(header), header)
+        return ModelFiles(
+            source,
+            path,
+            "gguf",
+            config,
+            dict(R1_SAMPLING_DEFAULTS),
+            len(header.tensors),
+            lambda: gguf.iter_tensors(header),
+            header,
+        )
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
     config = ModelConfig.from_json_file(config_path)
     safetensors.checkpoint_files(path)  # fail now, not after the model is built
-    return ModelFiles(source, path, "hf", config, _sampling_defaults(path), safetensors.num_tensors(path),
-                      lambda: safetensors.iter_tensors(path))
+    return ModelFiles(
+        source,
+        path,
+        "hf",
+        config,
+        _sampling_defaults(path),
+        safetensors.num_tensors(path),
+        lambda: safetensors.iter_tensors(path),
+    )
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
@@ -102,8 +119,9 @@ def _checkpoint_layout(model: Qwen2ForCausalLM) -> dict[str, tuple[tuple[int, ..
     return layout
 
 
-def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str,
-               progress: bool = True, quant: str = "none") -> Qwen2ForCausalLM:
+def load_model(
+    files: ModelFiles, dtype: torch.dtype, device: torch.device | str, progress: bool = True, quant: str = "none"
+) -> Qwen2ForCausalLM:
     """Build the model on meta and stream the checkpoint's tensors into it (quantizing as they come)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -113,8 +131,15 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str
     layout = _checkpoint_layout(model)  # before quantization: float shapes
     quantize_linears(model, quant, torch.device(device))
     loaded, parts_seen = set(), {}
-    bar = Progress(TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress)
+    bar = Progress(
+        TextColumn("loading {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not progress,
+    )
     with bar:
         task = bar.add_task(files.path.name, total=files.num_tensors)
         for name, tensor in files.tensors():
@@ -125,8 +150,9 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device | str
                 raise ValueError(f"{files.path}: unexpected tensor {name!r} for a Qwen2 model")
             shape, target, part, num_parts = layout[name]
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"{files.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"the config implies {shape}")
+                raise ValueError(
+                    f"{files.path}: tensor {name} has shape {tuple(tensor.shape)}, the config implies {shape}"
+                )
             loaded.add(name)
             if num_parts > 1:  # a part of a fused linear: set it once all its parts are in
                 parts = parts_seen.setdefault(target, {})

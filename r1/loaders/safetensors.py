@@ -61,5 +61,6 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 try:
                     yield name, f.get_tensor(name)
                 except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name}: "
-                                          f"corrupt or truncated file ({e})") from None
+                    raise CheckpointError(
+                        f"{path}: cannot read tensor {name}: corrupt or truncated file ({e})"
+                    ) from None

@@ -55,8 +55,9 @@ class AttentionMetadata:
     _decode_group: DecodeGroup | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def for_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   block_size: int) -> "AttentionMetadata":
+    def for_decode(
+        cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+    ) -> "AttentionMetadata":
         """A step in which every sequence decodes one token, from device tensors alone: no host
         values, so a CUDA graph can capture it (r1/engine/cuda_graphs.py)."""
         meta = cls(slot_mapping, block_tables, [1] * len(seq_lens), None)
@@ -80,8 +81,10 @@ class AttentionMetadata:
             starts = torch.tensor(self.query_lens, device=device).cumsum(0) - 1  # a decode row ends its sequence
             self._decode_group = DecodeGroup(
                 rows=None if all_rows else starts[decoding],
-                block_tables=self.block_tables[decoding, :num_blocks].contiguous(), seq_lens=lens,
-                block_size=block_size)
+                block_tables=self.block_tables[decoding, :num_blocks].contiguous(),
+                seq_lens=lens,
+                block_size=block_size,
+            )
         return self._decode_group
 
 
@@ -108,25 +111,37 @@ class Int8KVCache:
         return self.values.nbytes + self.scales.nbytes
 
 
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                      dtype: torch.dtype, device: torch.device | str) -> torch.Tensor | Int8KVCache:
+def allocate_kv_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor | Int8KVCache:
     """The whole cache, (num_layers, 2, num_blocks, block_size, kv_heads, head_dim), in `dtype`
     (torch.int8: an Int8KVCache)."""
     shape = (num_layers, 2, num_blocks, block_size, kv_heads)
     if dtype == torch.int8:
-        return Int8KVCache(torch.zeros(*shape, head_dim, dtype=torch.int8, device=device),
-                           torch.zeros(shape, dtype=torch.float32, device=device))
+        return Int8KVCache(
+            torch.zeros(*shape, head_dim, dtype=torch.int8, device=device),
+            torch.zeros(shape, dtype=torch.float32, device=device),
+        )
     return torch.zeros(*shape, head_dim, dtype=dtype, device=device)
 
 
-def write_kv(layer_cache: torch.Tensor | Int8KVCache, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    layer_cache: torch.Tensor | Int8KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store the new (N, kv_heads, head_dim) keys and values at their slots."""
     _, num_blocks, block_size, kv_heads, head_dim = layer_cache.shape
     slots = num_blocks * block_size
     if isinstance(layer_cache, Int8KVCache):
-        values, scales = (layer_cache.values.view(2, slots, kv_heads, head_dim),
-                          layer_cache.scales.view(2, slots, kv_heads))
+        values, scales = (
+            layer_cache.values.view(2, slots, kv_heads, head_dim),
+            layer_cache.scales.view(2, slots, kv_heads),
+        )
         fused = kernels.op_for("write_kv_int8_", k) if head_dim % 16 == 0 else None  # its vector width
         if fused is not None:  # on r1's CPU kernel: one call where the lines below are ten
             return fused(k, v, slot_mapping, values, scales)
@@ -151,11 +166,10 @@ def _gather_blocks(layer_cache: torch.Tensor | Int8KVCache, blocks: torch.Tensor
     return layer_cache.index_select(1, blocks).to(dtype)
 
 
-def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tensor, seq_len: int,
-                dtype: torch.dtype):
+def _gather_seq(layer_cache: torch.Tensor | Int8KVCache, block_table: torch.Tensor, seq_len: int, dtype: torch.dtype):
     """A sequence's cached keys and values as two (seq_len, kv_heads, head_dim) tensors."""
     block_size = layer_cache.shape[2]
-    kv = _gather_blocks(layer_cache, block_table[:-(-seq_len // block_size)], dtype)
+    kv = _gather_blocks(layer_cache, block_table[: -(-seq_len // block_size)], dtype)
     kv = kv.flatten(1, 2)[:, :seq_len]
     return kv[0], kv[1]
 
@@ -167,11 +181,13 @@ def triton_decode_runs(device: torch.device, head_dim: int) -> bool:
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return False
     from r1.kernels import paged_decode  # imports Triton: only on a GPU
+
     return paged_decode.supports(head_dim)
 
 
-def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
-                     scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup, scale: float
+) -> torch.Tensor:
     """Attention of D one-token queries (D, heads, head_dim) to their sequences' caches.
 
     Read in place, where each sequence's blocks lie: on a GPU by r1's Triton kernel
@@ -184,16 +200,19 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, g
         (keys, values), key_scales, value_scales = layer_cache, None, None
     if triton_decode_runs(q.device, q.shape[-1]):
         from r1.kernels.paged_decode import paged_decode_attention
-        return paged_decode_attention(q, keys, values, key_scales, value_scales, group.block_tables, group.seq_lens,
-                                      scale)
+
+        return paged_decode_attention(
+            q, keys, values, key_scales, value_scales, group.block_tables, group.seq_lens, scale
+        )
     op = kernels.op_for("decode_attention", q) if q.shape[-1] % 16 == 0 else None  # its vector width
     if op is None or not (isinstance(layer_cache, Int8KVCache) or layer_cache.dtype in (torch.float32, torch.bfloat16)):
         return _gathered_decode_attention(q, layer_cache, group, scale)
     return op(q.contiguous(), keys, values, key_scales, value_scales, group.block_tables, group.seq_lens, scale)
 
 
-def _gathered_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup,
-                               scale: float) -> torch.Tensor:
+def _gathered_decode_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, group: DecodeGroup, scale: float
+) -> torch.Tensor:
     """decode_attention in PyTorch, batched: the sequences' keys and values are gathered to the
     longest one's length L and the rest is masked off, a few large ops in place of a dozen small
     ones per sequence.
@@ -216,15 +235,17 @@ def _gathered_decode_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8
         for h in range(kv_heads):
             # Scores in float32 whatever the cache's dtype (a no-op for float32): rounded to bf16,
             # they cost the 1.5B stand-in 3.1% perplexity decoded a token at a time.
-            scores = (q[rows, h].float() @ k[:, :, h].float().transpose(1, 2) * scale
-                      + group.mask[rows])  # (rows, group, L)
+            scores = (
+                q[rows, h].float() @ k[:, :, h].float().transpose(1, 2) * scale + group.mask[rows]
+            )  # (rows, group, L)
             per_head.append(scores.softmax(-1).to(v.dtype) @ v[:, :, h])
         out.append(torch.stack(per_head, 1))  # (rows, kv_heads, group, head_dim)
     return (out[0] if len(out) == 1 else torch.cat(out)).view(d, heads, head_dim)
 
 
-def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Causal attention of the new queries (N, heads, head_dim) to each sequence's cache.
 
     Sequences that decode one token run together (decode_attention); each prefill chunk gets
@@ -242,7 +263,7 @@ def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, me
             start += 1
             continue
         k, v = _gather_seq(layer_cache, meta.block_tables[i], seq_len, q.dtype)
-        q_i = q[start:start + q_len].transpose(0, 1)  # (heads, q_len, head_dim)
+        q_i = q[start : start + q_len].transpose(0, 1)  # (heads, q_len, head_dim)
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, seq_len, head_dim)
         if q_len == seq_len:  # a whole prompt with nothing cached before it
             mask, causal = None, True
@@ -252,8 +273,9 @@ def paged_attention(q: torch.Tensor, layer_cache: torch.Tensor | Int8KVCache, me
             causal = False
         # 4-D inputs (a batch of one) select the fused flash kernel on the CPU; 3-D ones fall back
         # to the math kernel, which materializes heads x q_len x seq_len scores.
-        o = F.scaled_dot_product_attention(q_i[None], k[None], v[None], attn_mask=mask, is_causal=causal,
-                                           scale=scale, enable_gqa=True)[0]
-        out[start:start + q_len] = o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q_i[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )[0]
+        out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out

@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos and sin of each position's rotation angles: two (N, head_dim // 2) tensors."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (N, head_dim/2), fp32 as HF
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -21,24 +21,29 @@ def fused_linears(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
     Checkpoints store q, k, v and gate, up as separate linears of the same input; one matmul
     for each group reads the input once and halves the calls of a decode step.
     """
-    return {"qkv_proj": (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)),
-            "gate_up_proj": (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size))}
+    return {
+        "qkv_proj": (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)),
+        "gate_up_proj": (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)),
+    }
 
 
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                            cfg.head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=True)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
 
     def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata):
         n, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
         heads = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # query, key, value heads
         apply_rotary_(heads, h + kv, cos, sin)  # queries and keys in one call
-        q, k, v = heads[:, :h], heads[:, h:h + kv], heads[:, h + kv:]
+        q, k, v = heads[:, :h], heads[:, h : h + kv], heads[:, h + kv :]
         write_kv(layer_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, layer_cache, meta, self.scale)  # (N, heads, head_dim)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -75,8 +80,9 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Hidden states (N, hidden) of N new tokens; input_ids and positions are (N,).
 
         kv_cache is (num_layers, 2, num_blocks, block_size, kv_heads, head_dim); the new tokens'

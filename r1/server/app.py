@@ -67,9 +67,11 @@ def is_loopback(host: str) -> bool:
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
     """Refuse (ValueError) to serve beyond this machine without an API key, unless insecure."""
     if not is_loopback(host) and api_key is None and not insecure:
-        raise ValueError(f"--host {host} lets other machines reach the server, and without --api-key (or "
-                         f"R1_API_KEY) anyone who can reach it can use it; give a key, or --insecure "
-                         f"if the network is yours alone")
+        raise ValueError(
+            f"--host {host} lets other machines reach the server, and without --api-key (or "
+            f"R1_API_KEY) anyone who can reach it can use it; give a key, or --insecure "
+            f"if the network is yours alone"
+        )
 
 
 def host_allowlist(host: str, api_key: str | None, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
@@ -122,16 +124,23 @@ def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
         _authorize(request, config.api_key)
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type != "application/json":
-            raise APIError(415, f"the body must be JSON (Content-Type: application/json), not "
-                                f"{media_type or 'untyped'}", code="unsupported_media_type")
+            raise APIError(
+                415,
+                f"the body must be JSON (Content-Type: application/json), not {media_type or 'untyped'}",
+                code="unsupported_media_type",
+            )
         body = await _read_body(request, config.max_body_bytes)
         try:
             parsed = model.model_validate_json(body)
         except ValidationError as e:
             raise APIError.from_validation(e) from None
         if parsed.model is not None and parsed.model != config.served_model_name:
-            raise APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
-                                f"{config.served_model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {parsed.model!r} does not exist; this server serves {config.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return parsed
 
     async def chat_completions(request: Request) -> Response:
@@ -151,8 +160,9 @@ def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
         card = protocol.model_card(config.served_model_name, llm.engine.max_model_len)
         if "model" in request.path_params:
             if request.path_params["model"] != config.served_model_name:
-                raise APIError(404, f"the model {request.path_params['model']!r} does not exist",
-                               code="model_not_found")
+                raise APIError(
+                    404, f"the model {request.path_params['model']!r} does not exist", code="model_not_found"
+                )
             return JSONResponse(card)
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -185,8 +195,13 @@ def build_app(llm, config: ServerConfig, on_engine_dead=None) -> Starlette:
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     if config.cors_origins:
         # The origins are the control; SDKs send headers of their own (x-stainless-*) in preflights.
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+        )
     if config.allowed_hosts is not None:
         app.add_middleware(_AllowedHosts, hosts=config.allowed_hosts)
     app.add_middleware(_CountRequests, metrics=serving.metrics)
@@ -199,8 +214,7 @@ def _authorize(request: Request, api_key: str | None) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                       code="invalid_api_key")
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -245,8 +259,12 @@ class _AllowedHosts:
         name = _host_name(header)
         if not header or _ip(name) is not None or name in self.hosts:
             return await self.app(scope, receive, send)
-        error = APIError(403, f"the Host header {header!r} is not one this server answers; start it with "
-                              f"--allowed-host NAME to allow a name", code="host_not_allowed")
+        error = APIError(
+            403,
+            f"the Host header {header!r} is not one this server answers; start it with "
+            f"--allowed-host NAME to allow a name",
+            code="host_not_allowed",
+        )
         await error.response()(scope, receive, send)
 
 
@@ -273,8 +291,14 @@ class _CountRequests:
             self.metrics.count_http(scope["path"], status)
 
 
-def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          insecure: bool = False) -> None:
+def serve(
+    llm,
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    insecure: bool = False,
+) -> None:
     """Run the server until SIGINT or SIGTERM; prints where it listens once it does.
 
     Raises ValueError for a host beyond loopback without an API key unless insecure (check_exposure),
@@ -292,8 +316,7 @@ def serve(llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, 
             await asyncio.sleep(0.05)
         if server.started:
             url = f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}"
-            print(f"r1 serves {config.served_model_name} at {url} (OpenAI API {url}/v1, chat page {url}/)",
-                  flush=True)
+            print(f"r1 serves {config.served_model_name} at {url} (OpenAI API {url}/v1, chat page {url}/)", flush=True)
         await task
 
     asyncio.run(run())

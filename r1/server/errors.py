@@ -14,8 +14,16 @@ from r1.server.protocol import error_body
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")

@@ -19,8 +19,16 @@ from r1.engine import EngineStats, RequestOutput
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Routes counted by name; any other path counts as "other" so random URLs cannot grow the labels.
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-          "/tokenize", "/detokenize")
+ROUTES = (
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/tokenize",
+    "/detokenize",
+)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -31,18 +39,26 @@ class Metrics:
     def __init__(self, stats: Callable[[], EngineStats]):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.http_requests = Counter("r1_http_requests", "HTTP requests by route and status code",
-                                     ["route", "status"], registry=r)
-        self.finished = Counter("r1_requests_finished", "Generation requests finished, by finish reason",
-                                ["finish_reason"], registry=r)
+        self.http_requests = Counter(
+            "r1_http_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.finished = Counter(
+            "r1_requests_finished", "Generation requests finished, by finish reason", ["finish_reason"], registry=r
+        )
         self.prompt_tokens = Counter("r1_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("r1_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("r1_time_to_first_token_seconds", "From arrival to the first generated token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("r1_inter_token_latency_seconds", "Between successive generated tokens",
-                             buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("r1_request_latency_seconds", "From arrival to the last token",
-                             buckets=_E2E_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "r1_time_to_first_token_seconds",
+            "From arrival to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "r1_inter_token_latency_seconds", "Between successive generated tokens", buckets=_ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "r1_request_latency_seconds", "From arrival to the last token", buckets=_E2E_BUCKETS, registry=r
+        )
         r.register(_EngineCollector(stats))
 
     def count_http(self, path: str, status: int) -> None:
@@ -92,11 +108,12 @@ class _EngineCollector:
         yield GaugeMetricFamily("r1_requests_waiting", "Sequences waiting to be scheduled", value=s.num_waiting)
         yield GaugeMetricFamily("r1_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", value=s.kv_cache_usage)
         yield GaugeMetricFamily("r1_kv_cache_blocks", "KV-cache blocks in the pool", value=s.num_blocks)
-        yield GaugeMetricFamily("r1_kv_cache_free_blocks", "KV-cache blocks no sequence holds",
-                                value=s.num_free_blocks)
-        yield CounterMetricFamily("r1_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                  value=s.prefix_queries)
-        yield CounterMetricFamily("r1_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  value=s.prefix_hits)
+        yield GaugeMetricFamily("r1_kv_cache_free_blocks", "KV-cache blocks no sequence holds", value=s.num_free_blocks)
+        yield CounterMetricFamily(
+            "r1_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", value=s.prefix_queries
+        )
+        yield CounterMetricFamily(
+            "r1_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=s.prefix_hits
+        )
         rate = s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0
         yield GaugeMetricFamily("r1_prefix_cache_hit_rate", "Prefix-cache hits over queries, in tokens", value=rate)

@@ -106,10 +106,21 @@ class _Sampling(APIModel):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, **extra) -> SamplingParams:
         """Raises ValueError or TypeError (a 400) for values SamplingParams refuses."""
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=max_tokens,
-            stop=self.stop or (), ignore_eos=self.ignore_eos, logprobs=logprobs, **extra)
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop or (),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            **extra,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -135,8 +146,9 @@ class ChatCompletionRequest(_Sampling):
 
     def to_sampling_params(self) -> SamplingParams:
         extra = {} if self.max_reasoning_tokens is None else {"max_reasoning_tokens": self.max_reasoning_tokens}
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens,
-                                    (self.top_logprobs or 0) if self.logprobs else None, **extra)
+        return self.sampling_params(
+            self.max_completion_tokens or self.max_tokens, (self.top_logprobs or 0) if self.logprobs else None, **extra
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -201,15 +213,24 @@ def now() -> int:
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
     """OpenAI's usage object; reasoning_tokens counts R1's <think> block, its tags included."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }
 
 
 def chat_completion(id_: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": id_, "object": "chat.completion", "created": now(), "model": model,
-            "choices": choices, "usage": usage_}
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
 
 
 def chat_choice(index: int, reasoning: str, answer: str, finish_reason: str | None, logprobs: dict | None) -> dict:
@@ -243,8 +264,9 @@ def model_card(name: str, max_model_len: int) -> dict:
     return {"id": name, "object": "model", "created": now(), "owned_by": "r1", "max_model_len": max_model_len}
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -276,8 +298,13 @@ class LogprobFormatter:
         def item(token_id: int, logprob: float) -> dict:
             raw = self.token_bytes(token_id)
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
-        return {"content": [{**item(e["token_id"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
-                            for e in entries]}
+
+        return {
+            "content": [
+                {**item(e["token_id"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+                for e in entries
+            ]
+        }
 
     def completion(self, entries: list[dict], text_offset: int = 0) -> dict:
         tokens = [self.token_text(e["token_id"]) for e in entries]
@@ -285,9 +312,12 @@ class LogprobFormatter:
         for token in tokens:
             offsets.append(text_offset)
             text_offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [_finite(e["logprob"]) for e in entries],
-                "top_logprobs": [{self.token_text(t): _finite(lp) for t, lp in e["top"]} for e in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(e["logprob"]) for e in entries],
+            "top_logprobs": [{self.token_text(t): _finite(lp) for t, lp in e["top"]} for e in entries],
+            "text_offset": offsets,
+        }
 
 
 def _finite(logprob: float) -> float:

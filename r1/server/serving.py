@@ -67,8 +67,9 @@ class _Usage:
         self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
 
     def as_dict(self) -> dict:
-        return protocol.usage(self.prompt_tokens, sum(self.completion.values()), self.cached_tokens,
-                              sum(self.reasoning.values()))
+        return protocol.usage(
+            self.prompt_tokens, sum(self.completion.values()), self.cached_tokens, sum(self.reasoning.values())
+        )
 
 
 class Serving:
@@ -92,17 +93,24 @@ class Serving:
         # The first grammar built also builds llguidance's tokenizer (~1 s), so off the event loop.
         constraints = await asyncio.to_thread(_checked, self.structured.constraints, response_format, len(samples))
         id_ = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._add([EngineRequest(f"{id_}-{i}", ids, p, c, req.cache_salt)
-                                  for i, (p, c) in enumerate(zip(samples, constraints))])
+        stream = await self._add(
+            [
+                EngineRequest(f"{id_}-{i}", ids, p, c, req.cache_salt)
+                for i, (p, c) in enumerate(zip(samples, constraints))
+            ]
+        )
         usage = _Usage(len(ids))
         if req.stream:
             return _EventStream(self._chat_events(stream, req, id_, usage), lambda: self._release(stream))
         collected = await _unless_disconnected(request, self._gather(stream, usage))
         if collected is None:
             return Response(status_code=CLIENT_CLOSED)
-        choices = [protocol.chat_choice(i, s.reasoning, s.answer, s.finish_reason,
-                                        self.logprobs.chat(s.logprobs) if req.logprobs else None)
-                   for i, s in enumerate(collected)]
+        choices = [
+            protocol.chat_choice(
+                i, s.reasoning, s.answer, s.finish_reason, self.logprobs.chat(s.logprobs) if req.logprobs else None
+            )
+            for i, s in enumerate(collected)
+        ]
         return JSONResponse(protocol.chat_completion(id_, self.model_name, choices, usage.as_dict()))
 
     async def complete(self, request: Request, req: protocol.CompletionRequest) -> Response:
@@ -113,10 +121,13 @@ class Serving:
             self._check_length(len(ids), params.max_tokens, "prompt")
         id_ = f"cmpl-{uuid.uuid4().hex}"
         samples = expand_samples(params)
-        stream = await self._add([EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample,
-                                                cache_salt=req.cache_salt)
-                                  for p, ids in enumerate(encoded)
-                                  for j, sample in enumerate(samples)])
+        stream = await self._add(
+            [
+                EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, cache_salt=req.cache_salt)
+                for p, ids in enumerate(encoded)
+                for j, sample in enumerate(samples)
+            ]
+        )
         usage = _Usage(sum(len(ids) for ids in encoded))
         if req.stream:
             return _EventStream(self._completion_events(stream, req, id_, usage), lambda: self._release(stream))
@@ -124,9 +135,12 @@ class Serving:
         if collected is None:
             return Response(status_code=CLIENT_CLOSED)
         want_logprobs = req.logprobs is not None
-        choices = [protocol.completion_choice(i, s.text, s.finish_reason,
-                                              self.logprobs.completion(s.logprobs) if want_logprobs else None)
-                   for i, s in enumerate(collected)]
+        choices = [
+            protocol.completion_choice(
+                i, s.text, s.finish_reason, self.logprobs.completion(s.logprobs) if want_logprobs else None
+            )
+            for i, s in enumerate(collected)
+        ]
         return JSONResponse(protocol.completion(id_, self.model_name, protocol.now(), choices, usage.as_dict()))
 
     async def tokenize(self, req: protocol.TokenizeRequest) -> dict:
@@ -149,8 +163,11 @@ class Serving:
         could, a 503 while it is full or dead."""
         limit = self.engine.max_requests
         if num_samples > limit:
-            raise APIError(400, f"this call asks for {num_samples} samples (prompts x n) but this server "
-                                f"takes at most {limit} at once", param=param)
+            raise APIError(
+                400,
+                f"this call asks for {num_samples} samples (prompts x n) but this server takes at most {limit} at once",
+                param=param,
+            )
         try:
             self.engine.check_room(num_samples)
         except (QueueFullError, EngineDeadError) as e:
@@ -166,12 +183,21 @@ class Serving:
     def _check_length(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> None:
         limit = self.llm.engine.max_model_len
         if num_prompt_tokens >= limit:
-            raise APIError(400, f"the prompt has {num_prompt_tokens} tokens but this model's context holds {limit}, "
-                                f"leaving no room for an answer", param=prompt_param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {num_prompt_tokens} tokens but this model's context holds {limit}, "
+                f"leaving no room for an answer",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
-            raise APIError(400, f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
-                                f"this model's context of {limit} tokens", param="max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds "
+                f"this model's context of {limit} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     async def _add(self, requests: list[EngineRequest]) -> RequestStream:
         try:
@@ -319,8 +345,9 @@ class _EventStream(StreamingResponse):
     """Server-sent events; `on_close` runs however the response ends, a disconnect included."""
 
     def __init__(self, events, on_close):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:

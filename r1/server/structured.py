@@ -88,6 +88,7 @@ class StructuredOutputs:
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.LLTokenizer(self.tokenizer.backend.to_str(),
-                                                            eos_token=self.eos_token_ids)
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    self.tokenizer.backend.to_str(), eos_token=self.eos_token_ids
+                )
             return self._ll_tokenizer
