@@ -226,3 +226,24 @@ class Live:
                 return m
             assert time.monotonic() < deadline, f"still busy after {timeout}s: {m}"
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def live_small_server(name: str, api_key: str, max_requests: int) -> Iterator[Live]:
+    """The 0.5B stand-in with R1's tokenizer, served (as the server tests and the hostile clients
+    take it) with room for max_requests at once."""
+    from r1 import LLM
+    from r1.server.app import ServerConfig, build_app
+
+    llm = LLM(
+        "demo-small",
+        tokenizer="r1-tokenizer",
+        dtype="fp32",
+        device="cpu",
+        kv_cache_tokens=8192,
+        max_model_len=1024,
+        max_num_seqs=max_requests,
+        progress=False,
+    )
+    with serving(build_app(llm, ServerConfig(name, api_key=api_key, max_requests=max_requests))) as url:
+        yield Live(url, llm)

@@ -19,23 +19,9 @@ def offline_hub(monkeypatch, tmp_path):
 
 
 def test_generate_json_raw(small_gguf, capsys):
-    assert (
-        main(
-            [
-                "generate",
-                "def add(a, b):",
-                "--raw",
-                "--json",
-                "--model",
-                str(small_gguf),
-                "--temperature",
-                "0",
-                "--max-tokens",
-                "8",
-            ]
-        )
-        == 0
-    )
+    args = ["generate", "def add(a, b):", "--raw", "--json", "--model", str(small_gguf)]
+    args += ["--temperature", "0", "--max-tokens", "8"]
+    assert main(args) == 0
     out = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
     assert set(out) == {
         "text",
@@ -52,24 +38,7 @@ def test_generate_json_raw(small_gguf, capsys):
     assert out["text"].strip() and out["answer"] == out["text"].strip() and out["reasoning"] == ""
     assert set(out["timing"]) == {"prefill_seconds", "decode_seconds"}
     # The GPU's default scheduling, asked for on the CPU, gives the same tokens.
-    assert (
-        main(
-            [
-                "generate",
-                "def add(a, b):",
-                "--raw",
-                "--json",
-                "--model",
-                str(small_gguf),
-                "--temperature",
-                "0",
-                "--max-tokens",
-                "8",
-                "--async-scheduling",
-            ]
-        )
-        == 0
-    )
+    assert main([*args, "--async-scheduling"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
 
 

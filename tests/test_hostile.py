@@ -21,7 +21,7 @@ import httpx2
 import llguidance
 import pytest
 
-from conftest import Live, serving
+from conftest import live_small_server, serving
 from r1 import LLM
 from r1.engine import sampler
 from r1.server import structured
@@ -43,18 +43,8 @@ BESIDE = {
 
 @pytest.fixture(scope="module")
 def live():
-    llm = LLM(
-        "demo-small",
-        tokenizer="r1-tokenizer",
-        dtype="fp32",
-        device="cpu",
-        kv_cache_tokens=8192,
-        max_model_len=1024,
-        max_num_seqs=32,
-        progress=False,
-    )
-    with serving(build_app(llm, ServerConfig(NAME, api_key=KEY, max_requests=32))) as url:
-        yield Live(url, llm)
+    with live_small_server(NAME, KEY, max_requests=32) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from r1 import kernels, options, quant
+from r1.config import EngineConfig
 from r1.quant import Int4KernelLinear, Int4Linear
 
 needs_kernels = pytest.mark.skipif(kernels.this_cpus_build() is None, reason="this CPU has no build of r1's kernels")
@@ -378,8 +379,10 @@ def test_the_engine_config_chooses_the_kernels_and_the_environment_overrides(sel
     assert selection(gpu_layer_ops=True).gpu_layer_ops
     monkeypatch.setenv(kernels.GPU_OPS_ENV, "off")
     assert not selection(gpu_layer_ops=True).gpu_layer_ops
+    selection("sse2")  # EngineConfig refuses it; chosen anyway, it runs nothing and says why
+    assert kernels.unavailable_reason() == "cpu_kernels=sse2 names none of their builds (avx512_amx, avx512_vnni, avx2)"
     with pytest.raises(ValueError, match="cpu_kernels must be one of auto, off, avx512_amx"):
-        selection("sse2")
+        EngineConfig(cpu_kernels="sse2")
 
 
 def test_the_choices_list_the_builds():

@@ -20,9 +20,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import Live, serving
-from r1 import LLM
-from r1.server.app import ServerConfig, build_app
+from conftest import live_small_server
 
 NAME = "r1-test"
 KEY = "sk-test-key"
@@ -36,18 +34,8 @@ SCREENSHOT = Path(__file__).parent.parent / "docs" / "chat.png"
 
 @pytest.fixture(scope="module")
 def live():
-    llm = LLM(
-        "demo-small",
-        tokenizer="r1-tokenizer",
-        dtype="fp32",
-        device="cpu",
-        kv_cache_tokens=8192,
-        max_model_len=1024,
-        max_num_seqs=MAX_REQUESTS,
-        progress=False,
-    )
-    with serving(build_app(llm, ServerConfig(NAME, api_key=KEY, max_requests=MAX_REQUESTS))) as url:
-        yield Live(url, llm)
+    with live_small_server(NAME, KEY, max_requests=MAX_REQUESTS) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -81,12 +81,16 @@ class EngineCore:
     def finish(self, request_id: str, reason: str) -> TokenUpdate | None:
         """End a request that is still the core's (an abort, a stop string found in its text);
         its update, or None when it had already ended."""
-        req = self.by_request_id.pop(request_id, None)
+        req = self.by_request_id.get(request_id)
         if req is None:
             return None
-        self.scheduler.finish(req.seq, reason)
-        del self.requests[req.seq.seq_id]
+        self._retire(req, reason)
         return self._update(req, None, [], reason)
+
+    def _retire(self, req: CoreRequest, reason: str) -> None:
+        """Finish req's sequence (its blocks go back) and forget it."""
+        self.scheduler.finish(req.seq, reason)
+        del self.requests[req.seq.seq_id], self.by_request_id[req.request_id]
 
     def abort(self, request_id: str) -> None:
         """Finish a request with "abort"; its update comes out of the next step."""
@@ -147,7 +151,7 @@ class EngineCore:
         # Each sequence that goes on counts its coming token as pending, so that the scheduler
         # sees it one token further on; the runner takes the token from its row of `tokens`.
         rows = {r.seq.seq_id: row for row, r in enumerate(reqs) if not self._reaches_length(r.seq, 1)}
-        going_on = [r.seq for r in reqs if r.seq.seq_id in rows]
+        going_on = [reqs[row].seq for row in rows.values()]
         for seq in going_on:
             seq.num_pending_tokens = 1
         try:
@@ -185,8 +189,7 @@ class EngineCore:
         elif reason is None and self._reaches_length(seq, 0):
             reason = "length"
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self.requests[seq.seq_id], self.by_request_id[req.request_id]
+            self._retire(req, reason)
         return self._update(req, token_id, logprobs, reason, role)
 
     def _fail(self, req: CoreRequest, error: Exception) -> TokenUpdate:
@@ -195,7 +198,7 @@ class EngineCore:
         if is_device_fault(error):
             raise error
         log.error("request %s failed", req.request_id, exc_info=error)
-        self.finish(req.request_id, "error")
+        self._retire(req, "error")
         return self._update(req, None, [], "error", error=f"{type(error).__name__}: {error}")
 
     @staticmethod

@@ -43,9 +43,9 @@ class OutputProcessor:
     def process(self, update: TokenUpdate) -> RequestOutput:
         """The request's output for this step; finish_reason "stop" where a stop string appeared
         (the caller then finishes the request in the core). A failed update ends it with its error."""
-        out = self.outputs[update.request_id]
         if update.error is not None:
             return self.fail(update, update.error)
+        out = self.outputs[update.request_id]
         new_ids = [] if update.token_id is None else [update.token_id]
         reason = update.finish_reason
         if update.token_id is not None:

@@ -36,8 +36,6 @@ from pathlib import Path
 
 import torch
 
-from r1 import options
-
 log = logging.getLogger(__name__)
 
 
@@ -85,14 +83,13 @@ OPS = {
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
 BUILD_ENV = "R1_KERNELS"
-CPU_KERNEL_CHOICES = options.CPU_KERNELS
 # "on" runs the layer ops of CUDA tensors on r1's Triton kernels, anything else PyTorch's; overrides select().
 GPU_OPS_ENV = "R1_GPU_LAYER_OPS"
 
 
 @dataclass(frozen=True)
 class Selection:
-    cpu_kernels: str = "auto"  # of CPU_KERNEL_CHOICES: auto is the widest build that runs here
+    cpu_kernels: str = "auto"  # of options.CPU_KERNELS (EngineConfig checks it): auto is the widest build here
     gpu_layer_ops: bool = False
 
 
@@ -102,8 +99,6 @@ _selected = Selection()
 def select(cpu_kernels: str = "auto", gpu_layer_ops: bool = False) -> Selection:
     """Choose the kernels a model built next runs on; what the environment says wins."""
     global _selected
-    if cpu_kernels not in CPU_KERNEL_CHOICES:
-        raise ValueError(f"cpu_kernels must be one of {', '.join(CPU_KERNEL_CHOICES)}; got {cpu_kernels!r}")
     _selected = Selection(cpu_kernels, gpu_layer_ops)
     _available_ops.cache_clear()  # the environment may have changed too
     _gpu_ops.cache_clear()
