@@ -39,7 +39,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--quant",
         default="none",
         choices=options.QUANT_MODES,
-        help="weight-only quantization of the linears: int8 per channel, int4 group-wise",
+        help="weight-only quantization of the linears: int8 per channel; int4 group-wise, with 6 bits "
+        "where a GGUF file keeps more than 4.5 (a Q4_K_M's Q6_K tensors) or, for float weights, where "
+        "llama.cpp's Q4_K_M recipe does (the head, half of attn_v and ffn_down); int4-pure: 4 bits everywhere "
+        "(`r1 memory --per-tensor` shows the plan)",
     )
     p.add_argument(
         "--kv-dtype",
@@ -311,6 +314,30 @@ def cmd_eval_report(a: argparse.Namespace) -> None:
         out.print(compare_table(runs))
 
 
+def _print_weight_plans(a: argparse.Namespace, source, quants: list[str]) -> None:
+    """Each linear's format and bytes under r1's quants (memory.weight_plan)."""
+    from r1 import memory
+
+    plans = {
+        q: memory.weight_plan(source.config, q, a.device, source.source_types) for q in quants if q in memory.R1_QUANTS
+    }
+    if not plans:
+        raise SystemExit(f"--per-tensor shows r1's formats: --quant {', '.join(memory.R1_QUANTS)}")
+    if a.json:
+        rows = lambda plan: [  # noqa: E731
+            {"name": n, "shape": list(shape), "stored": stored, "format": fmt, "bytes": nbytes}
+            for n, shape, stored, fmt, nbytes in plan
+        ]
+        print(json.dumps({"model": a.model, "device": a.device, "plans": {q: rows(p) for q, p in plans.items()}}))
+        return
+    for q, plan in plans.items():
+        out.print(
+            f"{escape(a.model)} --quant {q} on {a.device}: {sum(r[-1] for r in plan) / 2**20:,.1f} MiB of linears"
+        )
+        for name, shape, stored, fmt, nbytes in plan:
+            out.print(f"  {name:<36} {'x'.join(map(str, shape)):>12} {stored:>6} -> {escape(fmt):<28} {nbytes:>12,} B")
+
+
 def cmd_memory(a: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -320,6 +347,9 @@ def cmd_memory(a: argparse.Namespace) -> None:
     options = dict(batch=a.batch, device=a.device, kv_dtype=a.kv_dtype)
     quants = a.quant or ([memory.compute_dtype("", a.device)] if a.context is not None else list(memory.SWEEP_QUANTS))
     note = f" ({source.note})" if source.note else ""
+    if a.per_tensor:
+        _print_weight_plans(a, source, quants)
+        return
     if a.fit:
         budget = memory.parse_size(a.fit)
         fits = {q: memory.fit_context(source, q, budget, **options) for q in quants}
@@ -541,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quant",
         type=lambda s: s.split(","),
         default=None,
-        help="fp32, bf16, fp16, int8, int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (comma-separated for "
+        help="fp32, bf16, fp16, int8, int4, int4-pure, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 (comma-separated for "
         "several; default: the device's dtype, or a set for the sweep)",
     )
     m.add_argument("--context", type=int, default=None, help="tokens per sequence (default: a sweep from 1K to 128K)")
@@ -550,6 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cuda", choices=options.DEVICES)
     m.add_argument("--fit", default=None, metavar="SIZE", help="the largest context that fits SIZE (e.g. 8GiB)")
     m.add_argument("--plot", default=None, metavar="PNG", help="plot the sweep (needs matplotlib)")
+    m.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="each linear's format and bytes under r1's quants: the type its file stores it in and how r1 holds it",
+    )
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_memory)
 

@@ -55,6 +55,19 @@ def _special_tokens(tokenizer) -> dict:
     return {k: [v, tokenizer.backend.id_to_token(v)] for k, v in names.items() if v is not None}
 
 
+def _int4_plan(files) -> dict:
+    """How `--quant int4` holds the linears on a CPU: per format, how many and their MiB
+    (`r1 memory --per-tensor` lists each)."""
+    from r1.memory import weight_plan
+
+    formats: dict[str, list] = {}
+    for _, _, _, fmt, nbytes in weight_plan(files.config, "int4", "cpu", files.source_types()):
+        entry = formats.setdefault(fmt, [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+    return {fmt: f"{n} linears, {nbytes / 2**20:,.1f} MiB" for fmt, (n, nbytes) in formats.items()}
+
+
 def model_info(source: str) -> dict:
     from r1.llm import load_tokenizer
 
@@ -77,6 +90,7 @@ def model_info(source: str) -> dict:
     else:
         info["weight_bytes"] = sum(p.stat().st_size for p in files.path.glob("*.safetensors"))
     info["weight_gib"] = round(info["weight_bytes"] / 2**30, 3)
+    info["int4_plan"] = _int4_plan(files)
     info["sampling_defaults"] = files.sampling_defaults
     info["special_tokens"] = _special_tokens(load_tokenizer(None, files))
     return info

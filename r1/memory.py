@@ -22,11 +22,12 @@ import torch
 from r1 import options
 from r1.config import DTYPES, EngineConfig, ModelConfig
 from r1.model.attention import DECODE_GATHER_TOKENS
-from r1.quant import INT4_GROUP_SIZE, int4_nbytes
+from r1.quant import INT4_GROUP_SIZE, INT6_GROUP_SIZE, checkpoint_linears, int4_nbytes, int6_nbytes, linear_plan
 
 GiB = 1 << 30
 
-# What r1 holds in memory: floats, and weight-only int8 (per-row scale) / int4 (group-32, as r1/quant.py).
+# What r1 holds in memory: floats, and weight-only int8 (per-row scale) / int4 (group-32, with int6 where
+# the plan keeps more bits, as r1/quant.py).
 FLOAT_QUANTS = options.DTYPES
 R1_QUANTS = tuple(m for m in options.QUANT_MODES if m != "none")
 # llama.cpp presets by their per-tensor types (llama_tensor_get_type): (default, bigger type for
@@ -124,22 +125,37 @@ def _ggml_bytes(qtype: str, numel: int) -> int:
     return numel // block * block_bytes
 
 
-def _tensor_bytes(
-    quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig, compute: str, device: str
-) -> tuple[str, int]:
-    """(how one tensor is stored, its bytes) under a non-float quant, served on `device`."""
-    numel = math.prod(shape)
-    if quant in GGUF_PRESETS:
-        qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
-        return qtype, _ggml_bytes(qtype, numel)
-    linear = (name.startswith("blk.") and len(shape) == 2) or name == "output.weight"
-    if linear and quant == "int4" and device == "cuda":  # packed nibbles; bf16 scale and zero per group
-        return f"int4 + bf16 scale, zero / {INT4_GROUP_SIZE}", int4_nbytes(*shape, device)
-    if linear and quant == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row
-        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(*shape, device)
-    if linear:  # int8 with a bf16 scale per output row
-        return "int8 + bf16 scale / row", numel + shape[0] * 2
-    return f"{compute}: embedding, norms, biases", numel * DTYPES[compute].itemsize
+def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[str, int]:
+    """(how one tensor is stored, its bytes) under a llama.cpp preset."""
+    qtype = gguf_preset_type(quant, name, shape, cfg.num_hidden_layers)
+    return qtype, _ggml_bytes(qtype, math.prod(shape))
+
+
+def linear_nbytes(kind: str, shape: tuple[int, int], device: str) -> tuple[str, int]:
+    """(how r1 holds one linear of a format on a device, its bytes): quant.linear_class's choice."""
+    n, k = shape
+    if kind == "int4" and device == "cuda":  # packed nibbles; bf16 scale and zero per group
+        return f"int4 + bf16 scale, zero / {INT4_GROUP_SIZE}", int4_nbytes(n, k, device)
+    if kind == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row
+        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(n, k, device)
+    if kind == "int6" and device == "cpu":  # Q6_K's structure: int8 scale per 16, float16 d per 256
+        return f"int6 + int8 scale / {INT6_GROUP_SIZE}", int6_nbytes(n, k)
+    return "int8 + bf16 scale / row", n * k + 2 * n  # int8, and int6 off r1's CPU kernel
+
+
+def weight_plan(
+    cfg: ModelConfig, quant: str, device: str = "cpu", source_types: dict[str, str] | None = None
+) -> list[tuple[str, tuple[int, int], str, str, int]]:
+    """Each linear under an r1 quant: (name, shape, the type its file stores it in, how r1 holds
+    it, bytes), given the file's types (GGUF) or none (float checkpoints)."""
+    plan, types = linear_plan(cfg, quant, source_types), source_types or {}
+    rows = []
+    for name, shape in checkpoint_linears(cfg):
+        stored = types.get(f"{name}.weight") or types.get(
+            "model.embed_tokens.weight" if name == "lm_head" else "", "float"
+        )
+        rows.append((name, shape, stored, *linear_nbytes(plan[name], shape, device)))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -155,19 +171,35 @@ class Line:
         return self.bytes / GiB
 
 
-def weight_line(cfg: ModelConfig, quant: str, compute: str, device: str = "cpu") -> Line:
+def weight_line(
+    cfg: ModelConfig, quant: str, compute: str, device: str = "cpu", source_types: dict[str, str] | None = None
+) -> Line:
     """Weight bytes of a model stored as `quant` and served on `device`; what a format leaves
-    unquantized is in `compute`."""
+    unquantized is in `compute`. r1's int4 follows the file's types where it has them."""
     if quant in FLOAT_QUANTS:
         n, size = cfg.num_parameters(), DTYPES[quant].itemsize
         return Line("weights", n * size, f"{n:,} params x {size} B ({quant})")
     parts: dict[str, list[int]] = {}  # storage -> [weights, bytes]
-    for name, shape in gguf_tensors(cfg):
-        label, nbytes = _tensor_bytes(quant, name, shape, cfg, compute, device)
+
+    def add(label: str, numel: int, nbytes: int) -> None:
         part = parts.setdefault(label, [0, 0])
-        part[0] += math.prod(shape)
+        part[0] += numel
         part[1] += nbytes
-    layout = f"llama.cpp {quant.upper()} layout" if quant in GGUF_PRESETS else f"r1 weight-only {quant}"
+
+    if quant in GGUF_PRESETS:
+        for name, shape in gguf_tensors(cfg):
+            qtype, nbytes = _tensor_bytes(quant, name, shape, cfg)
+            add(qtype, math.prod(shape), nbytes)
+        layout = f"llama.cpp {quant.upper()} layout"
+    else:
+        linears = weight_plan(cfg, quant, device, source_types)
+        for _, shape, _, label, nbytes in linears:
+            add(label, math.prod(shape), nbytes)
+        rest = cfg.num_parameters() - sum(math.prod(shape) for _, shape, *_ in linears)
+        if cfg.tie_word_embeddings:  # the head is a quantized copy of the embedding
+            rest += cfg.vocab_size * cfg.hidden_size
+        add(f"{compute}: embedding, norms, biases", rest, rest * DTYPES[compute].itemsize)
+        layout = f"r1 weight-only {quant}"
     terms = " + ".join(f"{n / 1e6:,.1f}M x {b / n:.4g} B ({label})" for label, (n, b) in parts.items())
     return Line("weights", sum(b for _, b in parts.values()), f"{layout}: {terms}")
 
@@ -185,6 +217,7 @@ class ModelSource:
     file_weight_bytes: int | None = None  # exact tensor bytes in the file(s)
     file_bytes: int | None = None  # what loading maps into memory
     is_gguf: bool = False
+    source_types: dict[str, str] | None = None  # a GGUF file's type of each tensor, by hf name
     note: str = ""
 
 
@@ -221,6 +254,7 @@ def model_source(name: str) -> ModelSource:
             sum(gguf.tensor_nbytes(t) for t in header.tensors),
             header.file_size,
             True,
+            source_types=gguf.source_types(header),
         )
     config = ModelConfig.from_json_file(path / "config.json")
     files = safetensors.checkpoint_files(path)
@@ -341,7 +375,7 @@ def plan(
     if quant == source.file_quant and source.file_weight_bytes:
         weights = Line("weights", source.file_weight_bytes, f"exact tensor bytes in {source.name} ({quant})")
     else:
-        weights = weight_line(cfg, quant, compute, device)
+        weights = weight_line(cfg, quant, compute, device, source.source_types)
     per_token = cfg.kv_bytes_per_token(KV_DTYPES[kv_dtype])
     tokens = batch * -(-context // engine.block_size) * engine.block_size
     kv = Line(

@@ -1,19 +1,23 @@
-"""Weight-only quantization of the linear layers: int8 per output channel, int4 group-wise.
+"""Weight-only quantization of the linears: int8 per output channel, int4 group-wise, int6.
 
-Owns the quantized linear modules and which of the model's linears become one. Weights are
-quantized one tensor at a time as the loader streams them in, so the float model never exists in
-full. int8 and the portable int4 run on PyTorch's packed CPU kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`), which want bf16 activations. On a CPU with AVX-512 VNNI or
-AVX2, int4 runs on r1's own kernel (r1/kernels/), which quantizes the activations to int8 per
-group as llama.cpp does: a decode step then reads the weights at the memory bus's speed and
-prefill runs 3-8x faster. Elsewhere int4 runs on the portable kernel. On a GPU int8 runs on
-`_weight_int8pack_mm`'s CUDA kernel (PyTorch's reference one: a thread per output, so perhaps
-slower than bf16; bench/gpu.py measures it) and int4 on `_weight_int4pack_mm` (Int4CudaLinear).
+Owns the quantized linear modules and which of the model's linears become which (linear_plan).
+Weights are quantized one tensor at a time as the loader streams them in, so the float model never
+exists in full; GGUF tensors whose blocks a kernel holds as they are (Q4_K, Q6_K) are repacked
+rather than dequantized and quantized again. int8 and the portable int4 run on PyTorch's packed
+CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which want bf16 activations.
+On a CPU with AVX-512 VNNI or AVX2, int4 and int6 run on r1's own kernels (r1/kernels/), which
+quantize the activations to int8 per group as llama.cpp does: a decode step then reads the
+weights at the memory bus's speed and prefill runs 3-8x faster. Elsewhere int4 runs on the
+portable kernel and int6 takes int8. On a GPU int8 runs on `_weight_int8pack_mm`'s CUDA kernel
+(PyTorch's reference one: a thread per output, so perhaps slower than bf16; bench/gpu.py
+measures it) and int4 on `_weight_int4pack_mm` (Int4CudaLinear).
 
 int4 is asymmetric with a scale and a low per group of 32 weights, each an 8-bit multiple of one
 of its row's two float steps: 4.5 bits a weight, as GGUF's Q4_K (6-bit ones under a float pair
-per 256 weights). The lm_head, the largest matrix and 15% of a decode step's bytes, is quantized
-like the rest: int4 there costs 3% perplexity on the 1.5B stand-in and buys 15% decode speed.
+per 256 weights). int6 is Q6_K's structure: 6.5625 bits. `--quant int4` keeps at int6 what a
+Q4_K_M file keeps above 4.5 bits (the output head, half of attn_v and ffn_down; what each choice
+costs is in docs/quantization.md), following the file's own types or, for float weights,
+llama.cpp's recipe; `--quant int4-pure` is int4 throughout.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from r1 import kernels
 from r1.options import QUANT_MODES
 
 INT4_GROUP_SIZE = 32
+INT6_GROUP_SIZE, INT6_BLOCK = 16, 256  # Q6_K's: a scale per 16 weights, a d per 256
 # Above this many rows (a prefill chunk) dequantizing to bf16 and one GEMM beats the packed
 # kernels, which are written for the few rows of a decode step.
 PACKED_KERNEL_MAX_ROWS = 32
@@ -42,6 +47,12 @@ class QuantizedLinear(nn.Module):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def set_parts(self, parts: list, device: torch.device) -> None:
+        """The checkpoint tensors this linear stacks (one, or q, k, v or gate, up), each a float
+        tensor or a GGUF tensor's blocks; a kernel that holds a GGUF type as it is repacks it.
+        Floats are quantized on `device`, where the layer runs."""
+        self.set_weight(torch.cat([as_float(p).to(device) for p in parts]))
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         """(rows, in) -> (rows, out) with the bias added, in whatever float dtype the kernel takes and gives."""
@@ -109,6 +120,125 @@ def int4_groups(weight: torch.Tensor, group_size: int):
 def int4_grid(scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's float scale and low, (out, in / group), from what int4_groups stores."""
     return scales * steps[0, :, None], lows * steps[1, :, None]
+
+
+def int4_from_q4_k(fields: tuple[torch.Tensor, ...], out_features: int):
+    """GGUF Q4_K blocks (their fields: r1.loaders.gguf.q4_k_fields) as int4_groups' (levels,
+    scales, lows, steps), or None for blocks with a negative scale (which no Q4_K quantizer
+    writes, and r1's unsigned scales cannot hold).
+
+    Q4_K's sub-blocks are r1's groups of 32 and its levels are kept as they are; only each group's
+    scale d * sc and low -dmin * m move, onto the 8-bit multiples of its row's steps (Q4_K's d
+    differs between the row's blocks of 256, so no one step holds them all). Each group takes the
+    scale just below or above its own, whichever leaves the smaller squared error once the low is
+    refit to it: no more than rounding both, so a group's RMS error is at most
+    7.5 steps[0] + 0.5 steps[1] (tests/test_quant.py checks it on the stand-in's tensors).
+    """
+    scale, low, levels = fields
+    if (scale < 0).any():
+        return None
+    n = out_features
+    scale, low, levels = scale.view(n, -1), low.view(n, -1), levels.reshape(n, -1, 32)
+    steps = torch.stack([scale.amax(1).clamp(min=1e-30) / 255, low.abs().amax(1).clamp(min=1e-30) / 127])
+    step, low_step = steps[0, :, None], steps[1, :, None]
+    level_sum = levels.sum(-1, dtype=torch.float32)
+    level_squares = levels.float().square().sum(-1)
+    weight_sum = scale * level_sum + 32 * low  # of the group's weights
+    best = None
+    for q_scale in ((scale / step).floor(), (scale / step).ceil()):
+        q_scale.clamp_(0, 255)
+        q_low = ((weight_sum - step * q_scale * level_sum) / (32 * low_step)).round_().clamp_(-127, 127)
+        # The squared error sum over the group of (scale - s) level + (low - l), s, l the stored ones.
+        ds, dl = scale - step * q_scale, low - low_step * q_low
+        err = ds.square() * level_squares + 2 * ds * dl * level_sum + 32 * dl.square()
+        if best is None:
+            best = (q_scale, q_low, err)
+        else:
+            better = err < best[2]
+            best = tuple(torch.where(better, a, b) for a, b in zip((q_scale, q_low, err), best))
+    return levels.reshape(n, -1), best[0].to(torch.uint8), best[1].to(torch.int8), steps
+
+
+def int6_groups(weight: torch.Tensor, rows_per_chunk: int = 2048):
+    """6-bit in Q6_K's structure, (levels, scales, d): (out, in) uint8 levels 0..63, (out, in / 16)
+    int8 scales and (out, ceil(in / 256)) d (float32 values that float16 holds), such that
+    w ~ d * scale * (level - 32).
+
+    As llama.cpp's Q6_K quantizer: each group of 16 maps its largest |w| to level -32 on grids a
+    little narrower and wider, fits the scale to each grid's levels by least squares and keeps the
+    best; each 256's scales are then rounded to int8 multiples of their d, and the levels taken
+    anew on that stored grid.
+    """
+    w = weight.float()
+    n, k = w.shape
+    blocks = -(-k // INT6_BLOCK)
+    levels = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // INT6_GROUP_SIZE, dtype=torch.int8)
+    d = torch.empty(n, blocks)
+    for start in range(0, n, rows_per_chunk):  # bounds the temporaries at a few float copies of a chunk
+        g = w[start : start + rows_per_chunk].reshape(-1, k // INT6_GROUP_SIZE, INT6_GROUP_SIZE)
+        peak = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+        safe_peak = torch.where(peak == 0, 1.0, peak)
+        best_scale, best_err = torch.zeros_like(peak), torch.full_like(peak, float("inf"))
+        for stretch in (-0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6):
+            lv = (g * (-(32 + stretch) / safe_peak)).round_().clamp_(-32, 31)
+            scale = (g * lv).sum(-1, keepdim=True) / (lv * lv).sum(-1, keepdim=True).clamp_(min=1)
+            err = (g - scale * lv).square_().sum(-1, keepdim=True)
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        group_scale = best_scale.squeeze(-1)  # (rows, in / 16)
+        padded = torch.nn.functional.pad(group_scale, (0, blocks * 16 - group_scale.shape[1]))
+        block_d = (padded.view(-1, blocks, 16).abs().amax(-1) / 127).half().float()  # (rows, blocks), stored in float16
+        safe_d = torch.where(block_d == 0, 1.0, block_d)
+        q_scale = (padded.view(-1, blocks, 16) / safe_d[..., None]).round_().clamp_(-127, 127)
+        q_scale = q_scale.view(-1, blocks * 16)[:, : group_scale.shape[1]]
+        step = (q_scale * safe_d.repeat_interleave(16, dim=1)[:, : group_scale.shape[1]])[..., None]
+        lv = torch.where(step == 0, 0.0, g / torch.where(step == 0, 1.0, step)).round_().clamp_(-32, 31)
+        rows = slice(start, start + g.shape[0])
+        levels[rows] = (lv + 32).to(torch.uint8).view(g.shape[0], k)
+        scales[rows], d[rows] = q_scale.to(torch.int8), block_d
+    return levels, scales, d
+
+
+def int6_from_q6_k(fields: tuple[torch.Tensor, ...], out_features: int):
+    """GGUF Q6_K blocks (their fields: r1.loaders.gguf.q6_k_fields) as int6_groups' (levels,
+    scales, d): the same numbers."""
+    d, scales, levels = fields
+    return levels.reshape(out_features, -1), scales.reshape(out_features, -1), d.view(out_features, -1)
+
+
+def int6_nbytes(out_features: int, in_features: int) -> int:
+    """The bytes of one int6 weight as r1 holds it: 6 bits a weight, an int8 scale per 16 and a
+    float16 d per 256 (Q6_K's 210 bytes per 256 weights)."""
+    return out_features * (in_features * 6 // 8 + in_features // INT6_GROUP_SIZE + 2 * -(-in_features // INT6_BLOCK))
+
+
+def as_float(tensor) -> torch.Tensor:
+    """A checkpoint tensor as floats: GGUF blocks (r1.loaders.gguf.QuantizedBlocks) dequantized."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.dequantize()
+
+
+def stored_fields(parts: list, type_name: str) -> tuple[torch.Tensor, ...] | None:
+    """When every part is GGUF blocks of type_name, their decoded fields (QuantizedBlocks.fields),
+    the parts' rows one after another; else None."""
+    if not all(getattr(p, "type_name", None) == type_name for p in parts):
+        return None
+    fields = [p.fields() for p in parts]
+    return tuple(torch.cat(column) for column in zip(*fields))
+
+
+def _pack_nibbles(levels: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """Levels (out, in) 0..15 in the CPU kernels' tiles: (tiles, row, in/8, half, j) -> (tiles,
+    in/8, row, j, half): byte 4 * row + j of each 64-byte chunk holds input k + j in its low
+    nibble and k + 4 + j in its high one."""
+    n, k = levels.shape
+    q = levels.view(n // tile_rows, tile_rows, k // 8, 2, 4).permute(0, 2, 1, 4, 3)
+    return (q[..., 0] | q[..., 1] << 4).reshape(n // tile_rows, k // 8, 64).contiguous()
+
+
+def _per_tile(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """(out, groups) -> (tiles, groups, 16): a group's values for a tile's rows side by side."""
+    return x.reshape(-1, tile_rows, x.shape[1]).transpose(1, 2).contiguous()
 
 
 def int4_nbytes(out_features: int, in_features: int, device: str = "cpu") -> int:
@@ -210,17 +340,21 @@ class Int4KernelLinear(QuantizedLinear):
         self.register_buffer("steps", torch.empty(0), persistent=False)
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        n, k, t = self.out_features, self.in_features, self.TILE_ROWS
-        levels, scales, lows, self.steps = int4_groups(weight, self.group_size)
-        # (tiles, row, k/8, half, j) -> (tiles, k/8, row, j, half): byte 4 * row + j of each 64-byte
-        # chunk holds input k + j in its low nibble and k + 4 + j in its high one.
-        q = levels.view(n // t, t, k // 8, 2, 4).permute(0, 2, 1, 4, 3)
-        self.packed = (q[..., 0] | q[..., 1] << 4).reshape(n // t, k // 8, 64).contiguous()
+        self.set_groups(*int4_groups(weight, self.group_size))
 
-        def per_tile(x):  # (out, groups) -> (tiles, groups, 16)
-            return x.view(n // t, t, -1).transpose(1, 2).contiguous()
+    def set_parts(self, parts: list, device: torch.device) -> None:
+        fields = stored_fields(parts, "Q4_K")
+        groups = None if fields is None or self.group_size != 32 else int4_from_q4_k(fields, self.out_features)
+        if groups is None:
+            super().set_parts(parts, device)
+        else:
+            self.set_groups(*groups)
 
-        self.scales, self.lows = per_tile(scales), per_tile(lows)
+    def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> None:
+        """Pack int4_groups' levels, scales and lows into the kernel's tiles."""
+        t = self.TILE_ROWS
+        self.packed, self.steps = _pack_nibbles(levels, t), steps
+        self.scales, self.lows = _per_tile(scales, t), _per_tile(lows, t)
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -229,6 +363,77 @@ class Int4KernelLinear(QuantizedLinear):
         return kernels.op("int4_matmul")(
             x2.float().contiguous(), self.packed, self.scales, self.lows, self.steps, self.group_size, bias
         )
+
+
+class Int6KernelLinear(QuantizedLinear):
+    """6-bit weights in Q6_K's structure on r1's kernel (r1/kernels/int6_matmul.cpp, which
+    describes the layout): w = d * scale * (level - 32), levels 0..63, an int8 scale per 16 inputs
+    and a float16 d per 256. `--quant int4`'s higher-precision path: Q6_K blocks repack into it as
+    they are; other weights are quantized by int6_groups."""
+
+    TILE_ROWS = 16
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        if in_features % INT6_GROUP_SIZE or out_features % self.TILE_ROWS:
+            raise ValueError(
+                f"int6 needs in_features ({in_features}) divisible by {INT6_GROUP_SIZE} and "
+                f"out_features ({out_features}) by {self.TILE_ROWS}"
+            )
+        super().__init__(in_features, out_features, bias)
+        for name, dtype in (
+            ("packed", torch.uint8),
+            ("high", torch.uint8),
+            ("scales", torch.int8),
+            ("d", torch.float16),
+        ):
+            self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.set_groups(*int6_groups(weight))
+
+    def set_parts(self, parts: list, device: torch.device) -> None:
+        fields = stored_fields(parts, "Q6_K")
+        if fields is None:
+            super().set_parts(parts, device)
+        else:
+            self.set_groups(*int6_from_q6_k(fields, self.out_features))
+
+    def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, d: torch.Tensor) -> None:
+        n, k, t = self.out_features, self.in_features, self.TILE_ROWS
+        self.packed = _pack_nibbles(levels & 15, t)
+        # (tiles, row, k/16, part, j) -> (tiles, k/16, row, j, part): byte 4 * row + j of each 64-byte
+        # chunk holds the top 2 bits of inputs k + j, k + 4 + j, k + 8 + j, k + 12 + j, low bits first.
+        top = (levels >> 4).view(n // t, t, k // 16, 4, 4).permute(0, 2, 1, 4, 3)
+        self.high = (top[..., 0] | top[..., 1] << 2 | top[..., 2] << 4 | top[..., 3] << 6).reshape(n // t, k // 16, 64)
+        self.scales, self.d = _per_tile(scales, t), _per_tile(d.to(torch.float16), t)
+
+    def linear(self, x2: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        return kernels.op("int6_matmul")(x2.float().contiguous(), self.packed, self.high, self.scales, self.d, bias)
+
+
+class StackedLinear(QuantizedLinear):
+    """A fused linear (q, k, v or gate, up) whose parts the plan holds in different formats: each
+    run of parts of one format is its own linear, and their outputs are joined. A Q4_K_M file
+    keeps some layers' v at Q6_K and their q and k at Q4_K."""
+
+    def __init__(self, in_features: int, bias: bool, runs: list[tuple[QuantizedLinear, int]]):
+        super().__init__(in_features, sum(m.out_features for m, _ in runs), bias)
+        self.runs = nn.ModuleList(m for m, _ in runs)
+        self.parts_per_run = [count for _, count in runs]
+
+    def set_parts(self, parts: list, device: torch.device) -> None:
+        start = 0
+        for module, count in zip(self.runs, self.parts_per_run):
+            module.set_parts(parts[start : start + count], device)
+            start += count
+
+    def linear(self, x2: torch.Tensor) -> torch.Tensor:
+        outs = [m.linear(x2) for m in self.runs]
+        dtype = outs[0].dtype if all(o.dtype == outs[0].dtype for o in outs) else torch.float32
+        return self._add_bias(torch.cat([o.to(dtype) for o in outs], dim=1))
 
 
 class Int4CudaLinear(_PyTorchInt4Linear):
@@ -289,24 +494,123 @@ def int4_linear_class() -> type[QuantizedLinear]:
     return Int4KernelLinear if kernels.op("int4_matmul") is not None else Int4Linear
 
 
-def quantize_linears(model: nn.Module, mode: str, device: torch.device) -> None:
-    """Swap the decoder's linears (and the lm_head) for empty quantized ones, before loading."""
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown quantization {mode!r}; expected one of {', '.join(QUANT_MODES)}")
-    if mode == "none":
+# ---- which linears get which format -------------------------------------------------------------
+
+# GGUF types of more than int4's 4.5 bits a weight: `--quant int4` holds them at 6 bits, as a
+# file's author (or llama.cpp's Q4_K_M recipe) chose: a Q4_K_M file's Q6_K head, attn_v and ffn_down.
+HIGH_PRECISION_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+
+# The llama.cpp name of each checkpoint linear's role, for Q4_K_M's recipe (memory.gguf_preset_type).
+_GGUF_ROLES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+
+
+def linear_kind(quant: str, name: str, shape: tuple[int, int], n_layers: int, source_type: str | None = None) -> str:
+    """How `--quant quant` stores one checkpoint linear ("model.layers.3.self_attn.v_proj",
+    "lm_head") of shape (out, in): none, int8, int4 or int6, given the GGUF type its file stores
+    it in (None: floats).
+
+    int4 holds a linear at 6 bits where its Q4_K_M type has more than 4.5: the file's type, or for
+    float weights the type llama.cpp's Q4_K_M recipe would give it (the head and half of attn_v
+    and ffn_down at Q6_K; Q5_0 or Q8_0 for rows that are not a multiple of 256, where no k-quant
+    fits); elsewhere int4. int4-pure is int4 everywhere.
+    """
+    if quant in ("none", "int8"):
+        return quant
+    if quant == "int4-pure":
+        return "int4"
+    if source_type is None or source_type in FLOAT_TYPES:
+        from r1.memory import gguf_preset_type  # memory imports this module
+
+        layer_role = (
+            "output" if name == "lm_head" else f"blk.{name.split('.')[2]}.{_GGUF_ROLES[name.rsplit('.', 1)[-1]]}"
+        )
+        source_type = gguf_preset_type("q4_k_m", f"{layer_role}.weight", shape, n_layers)
+    return "int6" if source_type in HIGH_PRECISION_TYPES else "int4"
+
+
+def checkpoint_linears(cfg) -> list[tuple[str, tuple[int, int]]]:
+    """Every linear of a checkpoint, as (name, (out, in)), in the model's order."""
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        out += [(f"{attn}.q_proj", (q, h)), (f"{attn}.k_proj", (kv, h)), (f"{attn}.v_proj", (kv, h))]
+        out += [(f"{attn}.o_proj", (h, q)), (f"{mlp}.gate_proj", (inter, h)), (f"{mlp}.up_proj", (inter, h))]
+        out.append((f"{mlp}.down_proj", (h, inter)))
+    return out + [("lm_head", (cfg.vocab_size, h))]
+
+
+def linear_plan(cfg, quant: str, source_types: dict[str, str] | None = None) -> dict[str, str]:
+    """Each checkpoint linear's format under `--quant quant` (linear_kind), given the types a GGUF
+    file stores its weights in (hf name -> type; None for float checkpoints). A tied head
+    takes its embedding's type."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANT_MODES)}")
+    types = source_types or {}
+    plan = {}
+    for name, shape in checkpoint_linears(cfg):
+        stored = types.get(f"{name}.weight") or (types.get("model.embed_tokens.weight") if name == "lm_head" else None)
+        plan[name] = linear_kind(quant, name, shape, cfg.num_hidden_layers, stored)
+    return plan
+
+
+def linear_class(kind: str, device: torch.device) -> type[QuantizedLinear]:
+    """The linear that holds a format on a device. int6 runs on r1's CPU kernel; without it (on a
+    GPU, or where the kernels cannot run) it takes int8 per output row, the nearest format with a
+    kernel there."""
+    if kind == "int8":
+        return Int8Linear  # PyTorch's _weight_int8pack_mm has a CUDA kernel too
+    if kind == "int4":
+        return Int4CudaLinear if device.type == "cuda" else int4_linear_class()
+    if kind == "int6":
+        runs = device.type == "cpu" and kernels.op("int6_matmul") is not None
+        return Int6KernelLinear if runs else Int8Linear
+    raise ValueError(f"no quantized linear for {kind!r}")
+
+
+def quantize_linears(model: nn.Module, plan: dict[str, str], device: torch.device) -> None:
+    """Swap the decoder's linears (and the lm_head) for empty quantized ones, before loading, as
+    the plan (linear_plan) says; a fused linear whose parts differ becomes a StackedLinear."""
+    from r1.model.qwen2 import fused_linears
+
+    if all(kind == "none" for kind in plan.values()):
         return
     if device.type not in ("cpu", "cuda"):
         raise ValueError(
-            f"--quant {mode} runs on PyTorch's packed CPU and CUDA kernels; on {device.type} use --quant none"
+            f"quantized weights run on PyTorch's packed CPU and CUDA kernels; on {device.type} use --quant none"
         )
-    if mode == "int8":
-        cls = Int8Linear  # PyTorch's _weight_int8pack_mm has a CUDA kernel too
-    else:
-        cls = Int4CudaLinear if device.type == "cuda" else int4_linear_class()
+    fused = fused_linears(model.config) if hasattr(model, "config") else {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        with torch.device("cpu"):
-            replacement = cls(module.in_features, module.out_features, module.bias is not None)
         parent_name, _, leaf = name.rpartition(".")
+        parts = fused.get(leaf, ((leaf, module.out_features),))
+        runs: list[list] = []  # [kind, rows, parts] for each run of parts of one format
+        for part, rows in parts:
+            kind = plan[".".join(filter(None, (parent_name, part)))]
+            if runs and runs[-1][0] == kind:
+                runs[-1][1] += rows
+                runs[-1][2] += 1
+            else:
+                runs.append([kind, rows, 1])
+        with torch.device("cpu"):
+            if len(runs) == 1:
+                replacement = linear_class(runs[0][0], device)(
+                    module.in_features, module.out_features, module.bias is not None
+                )
+            else:
+                stack = [
+                    (linear_class(kind, device)(module.in_features, rows, False), count) for kind, rows, count in runs
+                ]
+                replacement = StackedLinear(module.in_features, module.bias is not None, stack)
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, replacement)

@@ -7,7 +7,7 @@ import torch
 
 from r1 import kernels, options, quant
 from r1.config import EngineConfig
-from r1.quant import Int4KernelLinear, Int4Linear
+from r1.quant import Int4KernelLinear, Int4Linear, Int6KernelLinear
 
 needs_kernels = pytest.mark.skipif(kernels.this_cpus_build() is None, reason="this CPU has no build of r1's kernels")
 AVX512_AMX, AVX512_VNNI, AVX2 = kernels.BUILDS
@@ -307,8 +307,8 @@ VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}
         (VNNI_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, "avx512_amx"),
         (VNNI_FLAGS | {"amx_tile", "amx_int8"}, "avx512_vnni"),  # AMX without bf16
         (VNNI_FLAGS, "avx512_vnni"),
-        ({"avx512f", "avx2", "fma"}, "avx2"),
-        ({"avx2", "fma"}, "avx2"),
+        ({"avx512f", "avx2", "fma", "f16c"}, "avx2"),
+        ({"avx2", "fma", "f16c"}, "avx2"),
     ],
 )
 def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
@@ -392,10 +392,11 @@ def test_the_choices_list_the_builds():
 AVX2_CHECK = """
 import json, sys, torch
 from r1 import kernels
-from r1.quant import Int4KernelLinear
+from r1.quant import Int4KernelLinear, Int6KernelLinear
 assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
-assert all(kernels.op(name) is not None for name in ("int4_matmul", "decode_attention", "add_rms_norm", "rotary_",
-                                                     "write_kv_int8_", "silu_mul", "softmax_topk", "int4_quantize"))
+assert all(kernels.op(name) is not None for name in ("int4_matmul", "int6_matmul", "decode_attention", "add_rms_norm",
+                                                     "rotary_", "write_kv_int8_", "silu_mul", "softmax_topk",
+                                                     "int4_quantize"))
 g = torch.Generator().manual_seed(5)
 out = {}
 for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
@@ -404,6 +405,11 @@ for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time
     layer.bias.data = torch.randn(48, generator=g)
     x = torch.randn(rows, 256, generator=g)
     out[rows] = layer(x).tolist()
+for rows in (1, 5):  # int6: a row of 896 ends in a short block of 256
+    layer = Int6KernelLinear(896, 32, bias=True)
+    layer.set_weight(torch.randn(32, 896, generator=g) * 0.05)
+    layer.bias.data = torch.randn(32, generator=g)
+    out[f"int6 {rows}"] = layer(torch.randn(rows, 896, generator=g)).tolist()
 x, res, w = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
 normed, total = kernels.op("add_rms_norm")(x, res, w, 1e-6)
 out["norm"] = (normed - w * torch.nn.functional.rms_norm(x + res, (64,), eps=1e-6)).abs().max().item()
@@ -464,3 +470,9 @@ def test_the_avx2_build_computes_what_the_vnni_one_does():
         x = torch.randn(rows, 256, generator=g)
         # The same integer dot products; only each group's float sum of x may round differently.
         assert torch.allclose(torch.tensor(avx2[str(rows)]), layer(x), rtol=1e-5, atol=1e-5), rows
+    for rows in (1, 5):
+        layer = Int6KernelLinear(896, 32, bias=True)
+        layer.set_weight(torch.randn(32, 896, generator=g) * 0.05)
+        layer.bias.data = torch.randn(32, generator=g)
+        got = layer(torch.randn(rows, 896, generator=g))
+        assert torch.allclose(torch.tensor(avx2[f"int6 {rows}"]), got, rtol=1e-5, atol=1e-5), rows

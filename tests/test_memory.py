@@ -122,9 +122,19 @@ def test_r1_weight_only_formats_by_hand():
         1000 * 256 // 2 + 1000 * 8 * 2 + 1000 * 8
     )
     assert memory.weight_line(cfg, "int8", "bf16").bytes == int8 + 2 * rest
-    assert memory.weight_line(cfg, "int4", "bf16").bytes == int4 + 2 * rest
-    assert memory.weight_line(cfg, "int4", "fp32").bytes == int4 + 4 * rest
-    assert "bf16" in memory.weight_line(cfg, "int4", "bf16").formula
+    assert memory.weight_line(cfg, "int4-pure", "bf16").bytes == int4 + 2 * rest
+    assert memory.weight_line(cfg, "int4-pure", "fp32").bytes == int4 + 4 * rest
+    assert "bf16" in memory.weight_line(cfg, "int4-pure", "bf16").formula
+
+    # int4's recipe for float weights: the head, and v and down of layer 1 (the last eighth), at
+    # 6 bits: 6 a weight, an int8 scale per 16 and a float16 d per 256 (a row shorter than 256 has one).
+    def int4_and_int6(rows, cols):
+        return rows * cols // 2 + rows * (cols // 32) * 2 + rows * 8, rows * (
+            cols * 6 // 8 + cols // 16 + 2 * -(-cols // 256)
+        )
+
+    more = sum(b - a for a, b in (int4_and_int6(1000, 256), int4_and_int6(128, 256), int4_and_int6(256, 512)))
+    assert memory.weight_line(cfg, "int4", "bf16").bytes == int4 + more + 2 * rest
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -145,9 +155,43 @@ def test_int4_bytes_are_what_each_devices_linear_holds(device, monkeypatch):
     assert memory.plan(R1_1_5B, "int4", 4096, device="cuda").line("weights").bytes == on_cuda.bytes
 
 
+@pytest.mark.parametrize("quant_mode", ["int4", "int4-pure", "int8"])
+def test_per_tensor_bytes_are_the_loaded_models(small_gguf, quant_mode):
+    """`r1 memory --per-tensor`'s bytes of each linear are the buffers the loaded linear holds (a
+    fused linear's, the sum of its parts'), with the file's types deciding the format."""
+    from r1.loaders import load_model, open_model_files
+
+    files = open_model_files(str(small_gguf))
+    source = memory.model_source(str(small_gguf))
+    planned = {
+        name: (fmt, nbytes)
+        for name, _, _, fmt, nbytes in memory.weight_plan(source.config, quant_mode, "cpu", source.source_types)
+    }
+    model = load_model(files, torch.float32, "cpu", progress=False, quant=quant_mode)
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    formats = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, quant_module_types()):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        parts = [".".join(filter(None, (parent, part))) for part in fused.get(leaf, (leaf,))]
+        held = sum(b.nbytes for b in module.buffers())
+        assert held == sum(planned[p][1] for p in parts), name
+        formats |= {planned[p][0] for p in parts}
+    if quant_mode == "int4":  # the small stand-in: Q5_0, Q8_0 and Q6_K at 6 bits, Q4_K at 4.5
+        assert any(f.startswith("int6") for f in formats) and any(f.startswith("int4") for f in formats)
+
+
+def quant_module_types():
+    from r1 import quant
+
+    return (quant.Int8Linear, quant.Int4KernelLinear, quant.Int4Linear, quant.Int6KernelLinear, quant.StackedLinear)
+
+
 def test_weight_formats_order_by_size():
     sizes = {q: memory.weight_line(R1_1_5B, q, "bf16").bytes for q in memory.QUANTS}
-    # r1's int4 is 4.5 bits a weight (an 8-bit scale and low per 32) but keeps the embedding in bf16.
+    # r1's int4 is 4.5 bits a weight (an 8-bit scale and low per 32), with Q4_K_M's tensors at 6.6,
+    # but keeps the embedding in bf16.
     assert (
         sizes["fp32"]
         > sizes["bf16"]
@@ -156,6 +200,7 @@ def test_weight_formats_order_by_size():
         > sizes["q8_0"]
         > sizes["q6_k"]
         > sizes["int4"]
+        > sizes["int4-pure"]
         > sizes["q5_k_m"]
         > sizes["q4_k_m"]
         > sizes["q4_0"]

@@ -1,7 +1,8 @@
 """r1's own CPU kernels, compiled on first use with the system C++ compiler and cached.
 
 Each file's top comment says why it exists and what layout it reads: `int4_matmul.cpp`,
-group-wise int4 weights times int8-quantized activations; `int4_quantize.cpp`, the grid each
+group-wise int4 weights times int8-quantized activations; `int6_matmul.cpp`, the same for 6-bit
+weights in Q6_K's structure (`matmul_tiles.h` holds what the two share); `int4_quantize.cpp`, the grid each
 group of weights is quantized to; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add,
 rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
@@ -70,11 +71,12 @@ BUILDS = (  # widest first: a CPU takes the first whose flags it has and that co
         ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
         ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"),
     ),
-    Build("avx2", ("avx2", "fma"), ("-O3", "-mavx2", "-mfma", "-fopenmp")),
+    Build("avx2", ("avx2", "fma", "f16c"), ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")),
 )
 # Every build compiles every source (vec.h holds the vector operations they share); each source's ops.
 OPS = {
     "int4_matmul.cpp": ("int4_matmul",),
+    "int6_matmul.cpp": ("int6_matmul",),
     "int4_quantize.cpp": ("int4_quantize",),
     "decode_attention.cpp": ("decode_attention",),
     "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
@@ -204,14 +206,16 @@ def plan(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         return {
             name: "triton" if name in _gpu_ops() else f"pytorch ({why})"
             for name in names
-            if name not in ("int4_matmul", "int4_quantize", "softmax_topk", "decode_attention")
+            if name not in ("int4_matmul", "int6_matmul", "int4_quantize", "softmax_topk", "decode_attention")
         }
     reason = unavailable_reason()
     if reason is not None:
         return dict.fromkeys(names, f"pytorch ({reason})")
     floats_only = "pytorch (r1's kernels take float32)"
     return {
-        name: f"r1 {running_build().name}" if dtype == torch.float32 or name.startswith("int4") else floats_only
+        name: f"r1 {running_build().name}"
+        if dtype == torch.float32 or name.startswith(("int4", "int6"))
+        else floats_only
         for name in names
     }
 

@@ -19,7 +19,7 @@ from torch import nn
 from r1.config import ModelConfig
 from r1.loaders import gguf, hub, safetensors
 from r1.model.qwen2 import Qwen2ForCausalLM, fused_linears
-from r1.quant import QuantizedLinear, quantize_linears
+from r1.quant import QuantizedLinear, as_float, linear_plan, quantize_linears
 
 # DeepSeek's recommended sampling, used when the files carry no generation_config.json.
 R1_SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}
@@ -33,8 +33,12 @@ class ModelFiles:
     config: ModelConfig
     sampling_defaults: dict
     num_tensors: int
-    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor | gguf.QuantizedBlocks]]] = field(repr=False)
     gguf_header: gguf.GGUFHeader | None = field(default=None, repr=False)
+
+    def source_types(self) -> dict[str, str] | None:
+        """hf name -> the GGUF type each tensor is stored in; None for float checkpoints."""
+        return gguf.source_types(self.gguf_header) if self.gguf_header is not None else None
 
 
 def resolve_path(source: str) -> Path:
@@ -95,12 +99,14 @@ def open_model_files(source: str) -> ModelFiles:
     )
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
+def _set_parameter(model: nn.Module, name: str, parts: list, dtype: torch.dtype, device) -> None:
+    """Fill one parameter from the checkpoint tensors it stacks (one unless the model fuses it)."""
     module_path, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_path)
     if isinstance(module, QuantizedLinear) and leaf == "weight":
-        module.set_weight(tensor.to(device))  # quantized from the full-precision values
+        module.set_parts(parts, torch.device(device))  # repacked, or quantized from the floats
     else:
+        tensor = torch.cat([as_float(p) for p in parts]) if len(parts) > 1 else as_float(parts[0])
         setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
 
 
@@ -129,7 +135,7 @@ def load_model(
     with torch.device("meta"):
         model = Qwen2ForCausalLM(files.config)
     layout = _checkpoint_layout(model)  # before quantization: float shapes
-    quantize_linears(model, quant, torch.device(device))
+    quantize_linears(model, linear_plan(files.config, quant, files.source_types()), torch.device(device))
     loaded, parts_seen = set(), {}
     bar = Progress(
         TextColumn("loading {task.description}"),
@@ -154,13 +160,11 @@ def load_model(
                     f"{files.path}: tensor {name} has shape {tuple(tensor.shape)}, the config implies {shape}"
                 )
             loaded.add(name)
-            if num_parts > 1:  # a part of a fused linear: set it once all its parts are in
-                parts = parts_seen.setdefault(target, {})
-                parts[part] = tensor
-                if len(parts) < num_parts:
-                    continue
-                tensor = torch.cat([parts.pop(i) for i in range(num_parts)])
-            _set_parameter(model, target, tensor, dtype, device)
+            parts = parts_seen.setdefault(target, {})
+            parts[part] = tensor
+            if len(parts) < num_parts:  # a part of a fused linear: set it once all its parts are in
+                continue
+            _set_parameter(model, target, [parts.pop(i) for i in range(num_parts)], dtype, device)
     if files.config.tie_word_embeddings and "lm_head.weight" not in loaded:
         if isinstance(model.lm_head, QuantizedLinear):
             model.lm_head.set_weight(model.model.embed_tokens.weight)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -328,36 +328,88 @@ def _shifted(bits: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Te
     return (bits.unsqueeze(2) >> by) & mask
 
 
-def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def q4_k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K blocks' (scale, low, levels): (n, 8) float32 scale d * sc and low -dmin * m of each
+    sub-block of 32, and (n, 8, 32) uint8 levels 0..15, such that weight = scale * level + low."""
     # d, dmin (f16), 12 bytes of eight 6-bit scales and mins, 128 bytes of 4-bit levels
     n = blocks.shape[0]
     packed = blocks[:, 4:16].reshape(n, 3, 4)
     d, m, low_bits = packed[:, 0], packed[:, 1], packed[:, 2]
     scales = torch.cat([d & 0x3F, (low_bits & 0x0F) | ((d >> 2) & 0x30)], dim=1).float()
     mins = torch.cat([m & 0x3F, (low_bits >> 4) | ((m >> 2) & 0x30)], dim=1).float()
-    levels = _shifted(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32).float()
-    return ((_float16(blocks, 0) * scales).unsqueeze(2) * levels - (_float16(blocks, 2) * mins).unsqueeze(2)).view(
-        n, 256
-    )
+    levels = _shifted(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32)
+    return _float16(blocks, 0) * scales, -(_float16(blocks, 2) * mins), levels
+
+
+def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    scale, low, levels = q4_k_fields(blocks)
+    return (scale.unsqueeze(2) * levels.float() + low.unsqueeze(2)).view(-1, 256)
+
+
+def q6_k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K blocks' (d, scales, levels): (n, 1) float32 d, (n, 16) int8 scales of each 16 weights
+    and (n, 256) uint8 levels 0..63, such that weight = d * scale * (level - 32)."""
+    # 128 bytes of low 4 bits, 64 of high 2 bits, sixteen int8 scales, d (f16)
+    n = blocks.shape[0]
+    low = _shifted(blocks[:, :128].reshape(n, 2, 64), (0, 4), 0x0F).reshape(n, 8, 32)
+    high = _shifted(blocks[:, 128:192].reshape(n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 8, 32)
+    return _float16(blocks, 208), blocks[:, 192:208].contiguous().view(torch.int8), (low | (high << 4)).view(n, 256)
 
 
 def _dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
-    # 128 bytes of low 4 bits, 64 of high 2 bits, sixteen int8 scales, d (f16)
+    d, scales, levels = q6_k_fields(blocks)
     n = blocks.shape[0]
-    scale = (_float16(blocks, 208) * blocks[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(2)
-    low = _shifted(blocks[:, :128].reshape(n, 2, 64), (0, 4), 0x0F).reshape(n, 8, 32)
-    high = _shifted(blocks[:, 128:192].reshape(n, 2, 32), (0, 2, 4, 6), 0x03).reshape(n, 8, 32)
-    levels = (low | (high << 4)).view(torch.int8) - 32
-    return (scale * levels.reshape(n, 16, 16).float()).view(n, 256)
+    return ((d * scales.float()).unsqueeze(2) * (levels.view(torch.int8) - 32).reshape(n, 16, 16).float()).view(n, 256)
 
 
+_FIELDS = {_Q.Q4_K: q4_k_fields, _Q.Q6_K: q6_k_fields}
 _TORCH_DEQUANTIZERS = {_Q.Q4_K: _dequantize_q4_k, _Q.Q6_K: _dequantize_q6_k}
 
 
-def iter_tensors(header: GGUFHeader) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (hf_name, float tensor) for every tensor, reading the file through a memory map."""
+@dataclass(frozen=True)
+class QuantizedBlocks:
+    """A quantized tensor as the file stores it, not yet decoded: r1/quant.py repacks the types
+    its kernels hold as they are (Q4_K into int4, Q6_K into int6, from their `fields`) and
+    dequantizes the rest."""
+
+    info: TensorInfo
+    raw: np.ndarray = field(repr=False)  # its bytes, a view of the file's map
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.info.shape)
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.info.ggml_type)
+
+    def blocks(self) -> torch.Tensor:
+        """(blocks, bytes per block) uint8, copied out of the map, rows after rows."""
+        block_bytes = _gguf.GGML_QUANT_SIZES[_Q(self.info.ggml_type)][1]
+        return torch.from_numpy(np.array(self.raw)).view(-1, block_bytes)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.raw, self.info)
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        """Q4_K's or Q6_K's decoded fields (q4_k_fields, q6_k_fields), a row of blocks after another."""
+        return _FIELDS[_Q(self.info.ggml_type)](self.blocks())
+
+
+FLOAT_TYPES = {_Q.F32, _Q.F16, _Q.BF16}
+
+
+def iter_tensors(header: GGUFHeader) -> Iterator[tuple[str, torch.Tensor | QuantizedBlocks]]:
+    """Yield (hf_name, tensor) for every tensor, reading the file through a memory map: float
+    types as tensors, quantized ones as their blocks."""
     check_tensors(header)
     data = np.memmap(header.path, dtype=np.uint8, mode="r")  # whole file: numpy refuses an offset at its end
     for t in header.tensors:
         start = header.data_offset + t.offset
-        yield hf_name(t.name), dequantize(data[start : start + tensor_nbytes(t)], t)
+        raw = data[start : start + tensor_nbytes(t)]
+        yield hf_name(t.name), dequantize(raw, t) if t.ggml_type in FLOAT_TYPES else QuantizedBlocks(t, raw)
+
+
+def source_types(header: GGUFHeader) -> dict[str, str]:
+    """hf_name -> the ggml type name the file stores each tensor in."""
+    return {hf_name(t.name): type_name(t.ggml_type) for t in header.tensors}

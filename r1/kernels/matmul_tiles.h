@@ -1,0 +1,122 @@
+// What r1's weight-times-activation kernels share (int4_matmul.cpp, int6_matmul.cpp): output rows
+// in tiles of 16, activations quantized to int8 per group and interleaved so that a tile kernel
+// reaches every row from one pointer, and the loop that hands tiles and row slices to threads.
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "vec.h"
+
+namespace {
+
+constexpr int64_t kTileRows = 16;  // output rows per tile: one zmm of int32 lanes
+constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kMaxGroup = 256;  // int4_quantize's bound too
+
+// One slice of `rows` rows of x (at most kMaxRows) -> int8 levels qx, and per group dx = max|x| / 127
+// and xsum = sum x, laid out so that a tile kernel finds the rows side by side: qx[k / 4][row][4]
+// and dx, xsum [group][row]. The kernel then reaches every row at a constant offset from one
+// pointer; with rows K bytes apart it held an address per row, spilled them, and ran ~10% slower.
+// Both instruction sets get the same levels and dx; xsum may differ in its last bits (16 lanes
+// summed or 8).
+void quantize_slice(const float* x, int rows, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
+  int8_t levels[kMaxGroup];
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < K / group; ++g) {
+      const float* xg = x + r * K + g * group;
+      Vec sum = vset(0.f);
+      for (int64_t i = 0; i < group; i += kLanes) sum = vadd(sum, vload(xg + i));
+      dx[g * rows + r] = quantize_int8(xg, group, levels);
+      xsum[g * rows + r] = vsum(sum);
+      for (int64_t j = 0; j < group; j += 4) std::memcpy(qx + (g * group + j) * rows + 4 * r, levels + j, 4);
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__)
+// dot += nibbles . (the 4 int8 at x, in every lane), as one instruction that broadcasts from
+// memory: from the intrinsics GCC 12 emits a separate broadcast and a register copy per
+// accumulator, 3 instructions where 1 does (1-4% of the kernel's time at 8-16 rows).
+inline __m512i dpbusd_broadcast(__m512i dot, __m512i nibbles, const int8_t* x) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(dot) : "v"(nibbles), "m"(*reinterpret_cast<const int32_t*>(x)));
+  return dot;
+}
+
+constexpr int kMaxRows = 8;  // activation rows that share one unpacking of a tile's weights
+#else  // AVX2
+constexpr int kMaxRows = 4;  // two ymm accumulators a row: 8 rows would not fit in 16 registers
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+#endif
+
+// y (M, tiles * 16) = x (M, K) times a tiled weight. tile(rows, t, qx, dx, xsum, y, ldy) writes
+// tile t's 16 outputs for `rows` (at most kMaxRows) activation rows, quantized per `group` as
+// quantize_slice lays them out; tile_bytes, the weight bytes of one tile, sizes the L2 blocks.
+template <typename Tile>
+at::Tensor run_tiles(const at::Tensor& x, int64_t group, int64_t tiles, int64_t tile_bytes, const Tile& tile) {
+  const int64_t M = x.size(0), K = x.size(1), N = tiles * kTileRows, groups = K / group;
+  // Rows in slices of kMaxRows, each quantized into its own interleaved block (see quantize_slice).
+  // A decode step's rows are one slice, which each thread quantizes for itself below: that saves
+  // a parallel region's fork and join, 1% of a batch-1 step's matmuls and 3% at 8 rows.
+  const bool one_slice = M <= kMaxRows;
+  at::Tensor qx, dx, xsum;
+  if (!one_slice) {
+    qx = at::empty({M, K}, x.options().dtype(at::kChar));
+    dx = at::empty({M, groups}, x.options());
+    xsum = at::empty({M, groups}, x.options());
+    at::parallel_for(0, (M + kMaxRows - 1) / kMaxRows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t slice = begin; slice < end; ++slice) {
+        const int64_t m0 = slice * kMaxRows;
+        quantize_slice(x.const_data_ptr<float>() + m0 * K, static_cast<int>(std::min<int64_t>(kMaxRows, M - m0)), K,
+                       group, qx.mutable_data_ptr<int8_t>() + m0 * K, dx.mutable_data_ptr<float>() + m0 * groups,
+                       xsum.mutable_data_ptr<float>() + m0 * groups);
+      }
+    });
+  }
+
+  auto y = at::empty({M, N}, x.options());
+  // Tiles in blocks whose weights stay in L2 while every kMaxRows-row slice of x passes over
+  // them, and at least 4 blocks a thread so that small matrices still spread over every core
+  // (q/k/v's 128 tiles made 7 blocks of 256 KB: 9 of 16 threads idle). A decode step
+  // (M <= kMaxRows) reads each tile once, so its blocks are single tiles.
+  const int64_t min_blocks = 4 * at::get_num_threads();
+  const int64_t l2_block = std::min((256 << 10) / tile_bytes, (tiles + min_blocks - 1) / min_blocks);
+  const int64_t block = M <= kMaxRows ? 1 : std::clamp<int64_t>(l2_block, 1, tiles);
+  auto* out = y.mutable_data_ptr<float>();
+  at::parallel_for(0, (tiles + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> own_qx;
+    std::vector<float> own_dx_xsum;
+    const int8_t* q;
+    const float *d, *s;
+    if (one_slice) {
+      own_qx.resize(M * K), own_dx_xsum.resize(2 * M * groups);
+      q = own_qx.data(), d = own_dx_xsum.data(), s = d + M * groups;
+      quantize_slice(x.const_data_ptr<float>(), static_cast<int>(M), K, group, own_qx.data(), own_dx_xsum.data(),
+                     own_dx_xsum.data() + M * groups);
+    } else {
+      q = qx.const_data_ptr<int8_t>(), d = dx.const_data_ptr<float>(), s = xsum.const_data_ptr<float>();
+    }
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * block, last = std::min(tiles, first + block);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        for (int64_t t = first; t < last; ++t)
+          tile(rows, t, q + m0 * K, d + m0 * groups, s + m0 * groups, out + m0 * N + t * kTileRows, N);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
