@@ -4,6 +4,7 @@ server run in a thread on a free loopback port."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -53,6 +54,15 @@ def save_tiny_hf_model(folder, seed: int = 0, **overrides):
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "do_sample": True}))
     return model
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """Free each test's engines when it ends: an engine's objects refer to each other, so only the
+    cycle collector frees them, and it runs by object counts, blind to the gigabytes of weights and
+    KV cache they hold (the CLI tests alone grew the suite's process by ~11 GB without this)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(params=["r1 kernels", "pytorch"])
