@@ -28,7 +28,6 @@ PROMPTS = [
 # tracker and the text split are checked too.
 RUNS = [
     ("demo-small", "none", None),
-    ("demo-small", "int4", None),
     ("demo-small", "int4-pure", None),
     ("demo-small", "int4", "r1-tokenizer"),
     ("demo", "int4", None),

@@ -298,7 +298,7 @@ def test_op_does_not_look_for_the_build_again(monkeypatch):
     assert kernels.op("no_such_op") is None
 
 
-VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"}
+VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}
 
 
 @pytest.mark.parametrize(
@@ -338,7 +338,7 @@ def test_a_cpu_without_either_is_told_why(monkeypatch):
     assert kernels.unavailable_reason() == (
         "this CPU has no build of them (avx512_amx needs avx512f, avx512bw, "
         "avx512vl, avx512_vnni, avx512_bf16, amx_tile, amx_bf16; avx512_vnni needs "
-        "avx512f, avx512bw, avx512vl, avx512_vnni; avx2 needs avx2, fma)"
+        "avx512f, avx512bw, avx512vl, avx512_vnni; avx2 needs avx2, fma, f16c)"
     )
 
 
