@@ -22,7 +22,15 @@ import torch
 from r1 import options
 from r1.config import DTYPES, EngineConfig, ModelConfig
 from r1.model.attention import DECODE_GATHER_TOKENS
-from r1.quant import INT4_GROUP_SIZE, INT6_GROUP_SIZE, checkpoint_linears, int4_nbytes, int6_nbytes, linear_plan
+from r1.quant import (
+    INT4_GROUP_SIZE,
+    INT6_GROUP_SIZE,
+    checkpoint_linears,
+    int4_nbytes,
+    int6_nbytes,
+    linear_plan,
+    stored_type,
+)
 
 GiB = 1 << 30
 
@@ -151,9 +159,7 @@ def weight_plan(
     plan, types = linear_plan(cfg, quant, source_types), source_types or {}
     rows = []
     for name, shape in checkpoint_linears(cfg):
-        stored = types.get(f"{name}.weight") or types.get(
-            "model.embed_tokens.weight" if name == "lm_head" else "", "float"
-        )
+        stored = stored_type(types, name) or "float"
         rows.append((name, shape, stored, *linear_nbytes(plan[name], shape, device)))
     return rows
 

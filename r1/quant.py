@@ -550,6 +550,12 @@ def checkpoint_linears(cfg) -> list[tuple[str, tuple[int, int]]]:
     return out + [("lm_head", (cfg.vocab_size, h))]
 
 
+def stored_type(source_types: dict[str, str], name: str) -> str | None:
+    """The GGUF type a checkpoint linear is stored in (a tied head: its embedding's), or None."""
+    tied = "model.embed_tokens.weight" if name == "lm_head" else None
+    return source_types.get(f"{name}.weight") or source_types.get(tied)
+
+
 def linear_plan(cfg, quant: str, source_types: dict[str, str] | None = None) -> dict[str, str]:
     """Each checkpoint linear's format under `--quant quant` (linear_kind), given the types a GGUF
     file stores its weights in (hf name -> type; None for float checkpoints). A tied head
@@ -559,8 +565,7 @@ def linear_plan(cfg, quant: str, source_types: dict[str, str] | None = None) -> 
     types = source_types or {}
     plan = {}
     for name, shape in checkpoint_linears(cfg):
-        stored = types.get(f"{name}.weight") or (types.get("model.embed_tokens.weight") if name == "lm_head" else None)
-        plan[name] = linear_kind(quant, name, shape, cfg.num_hidden_layers, stored)
+        plan[name] = linear_kind(quant, name, shape, cfg.num_hidden_layers, stored_type(types, name))
     return plan
 
 

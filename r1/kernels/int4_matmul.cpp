@@ -295,11 +295,12 @@ at::Tensor amx_int4_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t*
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows,
                        const at::Tensor& steps, int64_t group, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous (M, K) float32");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be contiguous (N/16, K/8, 64) uint8");
   TORCH_CHECK(group > 0 && group % 16 == 0 && group <= kMaxGroup, "group must be a positive multiple of 16, at most 256");
-  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * kTileRows, groups = K / group;
+  const int64_t tiles = packed.size(0), N = tiles * kTileRows;
+  const float* bias_ptr = checked_x_and_bias(x, bias, N);
+  const int64_t M = x.size(0), K = x.size(1), groups = K / group;
   TORCH_CHECK(K % group == 0 && packed.size(1) * 8 == K,
               "K must be a multiple of the group size and packed must hold K / 8 chunks");
   TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}) && scales.sizes() == lows.sizes() &&
@@ -308,15 +309,11 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
               "scales and lows must be contiguous (N/16, K/group, 16) uint8 and int8");
   TORCH_CHECK(steps.sizes() == at::IntArrayRef({2, N}) && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
               "steps must be contiguous (2, N) float32");
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
-                        bias->is_contiguous()),
-              "bias must be contiguous (N,) float32");
 
   const auto* w = packed.const_data_ptr<uint8_t>();
   const auto* sc = scales.const_data_ptr<uint8_t>();
   const auto* lo = lows.const_data_ptr<int8_t>();
   const auto* st = steps.const_data_ptr<float>();
-  const float* bias_ptr = bias ? bias->const_data_ptr<float>() : nullptr;
 #if defined(__AMX_BF16__)
   if (M >= kAmxMinRows && K % 32 == 0 && amx_granted()) return amx_int4_matmul(x, w, sc, lo, st, tiles, group, bias_ptr);
 #endif

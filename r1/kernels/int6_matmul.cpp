@@ -126,8 +126,9 @@ constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kern
 
 at::Tensor int6_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& high, const at::Tensor& scales,
                        const at::Tensor& d, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous (M, K) float32");
-  const int64_t K = x.size(1), tiles = packed.size(0), N = tiles * kTileRows;
+  const int64_t tiles = packed.size(0), N = tiles * kTileRows;
+  const float* bias_ptr = checked_x_and_bias(x, bias, N);
+  const int64_t K = x.size(1);
   const int64_t groups = K / kGroup, blocks = (K + kSuperBlock - 1) / kSuperBlock;
   TORCH_CHECK(K % kGroup == 0, "K must be a multiple of 16");
   TORCH_CHECK(packed.sizes() == at::IntArrayRef({tiles, K / 8, 64}) && packed.scalar_type() == at::kByte &&
@@ -142,14 +143,10 @@ at::Tensor int6_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(d.sizes() == at::IntArrayRef({tiles, blocks, kTileRows}) && d.scalar_type() == at::kHalf &&
                   d.is_contiguous(),
               "d must be contiguous (N/16, ceil(K/256), 16) float16");
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
-                        bias->is_contiguous()),
-              "bias must be contiguous (N,) float32");
   const auto* w = packed.const_data_ptr<uint8_t>();
   const auto* hi = high.const_data_ptr<uint8_t>();
   const auto* sc = scales.const_data_ptr<int8_t>();
   const auto* dp = d.const_data_ptr<at::Half>();
-  const float* bias_ptr = bias ? bias->const_data_ptr<float>() : nullptr;
   const int64_t tile_bytes = K / 2 * kTileRows + groups * 64;
   return run_tiles(x, kGroup, tiles, tile_bytes,
                    [&](int rows, int64_t t, const int8_t* q, const float* dx, const float* s, float* y, int64_t ldy) {

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "vec.h"
@@ -59,6 +60,15 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 #endif
+
+// The checks both matmuls make of their activations and bias; the bias's pointer, or null.
+inline const float* checked_x_and_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous (M, K) float32");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                        bias->is_contiguous()),
+              "bias must be contiguous (N,) float32");
+  return bias ? bias->const_data_ptr<float>() : nullptr;
+}
 
 // y (M, tiles * 16) = x (M, K) times a tiled weight. tile(rows, t, qx, dx, xsum, y, ldy) writes
 // tile t's 16 outputs for `rows` (at most kMaxRows) activation rows, quantized per `group` as
