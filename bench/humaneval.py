@@ -11,6 +11,7 @@ do not mind a model's code running on.
 
     python bench/humaneval.py --model demo --quant int4            # 164 problems, prints pass@1
     python bench/humaneval.py --model demo-small --limit 10
+    python bench/humaneval.py --quant int4 --out bench/results/humaneval_demo_recipes.json  # adds a run
 """
 
 from __future__ import annotations
@@ -106,17 +107,31 @@ def pass_at_1(llm, limit: int | None = None, max_tokens: int = 768) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r1 import LLM
+    import json
+
+    from r1 import LLM, bench
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--limit", type=int, default=None, help="only the first N problems")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="a JSON file whose runs[QUANT] this run sets (the others are kept)")
     a = ap.parse_args(argv)
+    machine = bench.machine()
     llm = LLM(a.model, dtype="fp32", quant=a.quant, threads=a.threads, progress=False)
     result = pass_at_1(llm, a.limit)
     print(f"{a.model} --quant {a.quant}: HumanEval pass@1 {result['pass_at_1']} over {result['problems']} problems")
+    if a.out:
+        out = Path(a.out)
+        runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
+        runs[a.quant] = {"quant": a.quant, "machine": machine, **result}
+        what = (
+            f"HumanEval pass@1, greedy, the Qwen2.5-Coder report's instruct protocol (bench/humaneval.py), "
+            f"--model {a.model}, each run's machine with it; generation_seconds is not a speed figure "
+            "(runs share the machine with other jobs)"
+        )
+        bench.save(out, {"what": what, "runs": runs}, machine)
     return 0
 
 

@@ -139,13 +139,15 @@ def _tensor_bytes(quant: str, name: str, shape: tuple[int, ...], cfg: ModelConfi
     return qtype, _ggml_bytes(qtype, math.prod(shape))
 
 
-def linear_nbytes(kind: str, shape: tuple[int, int], device: str) -> tuple[str, int]:
-    """(how r1 holds one linear of a format on a device, its bytes): quant.linear_class's choice."""
+def linear_nbytes(kind: str, shape: tuple[int, int], device: str, source_type: str | None = None) -> tuple[str, int]:
+    """(how r1 holds one linear of a format on a device, its bytes): quant.linear_class's choice,
+    given the GGUF type the file stores it in (Q4_K blocks keep their own int4 steps)."""
     n, k = shape
     if kind == "int4" and device == "cuda":  # packed nibbles; bf16 scale and zero per group
         return f"int4 + bf16 scale, zero / {INT4_GROUP_SIZE}", int4_nbytes(n, k, device)
-    if kind == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row
-        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}", int4_nbytes(n, k, device)
+    if kind == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row or 256
+        steps = "float16 steps / 256" if source_type == "Q4_K" else "float32 steps / row"
+        return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}, {steps}", int4_nbytes(n, k, device, source_type)
     if kind == "int6" and device == "cpu":  # Q6_K's structure: int8 scale per 16, float16 d per 256
         return f"int6 + int8 scale / {INT6_GROUP_SIZE}", int6_nbytes(n, k)
     return "int8 + bf16 scale / row", n * k + 2 * n  # int8, and int6 off r1's CPU kernel
@@ -159,8 +161,8 @@ def weight_plan(
     plan, types = linear_plan(cfg, quant, source_types), source_types or {}
     rows = []
     for name, shape in checkpoint_linears(cfg):
-        stored = stored_type(types, name) or "float"
-        rows.append((name, shape, stored, *linear_nbytes(plan[name], shape, device)))
+        stored = stored_type(types, name)
+        rows.append((name, shape, stored or "float", *linear_nbytes(plan[name], shape, device, stored)))
     return rows
 
 

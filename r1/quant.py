@@ -13,11 +13,14 @@ portable kernel and int6 takes int8. On a GPU int8 runs on `_weight_int8pack_mm`
 measures it) and int4 on `_weight_int4pack_mm` (Int4CudaLinear).
 
 int4 is asymmetric with a scale and a low per group of 32 weights, each an 8-bit multiple of one
-of its row's two float steps: 4.5 bits a weight, as GGUF's Q4_K (6-bit ones under a float pair
-per 256 weights). int6 is Q6_K's structure: 6.5625 bits. `--quant int4` keeps at int6 what a
-Q4_K_M file keeps above 4.5 bits (the output head, half of attn_v and ffn_down; what each choice
-costs is in docs/quantization.md), following the file's own types or, for float weights,
-llama.cpp's recipe; `--quant int4-pure` is int4 throughout.
+of two float steps its row holds for a span of inputs: 4.5 bits a weight and the steps. r1's
+quantizer takes one pair a row; a GGUF Q4_K tensor keeps its own, a float16 pair per 256 weights
+(Q4_K's d and dmin, under which its 6-bit scales and mins are the 8-bit codes as they are), so it
+repacks without a second rounding for 0.125 bits a weight more. int6 is Q6_K's structure:
+6.5625 bits. `--quant int4` keeps at int6 what a Q4_K_M file keeps above 4.5 bits (the output
+head, half of attn_v and ffn_down; what each choice costs is in docs/quantization.md), following
+the file's own types or, for float weights, llama.cpp's recipe; `--quant int4-pure` is int4
+throughout.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class Int8Linear(QuantizedLinear):
 
 def int4_groups(weight: torch.Tensor, group_size: int):
     """Asymmetric int4 per group as r1 stores it: levels (out, in) uint8 in 0..15, scales and lows
-    (out, in / group) uint8 and int8, and steps (2, out) float32, such that
+    (out, in / group) uint8 and int8, and steps (2, out, 1) float32, such that
     w ~ steps[0] * scale * level + steps[1] * low within each group: 4.5 bits a weight.
 
     r1's `int4_quantize` kernel, where it runs, fits each group's grid by least squares
@@ -103,14 +106,15 @@ def int4_groups(weight: torch.Tensor, group_size: int):
     w = weight.float().contiguous()
     op = kernels.op_for("int4_quantize", w)
     if op is not None:
-        return op(w, group_size)
+        levels, scales, lows, steps = op(w, group_size)
+        return levels, scales, lows, steps[..., None]
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
     low, high = torch.aminmax(groups, dim=-1)
     scale = ((high - low) / 15).clamp_(min=1e-12)
-    steps = torch.stack([scale.amax(1) / 255, low.abs().amax(1).clamp_(min=1e-12) / 127])
-    scales = (scale / steps[0, :, None]).round_().clamp_(1, 255).to(torch.uint8)
-    lows = (low / steps[1, :, None]).round_().clamp_(-127, 127).to(torch.int8)
+    steps = torch.stack([scale.amax(1) / 255, low.abs().amax(1).clamp_(min=1e-12) / 127])[..., None]
+    scales = (scale / steps[0]).round_().clamp_(1, 255).to(torch.uint8)
+    lows = (low / steps[1]).round_().clamp_(-127, 127).to(torch.int8)
     scale, low = int4_grid(scales, lows, steps)
     # In place, one float temporary: this runs over every weight at load (1.8x the separate ops).
     levels = (groups - low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
@@ -118,45 +122,27 @@ def int4_groups(weight: torch.Tensor, group_size: int):
 
 
 def int4_grid(scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's float scale and low, (out, in / group), from what int4_groups stores."""
-    return scales * steps[0, :, None], lows * steps[1, :, None]
+    """Each group's float scale and low, (out, in / group), from what int4_groups stores: steps
+    (2, out, spans), each span's pair serving its share of the row's groups."""
+    step = steps.float().repeat_interleave(scales.shape[1] // steps.shape[2], dim=2)
+    return scales * step[0], lows * step[1]
 
 
 def int4_from_q4_k(fields: tuple[torch.Tensor, ...], out_features: int):
     """GGUF Q4_K blocks (their fields: r1.loaders.gguf.q4_k_fields) as int4_groups' (levels,
-    scales, lows, steps), or None for blocks with a negative scale (which no Q4_K quantizer
-    writes, and r1's unsigned scales cannot hold).
-
-    Q4_K's sub-blocks are r1's groups of 32 and its levels are kept as they are; only each group's
-    scale d * sc and low -dmin * m move, onto the 8-bit multiples of its row's steps (Q4_K's d
-    differs between the row's blocks of 256, so no one step holds them all). Each group takes the
-    scale just below or above its own, whichever leaves the smaller squared error once the low is
-    refit to it: no more than rounding both, so a group's RMS error is at most
-    7.5 steps[0] + 0.5 steps[1] (tests/test_quant.py checks it on the stand-in's tensors).
-    """
-    scale, low, levels = fields
-    if (scale < 0).any():
-        return None
+    scales, lows, steps), the same numbers: Q4_K's sub-blocks are r1's groups of 32, its 6-bit
+    scales and mins r1's 8-bit scales and (negated) lows, and its float16 d and dmin the steps of
+    each span of 256 weights."""
+    d, dmin, scales, mins, levels = fields
     n = out_features
-    scale, low, levels = scale.view(n, -1), low.view(n, -1), levels.reshape(n, -1, 32)
-    steps = torch.stack([scale.amax(1).clamp(min=1e-30) / 255, low.abs().amax(1).clamp(min=1e-30) / 127])
-    step, low_step = steps[0, :, None], steps[1, :, None]
-    level_sum = levels.sum(-1, dtype=torch.float32)
-    level_squares = levels.float().square().sum(-1)
-    weight_sum = scale * level_sum + 32 * low  # of the group's weights
-    best = None
-    for q_scale in ((scale / step).floor(), (scale / step).ceil()):
-        q_scale.clamp_(0, 255)
-        q_low = ((weight_sum - step * q_scale * level_sum) / (32 * low_step)).round_().clamp_(-127, 127)
-        # The squared error sum over the group of (scale - s) level + (low - l), s, l the stored ones.
-        ds, dl = scale - step * q_scale, low - low_step * q_low
-        err = ds.square() * level_squares + 2 * ds * dl * level_sum + 32 * dl.square()
-        if best is None:
-            best = (q_scale, q_low, err)
-        else:
-            better = err < best[2]
-            best = tuple(torch.where(better, a, b) for a, b in zip((q_scale, q_low, err), best))
-    return levels.reshape(n, -1), best[0].to(torch.uint8), best[1].to(torch.int8), steps
+    steps = torch.stack([d.view(n, -1), dmin.view(n, -1)]).to(torch.float16)
+    return levels.reshape(n, -1), scales.view(n, -1), (-mins.view(n, -1).to(torch.int16)).to(torch.int8), steps
+
+
+def q4_k_groups(parts: list, group_size: int, out_features: int):
+    """int4_from_q4_k's groups when every part is Q4_K blocks and the groups are Q4_K's 32; else None."""
+    fields = stored_fields(parts, "Q4_K")
+    return None if fields is None or group_size != 32 else int4_from_q4_k(fields, out_features)
 
 
 def int6_groups(weight: torch.Tensor, rows_per_chunk: int = 2048):
@@ -241,15 +227,17 @@ def _per_tile(x: torch.Tensor, tile_rows: int) -> torch.Tensor:
     return x.reshape(-1, tile_rows, x.shape[1]).transpose(1, 2).contiguous()
 
 
-def int4_nbytes(out_features: int, in_features: int, device: str = "cpu") -> int:
+def int4_nbytes(out_features: int, in_features: int, device: str = "cpu", source_type: str | None = None) -> int:
     """The bytes of one int4 weight as r1 holds it on `device`: levels two to a byte, then on the
     CPU (r1's kernel, Int4KernelLinear) an 8-bit scale and low per group and two float32 steps
-    per row; on CUDA (Int4CudaLinear) a bf16 scale and zero per group, 11% more in all.
-    PyTorch's portable CPU kernel, the fallback where r1's cannot run, holds CUDA's layout."""
+    per row, or from Q4_K blocks two float16 steps per 256 weights; on CUDA (Int4CudaLinear) a
+    bf16 scale and zero per group, 11% more in all. PyTorch's portable CPU kernel, the fallback
+    where r1's cannot run, holds CUDA's layout."""
     groups = out_features * -(-in_features // INT4_GROUP_SIZE)
     if device == "cuda":
         return out_features * in_features // 2 + 4 * groups
-    return out_features * in_features // 2 + 2 * groups + 8 * out_features
+    steps = 4 * in_features // 256 if source_type == "Q4_K" else 8
+    return out_features * in_features // 2 + 2 * groups + steps * out_features
 
 
 class _PyTorchInt4Linear(QuantizedLinear):
@@ -266,9 +254,18 @@ class _PyTorchInt4Linear(QuantizedLinear):
         self.register_buffer("scales_and_zeros", torch.empty(0, dtype=torch.bfloat16), persistent=False)
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        q, scales, lows, steps = int4_groups(weight, self.group_size)
+        self.set_groups(*int4_groups(weight, self.group_size))
+
+    def set_parts(self, parts: list, device: torch.device) -> None:
+        groups = q4_k_groups(parts, self.group_size, self.out_features)
+        if groups is None:
+            super().set_parts(parts, device)
+        else:  # Q4_K's levels as they are; its grid rounded to bf16
+            self.set_groups(*(t.to(device) for t in groups))
+
+    def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> None:
         scale, low = int4_grid(scales, lows, steps)
-        self.packed = self._pack(q)
+        self.packed = self._pack(levels)
         self.scales_and_zeros = (
             torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         )
@@ -322,7 +319,7 @@ def _kernel_layout_is_known() -> bool:
 class Int4KernelLinear(QuantizedLinear):
     """The same int4 groups on r1's kernel, AVX-512 VNNI or AVX2 (r1/kernels/int4_matmul.cpp,
     which describes the layout): w = steps[0] * scale * level + steps[1] * low, activations
-    quantized to int8 per group."""
+    quantized to int8 per group. Q4_K blocks repack into it as they are."""
 
     TILE_ROWS = 16  # output rows per tile, one vector lane each
 
@@ -343,18 +340,19 @@ class Int4KernelLinear(QuantizedLinear):
         self.set_groups(*int4_groups(weight, self.group_size))
 
     def set_parts(self, parts: list, device: torch.device) -> None:
-        fields = stored_fields(parts, "Q4_K")
-        groups = None if fields is None or self.group_size != 32 else int4_from_q4_k(fields, self.out_features)
+        groups = q4_k_groups(parts, self.group_size, self.out_features)
         if groups is None:
             super().set_parts(parts, device)
         else:
             self.set_groups(*groups)
 
     def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> None:
-        """Pack int4_groups' levels, scales and lows into the kernel's tiles."""
-        t = self.TILE_ROWS
-        self.packed, self.steps = _pack_nibbles(levels, t), steps
+        """Pack int4_groups' levels, scales, lows and steps into the kernel's tiles: steps
+        (2, out, spans) become (tiles, spans, 2, 16), a tile's pairs side by side."""
+        t, spans = self.TILE_ROWS, steps.shape[2]
+        self.packed = _pack_nibbles(levels, t)
         self.scales, self.lows = _per_tile(scales, t), _per_tile(lows, t)
+        self.steps = steps.view(2, -1, t, spans).permute(1, 3, 0, 2).contiguous()
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         bias = self.bias

@@ -20,14 +20,26 @@ def dequantized(layer: Int4KernelLinear) -> torch.Tensor:
     low, high = nibbles & 15, nibbles >> 4  # inputs k + j and k + 4 + j
     levels = torch.cat([low, high], dim=-1).permute(0, 2, 1, 3).reshape(tiles * 16, k8 * 8).float()
     per_row = lambda t: t.transpose(1, 2).reshape(tiles * 16, -1).float().repeat_interleave(layer.group_size, 1)  # noqa: E731
-    scale_step, low_step = layer.steps[:, :, None]
-    return levels * (per_row(layer.scales) * scale_step) + per_row(layer.lows) * low_step
+    spans = layer.steps.shape[1]  # (tiles, spans, 2, 16)
+    scale_step, low_step = layer.steps.float().permute(2, 0, 3, 1).reshape(2, tiles * 16, spans)
+    per_span = lambda step: step.repeat_interleave(k8 * 8 // spans, 1)  # noqa: E731
+    return levels * (per_row(layer.scales) * per_span(scale_step)) + per_row(layer.lows) * per_span(low_step)
 
 
-def kernel_layer(out_features: int, in_features: int, bias: bool, seed: int = 0) -> Int4KernelLinear:
+def kernel_layer(
+    out_features: int, in_features: int, bias: bool, seed: int = 0, steps: str = "row"
+) -> Int4KernelLinear:
+    """A layer of random weights quantized by r1 (steps "row": a float32 pair a row), or random
+    groups as Q4_K holds them ("q4_k": 6-bit codes under a float16 pair per 256 inputs)."""
     g = torch.Generator().manual_seed(seed)
     layer = Int4KernelLinear(in_features, out_features, bias=bias)
-    layer.set_weight(torch.randn(out_features, in_features, generator=g) * 0.05)
+    if steps == "row":
+        layer.set_weight(torch.randn(out_features, in_features, generator=g) * 0.05)
+    else:
+        codes = lambda: torch.randint(0, 64, (out_features, in_features // 32), generator=g)  # noqa: E731
+        pairs = (torch.rand(2, out_features, in_features // 256, generator=g) + 0.5) * 1e-3
+        levels = torch.randint(0, 16, (out_features, in_features), generator=g, dtype=torch.uint8)
+        layer.set_groups(levels, codes().to(torch.uint8), (-codes()).to(torch.int8), pairs.to(torch.float16))
     if bias:
         layer.bias.data = torch.randn(out_features, generator=g)
     return layer
@@ -63,12 +75,13 @@ def test_this_machine_runs_its_widest_build():
 # 320 outputs are 20 tiles: past 8 rows, blocks of several tiles with a short last one (on 2
 # threads, 7 blocks of 3 and 2).
 @pytest.mark.parametrize("outputs", [48, 320])
-def test_exact_on_activations_that_int8_holds(rows, bias, outputs):
-    layer = kernel_layer(outputs, 256, bias)
+@pytest.mark.parametrize("steps", ["row", "q4_k"])  # 512 inputs: Q4_K's two spans of 256
+def test_exact_on_activations_that_int8_holds(rows, bias, outputs, steps):
+    layer = kernel_layer(outputs, 512, bias, steps=steps)
     # Integers whose every group of 32 peaks at +-127 quantize to themselves (scale 1): the
     # kernel's integer dot products must then give the float result, up to float rounding.
-    x = torch.randint(-100, 101, (rows, 256)).float()
-    x[:, ::32] = torch.randint(0, 2, (rows, 8)).float() * 254 - 127
+    x = torch.randint(-100, 101, (rows, 512)).float()
+    x[:, ::32] = torch.randint(0, 2, (rows, 16)).float() * 254 - 127
     want = x @ dequantized(layer).T + (layer.bias if bias else 0)
     got = layer(x)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-3), (got - want).abs().max()
@@ -78,10 +91,11 @@ def test_exact_on_activations_that_int8_holds(rows, bias, outputs):
 @pytest.mark.parametrize("rows", [32, 47, 100])  # AMX's path starts at 32 rows; 47 and 100 end in a padded tile
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("outputs", [48, 320])  # 3 and 20 tiles: pairs, and one left over
-def test_amx_path_is_bf16_math_on_the_quantized_weights(rows, bias, outputs):
-    layer = kernel_layer(outputs, 256, bias)
+@pytest.mark.parametrize("steps", ["row", "q4_k"])
+def test_amx_path_is_bf16_math_on_the_quantized_weights(rows, bias, outputs, steps):
+    layer = kernel_layer(outputs, 512, bias, steps=steps)
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 256, generator=g)
+    x = torch.randn(rows, 512, generator=g)
     x[:, 7] *= 30  # an outlier channel, which int8 activations per group would lose precision to
     want = x.double() @ dequantized(layer).double().T + (layer.bias.double() if bias else 0)
     # Widened to bf16 (8 significant bits) on both sides and summed in float: measured 2.0-2.4e-3
@@ -103,7 +117,7 @@ def test_unpacked_layout_is_the_quantized_weight():
 
 @needs_kernels
 def test_real_activations_stay_close_to_float():
-    # int8 activations per group of 32, as llama.cpp's Q8 ones: measured 0.5-1% relative error
+    # int8 activations per group of 32, as llama.cpp's Q8 ones: measured 0.7-0.8% relative error
     # on Gaussian activations with an outlier channel 30x the rest.
     layer = kernel_layer(256, 1536, bias=True)
     x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(2))
@@ -149,6 +163,7 @@ def test_int4_quantize_fits_a_better_grid_than_min_max(rows, k, monkeypatch):
     levels, scales, lows, steps = kernels.op("int4_quantize")(weight, 32)
     assert levels.shape == weight.shape and levels.dtype == torch.uint8 and int(levels.max()) <= 15
     assert scales.dtype == torch.uint8 and lows.dtype == torch.int8 and steps.shape == (2, rows)
+    steps = steps[..., None]  # one span a row, as int4_groups gives them
     # What r1 stores: 8-bit multiples of two steps per row, the largest fitted scale 255 of them and
     # the largest |low| 127 (each group keeps the best grid a step either side of its rounded
     # fit); each weight sits on the level nearest it on that grid.
@@ -181,7 +196,7 @@ def test_int4_quantize_keeps_a_grid_it_can_hold_exactly(portable, monkeypatch):
     levels[:, ::32], levels[:, 1::32] = 0, 15
     scales = torch.tensor([[255, 3], [17, 255], [255, 255], [255, 1]])
     lows = torch.tensor([[-127, 40], [5, 127], [-127, -127], [-127, 127]])
-    steps = torch.tensor([[2.0**-10, 2.0**-16, 2.0**-4, 2.0**-12], [2.0**-9, 2.0**-12, 2.0**-3, 2.0**-10]])
+    steps = torch.tensor([[2.0**-10, 2.0**-16, 2.0**-4, 2.0**-12], [2.0**-9, 2.0**-12, 2.0**-3, 2.0**-10]])[..., None]
     scale, low = quant.int4_grid(scales, lows, steps)
     weight = levels * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
     weight[3, 32:] = 127 * 2.0**-10

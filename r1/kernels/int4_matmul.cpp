@@ -11,14 +11,18 @@
 // Weight layout (packed by r1/quant.py): rows in tiles of 16, one zmm lane per output row (on
 // AVX2, two ymm of 8). packed[tile][k / 8] is 64 bytes; byte 4 * r + j holds W[16 tile + r][k + j]
 // (j < 4) in its low nibble and W[16 tile + r][k + 4 + j] in its high one, levels 0..15. scales
-// (uint8) and lows (int8) are (tiles, K / group, 16), in units of their row's steps (2, N) float32:
-// W = steps[0] * scale * level + steps[1] * low within a group. 4.5 bits a weight where a bf16
-// scale and low per group took 5: a decode step reads 10% fewer bytes (and runs 6% faster).
+// (uint8) and lows (int8) are (tiles, K / group, 16), in units of two steps that each row holds
+// for every span of K / S inputs: steps (tiles, S, 2, 16), float32 or float16, and within a group
+// W = steps[0] * scale * level + steps[1] * low. r1's own quantizer takes one span a row (S = 1,
+// float32); a GGUF Q4_K tensor one per 256 inputs, its d and dmin as the file has them (float16),
+// so its blocks repack without rounding. 4.5 bits a weight, plus the steps: 8 bytes a row, or
+// 0.125 bits a weight for Q4_K's (the 6-bit codes that Q4_K packs into 12 bytes per 256 take 16
+// here, whole bytes that the epilogue loads as they are).
 //
 // Per group, with x ~ dx * qx (qx int8, dx one float per row and group):
-//   sum_k W x = steps[0] * (scale * dx * sum_k level * qx  +  low * steps[1] / steps[0] * sum_k x)
-// The first sum is exact in int32; the second uses the float x. Both instruction sets compute
-// the same integers; their outputs differ only in how sum_k x rounds (16 lanes or 8).
+//   sum_k W x = steps[0] * scale * dx * sum_k level * qx  +  steps[1] * low * sum_k x
+// where x is the quantized x throughout (matmul_tiles.h's xsum says why): both sums are exact
+// integers and both instruction sets compute the same ones.
 //
 // Past a few rows (prefill, a batch of decodes) the kernel is bound by arithmetic, not memory. On
 // Zen 5 `vpdpbusd` issues on the two ports the float multiplies use, and a group's epilogue (per
@@ -58,108 +62,121 @@
 namespace {
 
 #if defined(__AVX512VNNI__)
-// One tile of 16 output rows for `Rows` activation rows: y[m][0..16) = bias + x[m] . W.
-template <int Rows>
-void tile_kernel(const uint8_t* w, const uint8_t* scales, const int8_t* lows, const float* steps, int64_t N,
+// One tile of 16 output rows for `Rows` activation rows: y[m][0..16) = bias + x[m] . W. steps
+// points at the tile's (S, 2, 16), a span being span_groups groups.
+template <int Rows, typename Step>
+void tile_kernel(const uint8_t* w, const uint8_t* scales, const int8_t* lows, const Step* steps, int64_t span_groups,
                  const float* bias, const int8_t* qx, const float* dx, const float* xsum, int64_t K, int64_t group,
                  float* y, int64_t ldy) {
   const int64_t groups = K / group;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const __m512 scale_step = vload(steps), low_ratio = vdiv(vload(steps + N), scale_step);
   __m512 acc[Rows];
   // Unrolled, so that acc stays in registers: left as loops, GCC 12 kept acc in memory and stored
   // every row's sum to the stack after each group (3-5% of the kernel at 8-256 rows).
 #pragma GCC unroll 8
   for (int m = 0; m < Rows; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i dot[Rows];
-    for (int m = 0; m < Rows; ++m) dot[m] = _mm512_setzero_si512();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-      // Ask for the weights 4 KB ahead (into the next tile at the end of this one): the hardware
-      // prefetcher alone left 6-20% of a step's time waiting on memory (measured for 1-64 rows).
-      _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
-      const __m512i packed = _mm512_loadu_si512(w + k * 8);
-      const __m512i lo = _mm512_and_si512(packed, low4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-      const int8_t* xk = qx + k * Rows;  // inputs k..k+3 of every row, then k+4..k+7
-      for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], lo, xk + 4 * m);
-      for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], hi, xk + 4 * (Rows + m));
-    }
-    const __m512 scale = vload(scales + g * kTileRows), low = vmul(vload(lows + g * kTileRows), low_ratio);
-    for (int m = 0; m < Rows; ++m) {
-      const __m512 s = _mm512_mul_ps(scale, _mm512_set1_ps(dx[g * Rows + m]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), s, acc[m]);
-      acc[m] = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[g * Rows + m]), acc[m]);
+  for (int64_t span = 0; span < groups / span_groups; ++span) {
+    const __m512 scale_step = vload(steps + span * 2 * kTileRows), low_step = vload(steps + (span * 2 + 1) * kTileRows);
+    for (int64_t g = span * span_groups; g < (span + 1) * span_groups; ++g) {
+      __m512i dot[Rows];
+      for (int m = 0; m < Rows; ++m) dot[m] = _mm512_setzero_si512();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+        // Ask for the weights 4 KB ahead (into the next tile at the end of this one): the hardware
+        // prefetcher alone left 6-20% of a step's time waiting on memory (measured for 1-64 rows).
+        _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
+        const __m512i packed = _mm512_loadu_si512(w + k * 8);
+        const __m512i lo = _mm512_and_si512(packed, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+        const int8_t* xk = qx + k * Rows;  // inputs k..k+3 of every row, then k+4..k+7
+        for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], lo, xk + 4 * m);
+        for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], hi, xk + 4 * (Rows + m));
+      }
+      const __m512 scale = vmul(vload(scales + g * kTileRows), scale_step);
+      const __m512 low = vmul(vload(lows + g * kTileRows), low_step);
+      for (int m = 0; m < Rows; ++m) {
+        const __m512 s = _mm512_mul_ps(scale, _mm512_set1_ps(dx[g * Rows + m]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), s, acc[m]);
+        acc[m] = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[g * Rows + m]), acc[m]);
+      }
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-  for (int m = 0; m < Rows; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_fmadd_ps(acc[m], scale_step, b));
+  for (int m = 0; m < Rows; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_add_ps(acc[m], b));
 }
 
 #else  // AVX2 and FMA
 // One tile of 16 output rows (two halves of 8) for `Rows` activation rows. vpmaddubsw sums two
 // level x qx products into int16 (at most 2 * 15 * 127); 8 of them, 32 weights, still fit in
 // int16, so they are widened to int32 (vpmaddwd by ones) once per 32 weights.
-template <int Rows>
-void tile_kernel(const uint8_t* w, const uint8_t* scales, const int8_t* lows, const float* steps, int64_t N,
+template <int Rows, typename Step>
+void tile_kernel(const uint8_t* w, const uint8_t* scales, const int8_t* lows, const Step* steps, int64_t span_groups,
                  const float* bias, const int8_t* qx, const float* dx, const float* xsum, int64_t K, int64_t group,
                  float* y, int64_t ldy) {
   const int64_t groups = K / group;
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 scale_step[2], low_ratio[2], acc[Rows][2];
-  for (int h = 0; h < 2; ++h)
-    scale_step[h] = vload(steps + 8 * h), low_ratio[h] = vdiv(vload(steps + N + 8 * h), scale_step[h]);
+  __m256 scale_step[2], low_step[2], acc[Rows][2];
   for (int m = 0; m < Rows; ++m)
     for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i dot[Rows][2], pairs[Rows][2];
-    for (int m = 0; m < Rows; ++m)
-      for (int h = 0; h < 2; ++h) dot[m][h] = pairs[m][h] = _mm256_setzero_si256();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
-      for (int h = 0; h < 2; ++h) {
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 8 + 32 * h));
-        const __m256i lo = _mm256_and_si256(packed, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-        const int8_t* xk = qx + k * Rows;
-        for (int m = 0; m < Rows; ++m) {
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xk + 4 * m))),
-                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xk + 4 * (Rows + m)))));
-          pairs[m][h] = _mm256_add_epi16(pairs[m][h], p);
-        }
-      }
-      if ((k + 8 - g * group) % 32 == 0 || k + 8 == (g + 1) * group)
-        for (int m = 0; m < Rows; ++m)
-          for (int h = 0; h < 2; ++h) {
-            dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_madd_epi16(pairs[m][h], ones));
-            pairs[m][h] = _mm256_setzero_si256();
-          }
-    }
+  for (int64_t span = 0; span < groups / span_groups; ++span) {
     for (int h = 0; h < 2; ++h) {
-      const __m256 scale = vload(scales + g * kTileRows + 8 * h);
-      const __m256 low = vmul(vload(lows + g * kTileRows + 8 * h), low_ratio[h]);
-      for (int m = 0; m < Rows; ++m) {
-        const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(dx[g * Rows + m]));
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), s, acc[m][h]);
-        acc[m][h] = _mm256_fmadd_ps(low, _mm256_set1_ps(xsum[g * Rows + m]), acc[m][h]);
+      const Step* st = steps + span * 2 * kTileRows + 8 * h;
+      scale_step[h] = vload(st), low_step[h] = vload(st + kTileRows);
+    }
+    for (int64_t g = span * span_groups; g < (span + 1) * span_groups; ++g) {
+      __m256i dot[Rows][2], pairs[Rows][2];
+      for (int m = 0; m < Rows; ++m)
+        for (int h = 0; h < 2; ++h) dot[m][h] = pairs[m][h] = _mm256_setzero_si256();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 8 + 32 * h));
+          const __m256i lo = _mm256_and_si256(packed, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+          const int8_t* xk = qx + k * Rows;
+          for (int m = 0; m < Rows; ++m) {
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xk + 4 * m))),
+                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xk + 4 * (Rows + m)))));
+            pairs[m][h] = _mm256_add_epi16(pairs[m][h], p);
+          }
+        }
+        if ((k + 8 - g * group) % 32 == 0 || k + 8 == (g + 1) * group)
+          for (int m = 0; m < Rows; ++m)
+            for (int h = 0; h < 2; ++h) {
+              dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_madd_epi16(pairs[m][h], ones));
+              pairs[m][h] = _mm256_setzero_si256();
+            }
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256 scale = vmul(vload(scales + g * kTileRows + 8 * h), scale_step[h]);
+        const __m256 low = vmul(vload(lows + g * kTileRows + 8 * h), low_step[h]);
+        for (int m = 0; m < Rows; ++m) {
+          const __m256 s = _mm256_mul_ps(scale, _mm256_set1_ps(dx[g * Rows + m]));
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), s, acc[m][h]);
+          acc[m][h] = _mm256_fmadd_ps(low, _mm256_set1_ps(xsum[g * Rows + m]), acc[m][h]);
+        }
       }
     }
   }
   for (int h = 0; h < 2; ++h) {
     const __m256 b = bias ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
-    for (int m = 0; m < Rows; ++m) _mm256_storeu_ps(y + m * ldy + 8 * h, _mm256_fmadd_ps(acc[m][h], scale_step[h], b));
+    for (int m = 0; m < Rows; ++m) _mm256_storeu_ps(y + m * ldy + 8 * h, _mm256_add_ps(acc[m][h], b));
   }
 }
 #endif
 
-using TileFn = void (*)(const uint8_t*, const uint8_t*, const int8_t*, const float*, int64_t, const float*,
+template <typename Step>
+using TileFn = void (*)(const uint8_t*, const uint8_t*, const int8_t*, const Step*, int64_t, const float*,
                         const int8_t*, const float*, const float*, int64_t, int64_t, float*, int64_t);
 #if defined(__AVX512VNNI__)
-constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>,
-                                       tile_kernel<5>, tile_kernel<6>, tile_kernel<7>, tile_kernel<8>};
+template <typename Step>
+constexpr TileFn<Step> kTileFns[kMaxRows] = {tile_kernel<1, Step>, tile_kernel<2, Step>, tile_kernel<3, Step>,
+                                             tile_kernel<4, Step>, tile_kernel<5, Step>, tile_kernel<6, Step>,
+                                             tile_kernel<7, Step>, tile_kernel<8, Step>};
 #else
-constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>};
+template <typename Step>
+constexpr TileFn<Step> kTileFns[kMaxRows] = {tile_kernel<1, Step>, tile_kernel<2, Step>, tile_kernel<3, Step>,
+                                             tile_kernel<4, Step>};
 #endif
 
 #if defined(__AMX_BF16__)
@@ -188,16 +205,17 @@ struct TileConfig {
 // A level moved into the top 4 bits of 1.0's mantissa is the float 1 + level / 16, so a shift, an
 // and-or and an FMA (16 scale (1 + level / 16) + low - 16 scale) widen it: no int-to-float
 // conversion, and 6-8% faster at 32-64 rows (3% at 256) than and, convert and FMA.
-void widen_tile(const uint8_t* w, const uint8_t* scales, const int8_t* lows, const float* steps, int64_t N, int64_t K,
-                int64_t group, uint16_t* b) {
+template <typename Step>
+void widen_tile(const uint8_t* w, const uint8_t* scales, const int8_t* lows, const Step* steps, int64_t span_groups,
+                int64_t K, int64_t group, uint16_t* b) {
   const __m512i mantissa_top = _mm512_set1_epi32(0x00780000), one = _mm512_set1_epi32(0x3F800000);
   // cvtne2ps gives inputs 2p (words 0-15) and 2p + 1 (16-31); this pairs them up per output.
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512 scale_step = vload(steps), low_step = vload(steps + N);
   for (int64_t g = 0; g < K / group; ++g) {
-    const __m512 scale = vmul(vmul(vload(scales + g * kTileRows), scale_step), vset(16.f));
-    const __m512 low = vsub(vmul(vload(lows + g * kTileRows), low_step), scale);
+    const Step* st = steps + g / span_groups * 2 * kTileRows;
+    const __m512 scale = vmul(vmul(vload(scales + g * kTileRows), vload(st)), vset(16.f));
+    const __m512 low = vsub(vmul(vload(lows + g * kTileRows), vload(st + kTileRows)), scale);
     for (int64_t c = g * group / 8; c < (g + 1) * group / 8; ++c) {
       const __m512i packed = _mm512_loadu_si512(w + c * 64);
       // Input k + j's level sits at bit 8 j (j < 4) or 8 (j - 4) + 4 of each lane; bit 19 is the top
@@ -253,8 +271,9 @@ void amx_block(const uint16_t* a, const uint16_t* b, int64_t K, const float* bia
     }
 }
 
+template <typename Step>
 at::Tensor amx_int4_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t* scales, const int8_t* lows,
-                           const float* steps, int64_t tiles, int64_t group, const float* bias) {
+                           const Step* steps, int64_t spans, int64_t tiles, int64_t group, const float* bias) {
   const int64_t M = x.size(0), K = x.size(1), N = tiles * kTileRows, groups = K / group;
   const int64_t tile_bytes = K / 2 * kTileRows;
   const int64_t padded = (M + 15) / 16 * 16;  // whole activation tiles, the last one's extra rows zero
@@ -274,8 +293,8 @@ at::Tensor amx_int4_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t*
       const int64_t t = 2 * pair, both = std::min<int64_t>(2, tiles - t);
       for (int64_t i = 0; i < both; ++i)
         widen_tile(w + (t + i) * tile_bytes, scales + (t + i) * groups * kTileRows,
-                   lows + (t + i) * groups * kTileRows, steps + (t + i) * kTileRows, N, K, group,
-                   widened.get() + i * K * kTileRows);
+                   lows + (t + i) * groups * kTileRows, steps + (t + i) * spans * 2 * kTileRows, groups / spans, K,
+                   group, widened.get() + i * K * kTileRows);
       const float* bias_t = bias ? bias + t * kTileRows : nullptr;
       for (int64_t m = 0; m < M; m += 32) {
         const uint16_t* am = a + m * K;
@@ -293,6 +312,24 @@ at::Tensor amx_int4_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t*
 }
 #endif
 
+template <typename Step>
+at::Tensor tiled_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t* scales, const int8_t* lows,
+                        const Step* steps, int64_t spans, int64_t tiles, int64_t group, const float* bias) {
+  const int64_t K = x.size(1), groups = K / group;
+#if defined(__AMX_BF16__)
+  if (x.size(0) >= kAmxMinRows && K % 32 == 0 && amx_granted())
+    return amx_int4_matmul(x, w, scales, lows, steps, spans, tiles, group, bias);
+#endif
+  const int64_t tile_bytes = K / 2 * kTileRows;
+  return run_tiles(x, group, tiles, tile_bytes,
+                   [&](int rows, int64_t t, const int8_t* q, const float* d, const float* s, float* y, int64_t ldy) {
+                     kTileFns<Step>[rows - 1](w + t * tile_bytes, scales + t * groups * kTileRows,
+                                              lows + t * groups * kTileRows, steps + t * spans * 2 * kTileRows,
+                                              groups / spans, bias ? bias + t * kTileRows : nullptr, q, d, s, K, group,
+                                              y, ldy);
+                   });
+}
+
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows,
                        const at::Tensor& steps, int64_t group, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
@@ -300,30 +337,23 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(group > 0 && group % 16 == 0 && group <= kMaxGroup, "group must be a positive multiple of 16, at most 256");
   const int64_t tiles = packed.size(0), N = tiles * kTileRows;
   const float* bias_ptr = checked_x_and_bias(x, bias, N);
-  const int64_t M = x.size(0), K = x.size(1), groups = K / group;
+  const int64_t K = x.size(1), groups = K / group;
   TORCH_CHECK(K % group == 0 && packed.size(1) * 8 == K,
               "K must be a multiple of the group size and packed must hold K / 8 chunks");
   TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}) && scales.sizes() == lows.sizes() &&
                   scales.scalar_type() == at::kByte && lows.scalar_type() == at::kChar && scales.is_contiguous() &&
                   lows.is_contiguous(),
               "scales and lows must be contiguous (N/16, K/group, 16) uint8 and int8");
-  TORCH_CHECK(steps.sizes() == at::IntArrayRef({2, N}) && steps.scalar_type() == at::kFloat && steps.is_contiguous(),
-              "steps must be contiguous (2, N) float32");
-
+  TORCH_CHECK(steps.dim() == 4 && steps.size(0) == tiles && steps.size(1) > 0 && groups % steps.size(1) == 0 &&
+                  steps.size(2) == 2 && steps.size(3) == kTileRows && steps.is_contiguous() &&
+                  (steps.scalar_type() == at::kFloat || steps.scalar_type() == at::kHalf),
+              "steps must be contiguous (N/16, S, 2, 16) float32 or float16, S dividing K/group");
   const auto* w = packed.const_data_ptr<uint8_t>();
   const auto* sc = scales.const_data_ptr<uint8_t>();
   const auto* lo = lows.const_data_ptr<int8_t>();
-  const auto* st = steps.const_data_ptr<float>();
-#if defined(__AMX_BF16__)
-  if (M >= kAmxMinRows && K % 32 == 0 && amx_granted()) return amx_int4_matmul(x, w, sc, lo, st, tiles, group, bias_ptr);
-#endif
-  const int64_t tile_bytes = K / 2 * kTileRows;
-  return run_tiles(x, group, tiles, tile_bytes,
-                   [&](int rows, int64_t t, const int8_t* q, const float* d, const float* s, float* y, int64_t ldy) {
-                     kTileFns[rows - 1](w + t * tile_bytes, sc + t * groups * kTileRows, lo + t * groups * kTileRows,
-                                        st + t * kTileRows, N, bias_ptr ? bias_ptr + t * kTileRows : nullptr, q, d, s,
-                                        K, group, y, ldy);
-                   });
+  return steps.scalar_type() == at::kHalf
+             ? tiled_matmul(x, w, sc, lo, steps.const_data_ptr<at::Half>(), steps.size(1), tiles, group, bias_ptr)
+             : tiled_matmul(x, w, sc, lo, steps.const_data_ptr<float>(), steps.size(1), tiles, group, bias_ptr);
 }
 
 }  // namespace

@@ -14,7 +14,7 @@
 //
 // Per group of 16, with x ~ dx * qx quantized per 16 inputs:
 //   sum_k W x = d * scale * (dx * sum_k level * qx  -  32 * sum_k x)
-// The integer sum is exact; the second uses the float x, as int4_matmul's lows do.
+// x the quantized x in both sums (matmul_tiles.h's xsum says why).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -22,20 +22,25 @@ constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kMaxGroup = 256;  // int4_quantize's bound too
 
 // One slice of `rows` rows of x (at most kMaxRows) -> int8 levels qx, and per group dx = max|x| / 127
-// and xsum = sum x, laid out so that a tile kernel finds the rows side by side: qx[k / 4][row][4]
-// and dx, xsum [group][row]. The kernel then reaches every row at a constant offset from one
-// pointer; with rows K bytes apart it held an address per row, spilled them, and ran ~10% slower.
-// Both instruction sets get the same levels and dx; xsum may differ in its last bits (16 lanes
-// summed or 8).
+// and xsum = dx * the sum of the group's levels, laid out so that a tile kernel finds the rows side
+// by side: qx[k / 4][row][4] and dx, xsum [group][row]. The kernel then reaches every row at a
+// constant offset from one pointer; with rows K bytes apart it held an address per row, spilled
+// them, and ran ~10% slower.
+// xsum is the quantized x's sum, not x's: a weight's offset (int4's low, int6's -32) then meets the
+// same activations as its levels, and the product's error is sum_k W (x - dx qx), small where W is
+// centred. With x's own sum only the levels would see the quantized x, and the error would be that
+// of the uncentred levels (0..15, 0..63) times the scale: several times larger. Both instruction
+// sets get the same qx, dx and xsum.
 void quantize_slice(const float* x, int rows, int64_t K, int64_t group, int8_t* qx, float* dx, float* xsum) {
   int8_t levels[kMaxGroup];
   for (int r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < K / group; ++g) {
       const float* xg = x + r * K + g * group;
-      Vec sum = vset(0.f);
-      for (int64_t i = 0; i < group; i += kLanes) sum = vadd(sum, vload(xg + i));
-      dx[g * rows + r] = quantize_int8(xg, group, levels);
-      xsum[g * rows + r] = vsum(sum);
+      const float scale = quantize_int8(xg, group, levels);
+      int32_t level_sum = 0;
+      for (int64_t j = 0; j < group; ++j) level_sum += levels[j];
+      dx[g * rows + r] = scale;
+      xsum[g * rows + r] = scale * static_cast<float>(level_sum);
       for (int64_t j = 0; j < group; j += 4) std::memcpy(qx + (g * group + j) * rows + 4 * r, levels + j, 4);
     }
   }

@@ -328,22 +328,23 @@ def _shifted(bits: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Te
     return (bits.unsqueeze(2) >> by) & mask
 
 
-def q4_k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_K blocks' (scale, low, levels): (n, 8) float32 scale d * sc and low -dmin * m of each
-    sub-block of 32, and (n, 8, 32) uint8 levels 0..15, such that weight = scale * level + low."""
+def q4_k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q4_K blocks' (d, dmin, scales, mins, levels): (n, 1) float32 d and dmin (float16 in the
+    file), (n, 8) uint8 6-bit scales and mins of each sub-block of 32, and (n, 8, 32) uint8
+    levels 0..15, such that weight = d * scale * level - dmin * min."""
     # d, dmin (f16), 12 bytes of eight 6-bit scales and mins, 128 bytes of 4-bit levels
     n = blocks.shape[0]
     packed = blocks[:, 4:16].reshape(n, 3, 4)
     d, m, low_bits = packed[:, 0], packed[:, 1], packed[:, 2]
-    scales = torch.cat([d & 0x3F, (low_bits & 0x0F) | ((d >> 2) & 0x30)], dim=1).float()
-    mins = torch.cat([m & 0x3F, (low_bits >> 4) | ((m >> 2) & 0x30)], dim=1).float()
+    scales = torch.cat([d & 0x3F, (low_bits & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mins = torch.cat([m & 0x3F, (low_bits >> 4) | ((m >> 2) & 0x30)], dim=1)
     levels = _shifted(blocks[:, 16:].reshape(n, 4, 32), (0, 4), 0x0F).reshape(n, 8, 32)
-    return _float16(blocks, 0) * scales, -(_float16(blocks, 2) * mins), levels
+    return _float16(blocks, 0), _float16(blocks, 2), scales, mins, levels
 
 
 def _dequantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
-    scale, low, levels = q4_k_fields(blocks)
-    return (scale.unsqueeze(2) * levels.float() + low.unsqueeze(2)).view(-1, 256)
+    d, dmin, scales, mins, levels = q4_k_fields(blocks)
+    return ((d * scales).unsqueeze(2) * levels.float() - (dmin * mins).unsqueeze(2)).view(-1, 256)
 
 
 def q6_k_fields(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
