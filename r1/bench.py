@@ -13,6 +13,7 @@ It does not own argument parsing (cli.py) or the peer engines (bench/compare.py)
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -162,6 +163,20 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return fields["model name"]
 
 
+def read_bandwidth_gb_s(gib: float = 1.0, passes: int = 3) -> float:
+    """GB/s of a plain float32 sum over `gib` GiB on torch's threads, the best of a few passes: the
+    rate a CPU decode step can read its weights at, to state every speed as a share of it."""
+    import torch
+
+    x = torch.ones(int(gib * 2**28))  # touched once here, so the passes read memory, not page faults
+    best = math.inf
+    for _ in range(passes):
+        started = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - started)
+    return round(x.nbytes / best / 1e9, 1)
+
+
 def machine() -> dict:
     """What the figures are measured on. Take it before the run: the load average then says how
     busy the machine was with other work, not with ours."""
@@ -169,6 +184,8 @@ def machine() -> dict:
 
     return {
         "cpu": cpu_model(),
+        "read_gb_s": read_bandwidth_gb_s(),
+        "read_threads": torch.get_num_threads(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -334,8 +334,11 @@ def _print_weight_plans(a: argparse.Namespace, source, quants: list[str]) -> Non
         out.print(
             f"{escape(a.model)} --quant {q} on {a.device}: {sum(r[-1] for r in plan) / 2**20:,.1f} MiB of linears"
         )
+        width = max(len(fmt) for *_, fmt, _ in plan)
         for name, shape, stored, fmt, nbytes in plan:
-            out.print(f"  {name:<36} {'x'.join(map(str, shape)):>12} {stored:>6} -> {escape(fmt):<28} {nbytes:>12,} B")
+            out.print(
+                f"  {name:<36} {'x'.join(map(str, shape)):>12} {stored:>6} -> {escape(fmt):<{width}} {nbytes:>12,} B"
+            )
 
 
 def cmd_memory(a: argparse.Namespace) -> None:

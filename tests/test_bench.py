@@ -125,3 +125,9 @@ def test_the_cpu_is_named_with_its_family_and_model(tmp_path):
     assert bench.cpu_model(str(info)) == "AMD EPYC (family 26, model 2)"
     info.write_text("processor\t: 0\nmodel name\t: Apple M2\n")
     assert bench.cpu_model(str(info)) == "Apple M2"
+
+
+def test_read_bandwidth_is_bytes_over_the_fastest_pass(monkeypatch):
+    clock = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # passes of 0.5, 0.25 and 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.read_bandwidth_gb_s(gib=0.25) == round(2**28 / 0.25 / 1e9, 1)

@@ -155,14 +155,19 @@ def test_int4_bytes_are_what_each_devices_linear_holds(device, monkeypatch):
     assert memory.plan(R1_1_5B, "int4", 4096, device="cuda").line("weights").bytes == on_cuda.bytes
 
 
-@pytest.mark.parametrize("quant_mode", ["int4", "int4-pure", "int8"])
-def test_per_tensor_bytes_are_the_loaded_models(small_gguf, quant_mode):
+@pytest.mark.parametrize(
+    "model, quant_mode",
+    [("small_gguf", "int4"), ("small_gguf", "int4-pure"), ("small_gguf", "int8"), ("tiny_model_folder", "int4")],
+)
+def test_per_tensor_bytes_are_the_loaded_models(model, quant_mode, request):
     """`r1 memory --per-tensor`'s bytes of each linear are the buffers the loaded linear holds (a
-    fused linear's, the sum of its parts'), with the file's types deciding the format."""
+    fused linear's, the sum of its parts'), with the file's types deciding the format (the small
+    stand-in's GGUF) or Q4_K_M's recipe (the tiny model's float weights)."""
     from r1.loaders import load_model, open_model_files
 
-    files = open_model_files(str(small_gguf))
-    source = memory.model_source(str(small_gguf))
+    path = str(request.getfixturevalue(model))
+    files = open_model_files(path)
+    source = memory.model_source(path)
     planned = {
         name: (fmt, nbytes)
         for name, _, _, fmt, nbytes in memory.weight_plan(source.config, quant_mode, "cpu", source.source_types)
@@ -178,8 +183,10 @@ def test_per_tensor_bytes_are_the_loaded_models(small_gguf, quant_mode):
         held = sum(b.nbytes for b in module.buffers())
         assert held == sum(planned[p][1] for p in parts), name
         formats |= {planned[p][0] for p in parts}
-    if quant_mode == "int4":  # the small stand-in: Q5_0, Q8_0 and Q6_K at 6 bits, Q4_K at 4.5
-        assert any(f.startswith("int6") for f in formats) and any(f.startswith("int4") for f in formats)
+    if model == "small_gguf" and quant_mode == "int4":  # Q5_0, Q8_0 and Q6_K at 6 bits, Q4_K at 4.5
+        assert {f.split()[0] for f in formats} == {"int4", "int6"}
+    if model == "tiny_model_folder":  # rows of 64 and 192 (short of a d's 256): Q4_K_M's Q5_0 and Q8_0
+        assert {f.split()[0] for f in formats} == {"int6"}
 
 
 def quant_module_types():
