@@ -148,8 +148,9 @@ def linear_nbytes(kind: str, shape: tuple[int, int], device: str, source_type: s
     if kind == "int4":  # packed nibbles; an 8-bit scale and low per group; two float steps per row or 256
         steps = "float16 steps / 256" if source_type == "Q4_K" else "float32 steps / row"
         return f"int4 + 8-bit scale, low / {INT4_GROUP_SIZE}, {steps}", int4_nbytes(n, k, device, source_type)
-    if kind == "int6" and device == "cpu":  # Q6_K's structure: int8 scale per 16, float16 d per 256
-        return f"int6 + int8 scale / {INT6_GROUP_SIZE}", int6_nbytes(n, k)
+    if kind in ("int6", "int6/32") and device == "cpu":  # Q6_K's structure: int8 scale per 16 or 32, f16 d per 256
+        group = INT6_GROUP_SIZE if kind == "int6" else 2 * INT6_GROUP_SIZE
+        return f"int6 + int8 scale / {group}", int6_nbytes(n, k, group)
     return "int8 + bf16 scale / row", n * k + 2 * n  # int8, and int6 off r1's CPU kernel
 
 

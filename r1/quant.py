@@ -145,12 +145,12 @@ def q4_k_groups(parts: list, group_size: int, out_features: int):
     return None if fields is None or group_size != 32 else int4_from_q4_k(fields, out_features)
 
 
-def int6_groups(weight: torch.Tensor, rows_per_chunk: int = 2048):
-    """6-bit in Q6_K's structure, (levels, scales, d): (out, in) uint8 levels 0..63, (out, in / 16)
-    int8 scales and (out, ceil(in / 256)) d (float32 values that float16 holds), such that
-    w ~ d * scale * (level - 32).
+def int6_groups(weight: torch.Tensor, group: int = INT6_GROUP_SIZE, rows_per_chunk: int = 2048):
+    """6-bit in Q6_K's structure, (levels, scales, d): (out, in) uint8 levels 0..63, (out, in / group)
+    int8 scales (group 16 as Q6_K, or 32) and (out, ceil(in / 256)) d (float32 values that float16
+    holds), such that w ~ d * scale * (level - 32).
 
-    As llama.cpp's Q6_K quantizer: each group of 16 maps its largest |w| to level -32 on grids a
+    As llama.cpp's Q6_K quantizer: each group maps its largest |w| to level -32 on grids a
     little narrower and wider, fits the scale to each grid's levels by least squares and keeps the
     best; each 256's scales are then rounded to int8 multiples of their d, and the levels taken
     anew on that stored grid.
@@ -159,10 +159,11 @@ def int6_groups(weight: torch.Tensor, rows_per_chunk: int = 2048):
     n, k = w.shape
     blocks = -(-k // INT6_BLOCK)
     levels = torch.empty(n, k, dtype=torch.uint8)
-    scales = torch.empty(n, k // INT6_GROUP_SIZE, dtype=torch.int8)
+    per_block = INT6_BLOCK // group
+    scales = torch.empty(n, k // group, dtype=torch.int8)
     d = torch.empty(n, blocks)
     for start in range(0, n, rows_per_chunk):  # bounds the temporaries at a few float copies of a chunk
-        g = w[start : start + rows_per_chunk].reshape(-1, k // INT6_GROUP_SIZE, INT6_GROUP_SIZE)
+        g = w[start : start + rows_per_chunk].reshape(-1, k // group, group)
         peak = g.gather(-1, g.abs().argmax(-1, keepdim=True))
         safe_peak = torch.where(peak == 0, 1.0, peak)
         best_scale, best_err = torch.zeros_like(peak), torch.full_like(peak, float("inf"))
@@ -172,13 +173,14 @@ def int6_groups(weight: torch.Tensor, rows_per_chunk: int = 2048):
             err = (g - scale * lv).square_().sum(-1, keepdim=True)
             better = err < best_err
             best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
-        group_scale = best_scale.squeeze(-1)  # (rows, in / 16)
-        padded = torch.nn.functional.pad(group_scale, (0, blocks * 16 - group_scale.shape[1]))
-        block_d = (padded.view(-1, blocks, 16).abs().amax(-1) / 127).half().float()  # (rows, blocks), stored in float16
+        group_scale = best_scale.squeeze(-1)  # (rows, in / group)
+        padded = torch.nn.functional.pad(group_scale, (0, blocks * per_block - group_scale.shape[1]))
+        by_block = padded.view(-1, blocks, per_block)
+        block_d = (by_block.abs().amax(-1) / 127).half().float()  # (rows, blocks), stored in float16
         safe_d = torch.where(block_d == 0, 1.0, block_d)
-        q_scale = (padded.view(-1, blocks, 16) / safe_d[..., None]).round_().clamp_(-127, 127)
-        q_scale = q_scale.view(-1, blocks * 16)[:, : group_scale.shape[1]]
-        step = (q_scale * safe_d.repeat_interleave(16, dim=1)[:, : group_scale.shape[1]])[..., None]
+        q_scale = (by_block / safe_d[..., None]).round_().clamp_(-127, 127)
+        q_scale = q_scale.view(-1, blocks * per_block)[:, : group_scale.shape[1]]
+        step = (q_scale * safe_d.repeat_interleave(per_block, dim=1)[:, : group_scale.shape[1]])[..., None]
         lv = torch.where(step == 0, 0.0, g / torch.where(step == 0, 1.0, step)).round_().clamp_(-32, 31)
         rows = slice(start, start + g.shape[0])
         levels[rows] = (lv + 32).to(torch.uint8).view(g.shape[0], k)
@@ -193,10 +195,10 @@ def int6_from_q6_k(fields: tuple[torch.Tensor, ...], out_features: int):
     return levels.reshape(out_features, -1), scales.reshape(out_features, -1), d.view(out_features, -1)
 
 
-def int6_nbytes(out_features: int, in_features: int) -> int:
-    """The bytes of one int6 weight as r1 holds it: 6 bits a weight, an int8 scale per 16 and a
-    float16 d per 256 (Q6_K's 210 bytes per 256 weights)."""
-    return out_features * (in_features * 6 // 8 + in_features // INT6_GROUP_SIZE + 2 * -(-in_features // INT6_BLOCK))
+def int6_nbytes(out_features: int, in_features: int, group: int = INT6_GROUP_SIZE) -> int:
+    """The bytes of one int6 weight as r1 holds it: 6 bits a weight, an int8 scale per group (16:
+    Q6_K's 210 bytes per 256 weights; 32: 202) and a float16 d per 256."""
+    return out_features * (in_features * 6 // 8 + in_features // group + 2 * -(-in_features // INT6_BLOCK))
 
 
 def as_float(tensor) -> torch.Tensor:
@@ -365,19 +367,21 @@ class Int4KernelLinear(QuantizedLinear):
 
 class Int6KernelLinear(QuantizedLinear):
     """6-bit weights in Q6_K's structure on r1's kernel (r1/kernels/int6_matmul.cpp, which
-    describes the layout): w = d * scale * (level - 32), levels 0..63, an int8 scale per 16 inputs
-    and a float16 d per 256. `--quant int4`'s higher-precision path: Q6_K blocks repack into it as
-    they are; other weights are quantized by int6_groups."""
+    describes the layout): w = d * scale * (level - 32), levels 0..63, an int8 scale per `group`
+    inputs (16, or 32 for what Q4_K_M keeps at 5.5 bits) and a float16 d per 256. `--quant int4`'s
+    higher-precision path: Q6_K blocks repack into it as they are; other weights are quantized by
+    int6_groups."""
 
     TILE_ROWS = 16
 
-    def __init__(self, in_features: int, out_features: int, bias: bool):
-        if in_features % INT6_GROUP_SIZE or out_features % self.TILE_ROWS:
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: int = INT6_GROUP_SIZE):
+        if in_features % group or out_features % self.TILE_ROWS:
             raise ValueError(
-                f"int6 needs in_features ({in_features}) divisible by {INT6_GROUP_SIZE} and "
+                f"int6 needs in_features ({in_features}) divisible by {group} and "
                 f"out_features ({out_features}) by {self.TILE_ROWS}"
             )
         super().__init__(in_features, out_features, bias)
+        self.group = group
         for name, dtype in (
             ("packed", torch.uint8),
             ("high", torch.uint8),
@@ -387,11 +391,11 @@ class Int6KernelLinear(QuantizedLinear):
             self.register_buffer(name, torch.empty(0, dtype=dtype), persistent=False)
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        self.set_groups(*int6_groups(weight))
+        self.set_groups(*int6_groups(weight, self.group))
 
     def set_parts(self, parts: list, device: torch.device) -> None:
         fields = stored_fields(parts, "Q6_K")
-        if fields is None:
+        if fields is None or self.group != INT6_GROUP_SIZE:
             super().set_parts(parts, device)
         else:
             self.set_groups(*int6_from_q6_k(fields, self.out_features))
@@ -410,6 +414,14 @@ class Int6KernelLinear(QuantizedLinear):
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         return kernels.op("int6_matmul")(x2.float().contiguous(), self.packed, self.high, self.scales, self.d, bias)
+
+
+class Int6Per32Linear(Int6KernelLinear):
+    """int6 with a scale per 32 inputs (6.3125 bits): the format for what Q4_K_M keeps at 5.5
+    bits (Q5_0, Q5_1, Q5_K), which a scale per 16 would hold at 1.06 bits a weight more."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__(in_features, out_features, bias, group=2 * INT6_GROUP_SIZE)
 
 
 class StackedLinear(QuantizedLinear):
@@ -495,8 +507,10 @@ def int4_linear_class() -> type[QuantizedLinear]:
 # ---- which linears get which format -------------------------------------------------------------
 
 # GGUF types of more than int4's 4.5 bits a weight: `--quant int4` holds them at 6 bits, as a
-# file's author (or llama.cpp's Q4_K_M recipe) chose: a Q4_K_M file's Q6_K head, attn_v and ffn_down.
-HIGH_PRECISION_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
+# file's author (or llama.cpp's Q4_K_M recipe) chose: a Q4_K_M file's Q6_K head, attn_v and ffn_down
+# at int6 (Q6_K's structure, 6.5625 bits), its 5.5-bit types at int6 with a scale per 32 (6.3125).
+SIX_BIT_TYPES = frozenset({"Q6_K", "Q8_0"})
+FIVE_BIT_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K"})
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 
 
@@ -514,13 +528,14 @@ _GGUF_ROLES = {
 
 def linear_kind(quant: str, name: str, shape: tuple[int, int], n_layers: int, source_type: str | None = None) -> str:
     """How `--quant quant` stores one checkpoint linear ("model.layers.3.self_attn.v_proj",
-    "lm_head") of shape (out, in): none, int8, int4 or int6, given the GGUF type its file stores
-    it in (None: floats).
+    "lm_head") of shape (out, in): none, int8, int4, int6 or int6/32 (a scale per 32), given the
+    GGUF type its file stores it in (None: floats).
 
     int4 holds a linear at 6 bits where its Q4_K_M type has more than 4.5: the file's type, or for
     float weights the type llama.cpp's Q4_K_M recipe would give it (the head and half of attn_v
     and ffn_down at Q6_K; Q5_0 or Q8_0 for rows that are not a multiple of 256, where no k-quant
-    fits); elsewhere int4. int4-pure is int4 everywhere.
+    fits). Q6_K and Q8_0 go to int6, the 5.5-bit Q5 types to int6/32, the rest to int4. int4-pure
+    is int4 everywhere.
     """
     if quant in ("none", "int8"):
         return quant
@@ -533,7 +548,7 @@ def linear_kind(quant: str, name: str, shape: tuple[int, int], n_layers: int, so
             "output" if name == "lm_head" else f"blk.{name.split('.')[2]}.{_GGUF_ROLES[name.rsplit('.', 1)[-1]]}"
         )
         source_type = gguf_preset_type("q4_k_m", f"{layer_role}.weight", shape, n_layers)
-    return "int6" if source_type in HIGH_PRECISION_TYPES else "int4"
+    return "int6" if source_type in SIX_BIT_TYPES else "int6/32" if source_type in FIVE_BIT_TYPES else "int4"
 
 
 def checkpoint_linears(cfg) -> list[tuple[str, tuple[int, int]]]:
@@ -568,16 +583,17 @@ def linear_plan(cfg, quant: str, source_types: dict[str, str] | None = None) -> 
 
 
 def linear_class(kind: str, device: torch.device) -> type[QuantizedLinear]:
-    """The linear that holds a format on a device. int6 runs on r1's CPU kernel; without it (on a
-    GPU, or where the kernels cannot run) it takes int8 per output row, the nearest format with a
-    kernel there."""
+    """The linear that holds a format on a device. int6 (either scale group) runs on r1's CPU
+    kernel; without it (on a GPU, or where the kernels cannot run) it takes int8 per output row, the
+    nearest format with a kernel there."""
     if kind == "int8":
         return Int8Linear  # PyTorch's _weight_int8pack_mm has a CUDA kernel too
     if kind == "int4":
         return Int4CudaLinear if device.type == "cuda" else int4_linear_class()
-    if kind == "int6":
-        runs = device.type == "cpu" and kernels.op("int6_matmul") is not None
-        return Int6KernelLinear if runs else Int8Linear
+    if kind in ("int6", "int6/32"):
+        if device.type != "cpu" or kernels.op("int6_matmul") is None:
+            return Int8Linear
+        return Int6KernelLinear if kind == "int6" else Int6Per32Linear
     raise ValueError(f"no quantized linear for {kind!r}")
 
 

@@ -46,8 +46,9 @@ def test_latency_json_and_saved_record(tiny_model_folder, tmp_path, capsys):
     record = json.loads(saved.read_text())
     assert {k: record[k] for k in out} == out
     assert isinstance(record["command"], str) and record["command"]
-    assert set(record["machine"]) == {"cpu", "cores", "torch", "python", "gpu", "load_average_1m"}
-    assert record["machine"]["cores"] >= 1
+    machine_keys = {"cpu", "read_gb_s", "read_threads", "cores", "torch", "python", "gpu", "load_average_1m"}
+    assert set(record["machine"]) == machine_keys
+    assert record["machine"]["cores"] >= 1 and record["machine"]["read_gb_s"] > 0
 
 
 def test_throughput_generates_every_requested_token(tiny_model_folder, capsys):

@@ -59,13 +59,15 @@ def test_layers_are_quantized(models):
 
 
 def test_int4_takes_the_files_choices(models):
-    # The small stand-in keeps layer 0's ffn_down at Q6_K and layer 2's at Q4_K, its head at Q8_0
-    # and q, k, v at Q5_0 and Q8_0: more than 4.5 bits, held at 6.
-    high = Int6KernelLinear if kernels.op("int6_matmul") is not None else Int8Linear
+    # The small stand-in keeps layer 0's ffn_down at Q6_K and layer 2's at Q4_K, its head and
+    # layer 0's v at Q8_0 (int6), and q and k at Q5_0 (int6 with a scale per 32).
+    kernel = kernels.op("int6_matmul") is not None
+    six, five = (Int6KernelLinear, quant.Int6Per32Linear) if kernel else (Int8Linear, Int8Linear)
     model = models["int4-file"]
-    assert isinstance(model.model.layers[0].mlp.down_proj, high)
+    assert type(model.model.layers[0].mlp.down_proj) is six and type(model.lm_head) is six
     assert isinstance(model.model.layers[2].mlp.down_proj, quant.int4_linear_class())
-    assert isinstance(model.lm_head, high) and isinstance(model.model.layers[0].self_attn.qkv_proj, high)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, StackedLinear) and [type(m) for m in qkv.runs] == [five, six] and qkv.parts_per_run == [2, 1]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4-portable", "int4-file"])
@@ -91,9 +93,9 @@ def test_logit_error_is_bounded(models, token_ids, mode, bound):
 
 def test_cuda_takes_its_int4_layer_and_int8_for_int6():
     # Chosen and sized before any weight reaches the GPU: no CUDA call, so this runs anywhere.
-    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(256, 64))
-    quant.quantize_linears(model, {"0": "int4", "1": "int6"}, torch.device("cuda"))
-    assert isinstance(model[0], Int4CudaLinear) and isinstance(model[1], Int8Linear)
+    model = torch.nn.Sequential(*(torch.nn.Linear(256, 64) for _ in range(3)))
+    quant.quantize_linears(model, {"0": "int4", "1": "int6", "2": "int6/32"}, torch.device("cuda"))
+    assert [type(m) for m in model] == [Int4CudaLinear, Int8Linear, Int8Linear]
     with pytest.raises(ValueError, match="divisible by 128"):
         quant.quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 64)), {"0": "int4"}, torch.device("cuda"))
 
@@ -173,14 +175,16 @@ def test_plan_follows_the_files_types_and_q4_k_ms_recipe_for_floats(small_gguf):
     types |= {f"{v.format(2)}.weight": "Q6_K", f"{down.format(3)}.weight": "Q8_0", "lm_head.weight": "Q5_0"}
     types |= {f"{down.format(0)}.weight": "F16", f"{down.format(1)}.weight": "Q3_K"}
     plan = quant.linear_plan(R1_1_5B, "int4", types)
-    assert plan[v.format(2)] == plan[down.format(3)] == plan["lm_head"] == "int6"
+    assert plan[v.format(2)] == plan[down.format(3)] == "int6" and plan["lm_head"] == "int6/32"
     assert plan[down.format(0)] == "int6"  # a float tensor in a GGUF takes the recipe (layer 0 keeps more bits)
     assert plan[down.format(1)] == plan[v.format(3)] == plan[down.format(4)] == "int4"
     # The small stand-in's rows of 896 fit no k-quant: Q4_K_M gives them 5.5-bit Q5_0 (or Q8_0 for
-    # Q6_K), so int4 holds them at 6 bits, as it does the file, which was made by that recipe.
+    # Q6_K), so int4 holds them at int6/32 (int6), as it does the file, which was made by that recipe.
     header = gguf.read_header(small_gguf)
     small = memory_config(small_gguf)
-    assert quant.linear_plan(small, "int4") == quant.linear_plan(small, "int4", gguf.source_types(header))
+    from_floats = quant.linear_plan(small, "int4")
+    assert from_floats == quant.linear_plan(small, "int4", gguf.source_types(header))
+    assert from_floats["model.layers.3.self_attn.q_proj"] == "int6/32" and from_floats["lm_head"] == "int6"
     with pytest.raises(ValueError, match="unknown quantization"):
         quant.linear_plan(R1_1_5B, "int3")
 
@@ -271,17 +275,31 @@ def test_q4_k_blocks_run_on_the_int4_kernel_as_the_file_has_them(small_gguf):
     assert ((layer(x).double() - want).norm() / want.norm()).item() < 1e-6
 
 
+def test_q4_k_blocks_keep_their_levels_on_the_portable_int4(small_gguf):
+    # PyTorch's kernels take each group's grid as bf16: the levels are the file's, the grid within
+    # bf16's rounding of it (8 significant bits).
+    blocks = _stored(small_gguf, "Q4_K")[0]
+    n, k = blocks.shape
+    layer = Int4Linear(k, n, bias=False)
+    layer.set_parts([blocks], torch.device("cpu"))
+    want = blocks.dequantize()
+    got = layer.dequantized_t().float().T
+    assert ((got - want).norm() / want.norm()).item() < 6e-3  # measured 3.6e-3; requantized, 1.2e-2
+
+
 @needs_kernels
-def test_int6_kernel_is_exact_on_its_quantized_activations():
+@pytest.mark.parametrize("group", [16, 32])  # Q6_K's scale per 16 inputs; per 32 for Q4_K_M's 5.5-bit tensors
+def test_int6_kernel_is_exact_on_its_quantized_activations(group):
     # The int8 activations per 16 inputs emulated in float64: what is left is float rounding.
     g = torch.Generator().manual_seed(2)
     for rows, (n, k) in ((1, (48, 256)), (5, (32, 896)), (13, (64, 512))):  # 896: a short last block of 256
-        layer = Int6KernelLinear(k, n, bias=True)
-        levels, scales, d = quant.int6_groups(torch.randn(n, k, generator=g))
+        layer = Int6KernelLinear(k, n, bias=True, group=group)
+        levels, scales, d = quant.int6_groups(torch.randn(n, k, generator=g), group)
+        assert scales.shape == (n, k // group)
         layer.set_groups(levels, scales, d)
         layer.bias = torch.nn.Parameter(torch.randn(n, generator=g), requires_grad=False)
         x = torch.randn(rows, k, generator=g)
-        weight = d.double().repeat_interleave(256, 1)[:, :k] * scales.double().repeat_interleave(16, 1)
+        weight = d.double().repeat_interleave(256, 1)[:, :k] * scales.double().repeat_interleave(group, 1)
         want = int8_per_group(x, 16) @ (weight * (levels.double() - 32)).T
         assert torch.allclose(layer(x).double(), want + layer.bias.double(), rtol=1e-5, atol=1e-4), (rows, n, k)
 
@@ -291,6 +309,16 @@ def int8_per_group(x: torch.Tensor, group: int) -> torch.Tensor:
     groups = x.double().view(x.shape[0], -1, group)
     dx = groups.abs().amax(-1, keepdim=True) / 127
     return ((groups / dx).round() * dx).view_as(x)
+
+
+def test_int6_with_a_scale_per_32_sits_between_q6_k_and_int4():
+    weight = torch.randn(64, 512, generator=torch.Generator().manual_seed(3))
+    errors = []
+    for group in (16, 32):
+        levels, scales, d = quant.int6_groups(weight, group)
+        got = d.repeat_interleave(256, 1) * scales.float().repeat_interleave(group, 1) * (levels.float() - 32)
+        errors.append(((got - weight).norm() / weight.norm()).item())
+    assert errors[0] < errors[1] < 0.025  # measured 0.0175 and 0.0203; 4.5-bit int4 is ~0.08 here
 
 
 def test_int6_quantizer_is_q6_k_grade():

@@ -5,12 +5,14 @@
 //
 // Within a row, W = d * scale * (level - 32): levels 0..63, a signed 8-bit scale per 16 inputs
 // and a float16 d per 256 (Q6_K's super-block; the last may be short): Q6_K's 6.5625 bits a weight.
+// With a scale per 32 inputs instead, 6.3125 bits: r1's format for what Q4_K_M keeps at 5.5 bits
+// (Q5_0, Q5_1, Q5_K), which a scale per 16 would hold at 1.06 bits a weight more than its file.
 //
 // Layout (packed by r1/quant.py), rows in tiles of 16 as in int4_matmul.cpp: `packed` holds each
 // level's low 4 bits exactly as int4_matmul's nibbles; `high` (tiles, K / 16, 64) its top 2 bits,
 // byte 4 r + j of chunk c holding those of inputs 16 c + j, + 4, + 8 and + 12 (j < 4) in bits 0-1,
 // 2-3, 4-5 and 6-7, so that one shift and mask lines them up with each nibble vector. scales are
-// (tiles, K / 16, 16) int8 and d (tiles, ceil(K / 256), 16) float16.
+// (tiles, K / 16 or K / 32, 16) int8 and d (tiles, ceil(K / 256), 16) float16.
 //
 // Per group of 16, with x ~ dx * qx quantized per 16 inputs:
 //   sum_k W x = d * scale * (dx * sum_k level * qx  -  32 * sum_k x)
@@ -29,8 +31,9 @@ constexpr int64_t kGroup = 16, kSuperBlock = 256;
 
 #if defined(__AVX512VNNI__)
 template <int Rows>
-void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, const at::Half* d, const float* bias,
-                 const int8_t* qx, const float* dx, const float* xsum, int64_t K, float* y, int64_t ldy) {
+void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, int scale_shift, const at::Half* d,
+                 const float* bias, const int8_t* qx, const float* dx, const float* xsum, int64_t K, float* y,
+                 int64_t ldy) {
   const __m512i low4 = _mm512_set1_epi8(0x0f), top2 = _mm512_set1_epi8(0x30);
   __m512 acc[Rows];
 #pragma GCC unroll 8
@@ -56,7 +59,7 @@ void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, co
       const int8_t* xk = qx + (k + 4 * part) * Rows;
       for (int m = 0; m < Rows; ++m) dot[m] = dpbusd_broadcast(dot[m], levels[part], xk + 4 * m);
     }
-    const __m512 scale = vmul(vload(scales + g * kTileRows), block_d), low = vmul(scale, vset(-32.f));
+    const __m512 scale = vmul(vload(scales + (g >> scale_shift) * kTileRows), block_d), low = vmul(scale, vset(-32.f));
     for (int m = 0; m < Rows; ++m) {
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), vmul(scale, vset(dx[g * Rows + m])), acc[m]);
       acc[m] = _mm512_fmadd_ps(low, vset(xsum[g * Rows + m]), acc[m]);
@@ -71,8 +74,9 @@ void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, co
 // Two halves of 8 rows. vpmaddubsw sums two level x qx products into int16 (at most 2 * 63 * 127);
 // the two nibble vectors of 8 inputs together stay below 2^15, so they are widened to int32 then.
 template <int Rows>
-void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, const at::Half* d, const float* bias,
-                 const int8_t* qx, const float* dx, const float* xsum, int64_t K, float* y, int64_t ldy) {
+void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, int scale_shift, const at::Half* d,
+                 const float* bias, const int8_t* qx, const float* dx, const float* xsum, int64_t K, float* y,
+                 int64_t ldy) {
   const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
   __m256 acc[Rows][2];
   for (int m = 0; m < Rows; ++m)
@@ -93,7 +97,8 @@ void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, co
       const __m256i levels[4] = {with_top(a, _mm256_slli_epi16(hi, 4)),
                                  with_top(_mm256_srli_epi16(a, 4), _mm256_slli_epi16(hi, 2)), with_top(b, hi),
                                  with_top(_mm256_srli_epi16(b, 4), _mm256_srli_epi16(hi, 2))};
-      const __m256 scale = vmul(vload(scales + g * kTileRows + 8 * h), block_d[h]), low = vmul(scale, vset(-32.f));
+      const __m256 scale = vmul(vload(scales + (g >> scale_shift) * kTileRows + 8 * h), block_d[h]);
+      const __m256 low = vmul(scale, vset(-32.f));
       for (int m = 0; m < Rows; ++m) {
         __m256i dot = _mm256_setzero_si256();
         for (int half = 0; half < 2; ++half) {  // inputs k + 8 half .. + 8
@@ -115,8 +120,8 @@ void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, co
 }
 #endif
 
-using TileFn = void (*)(const uint8_t*, const uint8_t*, const int8_t*, const at::Half*, const float*, const int8_t*,
-                        const float*, const float*, int64_t, float*, int64_t);
+using TileFn = void (*)(const uint8_t*, const uint8_t*, const int8_t*, int, const at::Half*, const float*,
+                        const int8_t*, const float*, const float*, int64_t, float*, int64_t);
 #if defined(__AVX512VNNI__)
 constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>,
                                        tile_kernel<5>, tile_kernel<6>, tile_kernel<7>, tile_kernel<8>};
@@ -137,9 +142,11 @@ at::Tensor int6_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(high.sizes() == at::IntArrayRef({tiles, groups, 64}) && high.scalar_type() == at::kByte &&
                   high.is_contiguous(),
               "high must be contiguous (N/16, K/16, 64) uint8");
-  TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}) && scales.scalar_type() == at::kChar &&
-                  scales.is_contiguous(),
-              "scales must be contiguous (N/16, K/16, 16) int8");
+  // A scale per 16 inputs (Q6_K's), or per 32 (for what Q4_K_M keeps at 5.5 bits).
+  const int scale_shift = scales.dim() == 3 && K % 32 == 0 && scales.size(1) == groups / 2 ? 1 : 0;
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef({tiles, groups >> scale_shift, kTileRows}) &&
+                  scales.scalar_type() == at::kChar && scales.is_contiguous(),
+              "scales must be contiguous (N/16, K/16 or K/32, 16) int8");
   TORCH_CHECK(d.sizes() == at::IntArrayRef({tiles, blocks, kTileRows}) && d.scalar_type() == at::kHalf &&
                   d.is_contiguous(),
               "d must be contiguous (N/16, ceil(K/256), 16) float16");
@@ -150,7 +157,8 @@ at::Tensor int6_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t tile_bytes = K / 2 * kTileRows + groups * 64;
   return run_tiles(x, kGroup, tiles, tile_bytes,
                    [&](int rows, int64_t t, const int8_t* q, const float* dx, const float* s, float* y, int64_t ldy) {
-                     kTileFns[rows - 1](w + t * K / 2 * kTileRows, hi + t * groups * 64, sc + t * groups * kTileRows,
+                     kTileFns[rows - 1](w + t * K / 2 * kTileRows, hi + t * groups * 64,
+                                        sc + t * (groups >> scale_shift) * kTileRows, scale_shift,
                                         dp + t * blocks * kTileRows, bias_ptr ? bias_ptr + t * kTileRows : nullptr, q,
                                         dx, s, K, y, ldy);
                    });
