@@ -139,12 +139,6 @@ def int4_from_q4_k(fields: tuple[torch.Tensor, ...], out_features: int):
     return levels.reshape(n, -1), scales.view(n, -1), (-mins.view(n, -1).to(torch.int16)).to(torch.int8), steps
 
 
-def q4_k_groups(parts: list, group_size: int, out_features: int):
-    """int4_from_q4_k's groups when every part is Q4_K blocks and the groups are Q4_K's 32; else None."""
-    fields = stored_fields(parts, "Q4_K")
-    return None if fields is None or group_size != 32 else int4_from_q4_k(fields, out_features)
-
-
 def int6_groups(weight: torch.Tensor, group: int = INT6_GROUP_SIZE, rows_per_chunk: int = 2048):
     """6-bit in Q6_K's structure, (levels, scales, d): (out, in) uint8 levels 0..63, (out, in / group)
     int8 scales (group 16 as Q6_K, or 32) and (out, ceil(in / 256)) d (float32 values that float16
@@ -242,7 +236,27 @@ def int4_nbytes(out_features: int, in_features: int, device: str = "cpu", source
     return out_features * in_features // 2 + 2 * groups + steps * out_features
 
 
-class _PyTorchInt4Linear(QuantizedLinear):
+class _Int4Groups(QuantizedLinear):
+    """What every int4 linear shares: its weight quantized by int4_groups, or Q4_K blocks taken
+    as they are (int4_from_q4_k); each subclass packs the groups for its kernel (set_groups)."""
+
+    group_size: int
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.set_groups(*int4_groups(weight, self.group_size))
+
+    def set_parts(self, parts: list, device: torch.device) -> None:
+        fields = stored_fields(parts, "Q4_K")
+        if fields is None or self.group_size != 32:
+            super().set_parts(parts, device)
+        else:
+            self.set_groups(*(t.to(device) for t in int4_from_q4_k(fields, self.out_features)))
+
+    def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _PyTorchInt4Linear(_Int4Groups):
     """r1's int4 groups on one of PyTorch's int4 kernels: they take each group's grid as bf16
     (in / group, out, 2) scales and zeros and compute w = (q - 8) * scale + zero; each kernel
     packs the levels its own way (_pack)."""
@@ -255,17 +269,8 @@ class _PyTorchInt4Linear(QuantizedLinear):
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_and_zeros", torch.empty(0, dtype=torch.bfloat16), persistent=False)
 
-    def set_weight(self, weight: torch.Tensor) -> None:
-        self.set_groups(*int4_groups(weight, self.group_size))
-
-    def set_parts(self, parts: list, device: torch.device) -> None:
-        groups = q4_k_groups(parts, self.group_size, self.out_features)
-        if groups is None:
-            super().set_parts(parts, device)
-        else:  # Q4_K's levels as they are; its grid rounded to bf16
-            self.set_groups(*(t.to(device) for t in groups))
-
     def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> None:
+        # The grid rounded to bf16 (a Q4_K tensor keeps its levels as they are).
         scale, low = int4_grid(scales, lows, steps)
         self.packed = self._pack(levels)
         self.scales_and_zeros = (
@@ -318,7 +323,7 @@ def _kernel_layout_is_known() -> bool:
     return torch.equal(probe.dequantized_t().float().T, levels)
 
 
-class Int4KernelLinear(QuantizedLinear):
+class Int4KernelLinear(_Int4Groups):
     """The same int4 groups on r1's kernel, AVX-512 VNNI or AVX2 (r1/kernels/int4_matmul.cpp,
     which describes the layout): w = steps[0] * scale * level + steps[1] * low, activations
     quantized to int8 per group. Q4_K blocks repack into it as they are."""
@@ -337,16 +342,6 @@ class Int4KernelLinear(QuantizedLinear):
         self.register_buffer("scales", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("lows", torch.empty(0, dtype=torch.int8), persistent=False)
         self.register_buffer("steps", torch.empty(0), persistent=False)
-
-    def set_weight(self, weight: torch.Tensor) -> None:
-        self.set_groups(*int4_groups(weight, self.group_size))
-
-    def set_parts(self, parts: list, device: torch.device) -> None:
-        groups = q4_k_groups(parts, self.group_size, self.out_features)
-        if groups is None:
-            super().set_parts(parts, device)
-        else:
-            self.set_groups(*groups)
 
     def set_groups(self, levels: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, steps: torch.Tensor) -> None:
         """Pack int4_groups' levels, scales, lows and steps into the kernel's tiles: steps
