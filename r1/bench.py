@@ -143,6 +143,20 @@ def engine_settings(llm, model: str) -> dict:
     }
 
 
+def speculation(llm) -> dict:
+    """Speculative decoding's counts over the engine's life: rounds, guesses, kept, and the rates."""
+    s = llm.engine.stats()
+    if not s.spec_rounds:
+        return {}
+    return {
+        "spec_rounds": s.spec_rounds,
+        "spec_proposed": s.spec_proposed,
+        "spec_accepted": s.spec_accepted,
+        "spec_acceptance_rate": round(s.spec_acceptance_rate, 4),
+        "spec_mean_accepted": round(s.spec_mean_accepted, 3),
+    }
+
+
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's name, with its family and model numbers: a VM may call every EPYC "AMD EPYC",
     and family 25 (Zen 4) and 26 (Zen 5) differ 2x in vector arithmetic."""

@@ -72,6 +72,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "one build ($R1_KERNELS overrides)",
     )
     p.add_argument(
+        "--speculative",
+        default=None,
+        metavar="ngram|draft:MODEL",
+        help="speculative decoding: guesses of the next tokens, checked in one forward (the output "
+        "is unchanged): ngram looks them up in the prompt and the output so far; draft:MODEL has a "
+        "smaller model of the same tokenizer write them (e.g. draft:demo-small for demo)",
+    )
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="the most guesses per step")
+    p.add_argument(
+        "--speculative-disable-by-batch-size",
+        type=int,
+        default=4,
+        help="no guesses in steps with at least this many running sequences",
+    )
+    p.add_argument(
         "--gpu-layer-ops",
         action="store_true",
         help="on a GPU, run norms, rotary and SwiGLU on r1's Triton kernels ($R1_GPU_LAYER_OPS=on)",
@@ -121,6 +136,9 @@ def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
         async_scheduling=a.async_scheduling,
         cpu_kernels=a.cpu_kernels,
         gpu_layer_ops=a.gpu_layer_ops,
+        speculative=a.speculative,
+        num_speculative_tokens=a.num_speculative_tokens,
+        speculative_disable_by_batch_size=a.speculative_disable_by_batch_size,
         progress=progress,
         **engine_options,
     )
@@ -462,6 +480,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
             f"{result['num_seqs']} sequences, {result['total_input_tokens']} prompt tokens, "
             f"{result['total_output_tokens']} generated in {result['seconds']:.1f} s: "
             f"{result['output_tok_s']:.1f} output tok/s"
+        )
+    result |= bench.speculation(llm)
+    if result.get("spec_rounds"):
+        summary += (
+            f"   guesses kept {result['spec_acceptance_rate']:.0%}, "
+            f"{result['spec_mean_accepted']:.2f} tokens a verifying step"
         )
     if a.save:
         path = bench.save(a.save, result, machine)

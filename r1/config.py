@@ -198,6 +198,13 @@ class EngineConfig:
     # measured). $R1_KERNELS and $R1_GPU_LAYER_OPS override them.
     cpu_kernels: str = "auto"
     gpu_layer_ops: bool = False
+    # Speculative decoding (r1/engine/speculative.py): None, "ngram" (prompt lookup) or
+    # "draft:MODEL" (a smaller model of the same vocabulary guesses), up to
+    # num_speculative_tokens guesses a step, in steps with fewer than
+    # speculative_disable_by_batch_size running sequences (vLLM's name).
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    speculative_disable_by_batch_size: int = 4
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
@@ -217,10 +224,24 @@ class EngineConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "threads",
+            "num_speculative_tokens",
+            "speculative_disable_by_batch_size",
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+        if (
+            self.speculative is not None
+            and self.speculative != "ngram"
+            and not (self.speculative.startswith("draft:") and self.speculative[len("draft:") :])
+        ):
+            raise ValueError(f"speculative must be ngram or draft:MODEL; got {self.speculative!r}")
+
+    @property
+    def draft_model(self) -> str | None:
+        """The draft model's source, when speculative is draft:MODEL."""
+        return self.speculative[len("draft:") :] if self.speculative and self.speculative.startswith("draft:") else None
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

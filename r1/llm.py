@@ -19,7 +19,17 @@ import torch
 
 from r1 import kernels, memory
 from r1.config import EngineConfig
-from r1.engine import EngineRequest, LLMEngine, ModelRunner, RequestOutput, SchedulerConfig
+from r1.engine import (
+    DraftProposer,
+    EngineRequest,
+    LLMEngine,
+    ModelRunner,
+    NgramProposer,
+    RequestOutput,
+    SchedulerConfig,
+    SpeculativeConfig,
+    Speculator,
+)
 from r1.loaders import ModelFiles, gguf, hub, load_model, open_model_files
 from r1.sampling_params import INT64, SamplingParams
 from r1.tokenizer import Tokenizer
@@ -84,8 +94,10 @@ class LLM:
         kernels.select(self.engine_config.cpu_kernels, self.engine_config.gpu_layer_ops)
         start = time.perf_counter()
         self.model = load_model(self.files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
+        self.draft = self._load_draft(progress)
         self.load_seconds = time.perf_counter() - start
-        runner = ModelRunner(self.model, *self._kv_pool(), enforce_eager=self.engine_config.enforce_eager)
+        kv_pool = self._kv_pool()
+        runner = ModelRunner(self.model, *kv_pool, enforce_eager=self.engine_config.enforce_eager)
         scheduler_config = self._scheduler_config(runner.num_sequence_blocks)
         runner.capture_decode_graphs(scheduler_config.max_num_seqs, scheduler_config.max_model_len)
         self.engine = LLMEngine(
@@ -95,14 +107,50 @@ class LLM:
             self.files.sampling_defaults,
             self._end_of_turn_ids(),
             self.engine_config.resolved_async_scheduling(self.device),
+            self._speculator(kv_pool),
         )
         self._ids = itertools.count()
+
+    # ---- speculative decoding -----------------------------------------------------------------
+
+    def _load_draft(self, progress: bool):
+        """The draft model of --speculative draft:MODEL (same dtype and quantization), or None."""
+        source = self.engine_config.draft_model
+        if source is None:
+            return None
+        files = open_model_files(source)
+        vocab = files.config.vocab_size
+        if vocab > self.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({vocab}) is larger than the model's ({self.config.vocab_size})")
+        # The two models' own tokenizers must agree (a --tokenizer override then serves both).
+        own, draft_own = load_tokenizer(None, self.files), load_tokenizer(None, files)
+        probe = "<｜User｜>Solve 2x + 3 = 7.<｜Assistant｜><think>\n def f(x):\n    return x ** 2"
+        if draft_own.encode(probe) != own.encode(probe) or draft_own.eos_token_id != own.eos_token_id:
+            raise ValueError(f"the draft model {source!r} does not share the model's tokenizer")
+        return load_model(files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
+
+    def _speculator(self, kv_pool: tuple[int, int, torch.dtype]) -> Speculator | None:
+        ec = self.engine_config
+        if ec.speculative is None:
+            return None
+        config = SpeculativeConfig(
+            "draft" if self.draft is not None else "ngram",
+            ec.num_speculative_tokens,
+            draft_model=ec.draft_model,
+            max_batch=ec.speculative_disable_by_batch_size,
+        )
+        if self.draft is None:
+            return Speculator(config, NgramProposer(config.ngram_min, config.ngram_max))
+        return Speculator(config, DraftProposer(ModelRunner(self.draft, *kv_pool, enforce_eager=True)))
 
     # ---- sizing ------------------------------------------------------------------------------
 
     def _kv_pool(self) -> tuple[int, int, torch.dtype]:
         """(num_blocks, block_size, dtype) of the paged KV cache, sized by the memory calculator."""
-        self.kv_pool_tokens = memory.kv_pool_tokens(self.config, self.engine_config, self.device, self.dtype)
+        draft = self.draft.config if self.draft is not None else None
+        self.kv_pool_tokens = memory.kv_pool_tokens(
+            self.config, self.engine_config, self.device, self.dtype, draft=draft
+        )
         return (
             self.kv_pool_tokens // self.engine_config.block_size,
             self.engine_config.block_size,

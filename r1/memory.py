@@ -576,16 +576,24 @@ def plot_sweep(table: dict[str, list[MemoryPlan | None]], path: str | Path, titl
 
 
 def kv_pool_tokens(
-    cfg: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype, free_bytes: int | None = None
+    cfg: ModelConfig,
+    engine: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    free_bytes: int | None = None,
+    draft: ModelConfig | None = None,
 ) -> int:
     """Tokens of paged KV cache the engine allocates (a multiple of the block size).
 
-    `dtype` is the model's; the cache's is engine.kv_dtype's. A stated kv_cache_tokens wins.
+    `dtype` is the model's; the cache's is engine.kv_dtype's. A draft model (speculative
+    decoding) keeps a cache of as many tokens, so a token costs both. A stated kv_cache_tokens wins.
     Otherwise the CPU gets a fixed KV budget, and CUDA a share of the memory free after loading,
     less one step's activations at the longest context the pool can hold (the pool caps the
     context, so a smaller GPU trades context for room to compute).
     """
     per_token = cfg.kv_bytes_per_token(engine.resolved_kv_dtype(dtype))
+    if draft is not None:
+        per_token += draft.kv_bytes_per_token(engine.resolved_kv_dtype(dtype))
     if engine.kv_cache_tokens:
         tokens = engine.kv_cache_tokens
     elif device.type != "cuda":  # at most two full contexts: a small model needs no 4 GiB

@@ -86,6 +86,37 @@ def sample_next(
     return tokens
 
 
+def verify_proposed(
+    logits: torch.Tensor, params: SamplingParams, proposed: list[int], generator: torch.Generator | None
+) -> tuple[list[bool], list[int], int]:
+    """The verification of n proposed tokens (speculative decoding) from the target's logits at
+    their n + 1 positions (n + 1, V): (whether row i keeps proposed[i], the token row i takes
+    when it does not, the token after the last row); params concrete, without penalties.
+
+    Proposals are point masses, so Leviathan et al.'s test keeps proposed[i] with probability
+    p_i(proposed[i]) and otherwise draws from p_i with it removed; the caller walks the rows in
+    order and stops at the first rejection. Every kept and drawn token thus follows the same
+    distribution as plain sampling (greedy: the argmax, kept when it is the proposal)."""
+    rows = len(proposed) + 1
+    if params.greedy:
+        best = greedy_tokens(logits.float()).tolist()
+        return [best[i] == proposed[i] for i in range(rows - 1)], best[:-1], best[-1]
+    vocab = logits.shape[1]
+    if _filters(params, vocab):
+        probs, ids = filter_candidates(logits.float(), params.top_k, params.top_p, params.min_p, params.temperature)
+    else:
+        probs = apply_temperature(logits.float(), params.temperature).softmax(dim=1)
+        ids = torch.arange(vocab, device=logits.device).expand(rows, vocab)
+    u = uniforms([generator], 2 * rows).view(2, rows).to(logits.device)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    guess = torch.tensor(proposed + [-1], device=logits.device).unsqueeze(1)
+    is_guess = ids == guess  # (rows, W): the proposal's column, if it was kept at all
+    p_guess = (probs * is_guess).sum(dim=1)
+    keeps = (u[0] < p_guess)[:-1].tolist()
+    residual = ids.gather(1, draw(probs.masked_fill(is_guess, 0), u[1]).unsqueeze(1)).squeeze(1).tolist()
+    return keeps, residual[:-1], residual[-1]
+
+
 def greedy_tokens(logits: torch.Tensor, chunks: int = 64) -> torch.Tensor:
     """Each row's argmax (B,), the first on ties, as torch.argmax gives it.
 

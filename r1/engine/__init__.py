@@ -24,6 +24,10 @@ _PUBLIC = {
     "LLMEngine": "llm_engine",
     "ModelRunner": "model_runner",
     "SchedulerConfig": "scheduler",  # what an engine is built from
+    "SpeculativeConfig": "speculative",
+    "Speculator": "speculative",
+    "NgramProposer": "speculative",
+    "DraftProposer": "speculative",
 }
 __all__ = sorted(_PUBLIC)
 

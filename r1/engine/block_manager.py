@@ -144,6 +144,18 @@ class BlockManager:
             # Two sequences may compute the same block side by side; the first one stays findable.
             self._cached.setdefault(block.hash, block.block_id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back seq's blocks past the first num_tokens tokens (those only rejected proposed
+        tokens used: held by seq alone, never cached)."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:  # nothing cached in it: the first to be reused
+                self._free[block_id] = None
+                self._free.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; blocks left unreferenced stay cached until reused."""
         # Freed tail first, so a sequence's tail is evicted before its head, which other prompts

@@ -32,10 +32,12 @@ import torch
 
 from r1.engine.interface import StepError, TokenConstraint, TokenUpdate, is_device_fault
 from r1.engine.model_runner import ModelRunner
-from r1.engine.sampler import sample_rows
+from r1.engine.sampler import sample_rows, token_logprobs
 from r1.engine.scheduler import ScheduledSeq, Scheduler
 from r1.engine.sequence import Sequence, SequenceStatus
+from r1.engine.speculative import Speculator
 from r1.reasoning import ANSWER, ReasoningTracker
+from r1.sampling import verify_proposed
 from r1.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,14 @@ class EngineCore:
         eos_token_ids: set[int],
         is_blank: Callable[[int], bool],
         async_scheduling: bool = False,
+        speculator: Speculator | None = None,
     ):
         self.runner, self.scheduler = runner, scheduler
         self.eos_token_ids, self.is_blank = eos_token_ids, is_blank
         self.max_model_len = scheduler.config.max_model_len
-        self.async_scheduling = async_scheduling
+        # A step with guesses to verify must know what was kept before the next one is planned.
+        self.async_scheduling = async_scheduling and speculator is None
+        self.speculator = speculator
         self.requests: dict[int, CoreRequest] = {}  # by seq_id
         self.by_request_id: dict[str, CoreRequest] = {}
         self.seq_ids = itertools.count()
@@ -91,6 +96,8 @@ class EngineCore:
         """Finish req's sequence (its blocks go back) and forget it."""
         self.scheduler.finish(req.seq, reason)
         del self.requests[req.seq.seq_id], self.by_request_id[req.request_id]
+        if self.speculator is not None:
+            self.speculator.forget(req.seq)
 
     def abort(self, request_id: str) -> None:
         """Finish a request with "abort"; its update comes out of the next step."""
@@ -109,25 +116,35 @@ class EngineCore:
             (scheduled, logits), self._ahead = self._ahead, None  # launched by the last step
         else:
             self._ahead = None  # everything it ran has ended
+            if self.speculator is not None:
+                self.speculator.plan([self.requests[seq.seq_id] for seq in self.scheduler.running])
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return updates
             try:
+                if self.speculator is not None:
+                    self.speculator.propose(scheduled)
                 logits = self.runner.run(scheduled)
             except Exception as e:
                 if not is_device_fault(e):
                     updates += [self._fail(self.requests[s.seq.seq_id], e) for s in scheduled]
                 raise StepError(e, updates) from e
         self.scheduler.update_after_step(scheduled)
-        sampling = [s.seq for s in scheduled if s.samples]  # the rows of logits
-        # A sequence that ended while its step ran (a stop found a step late, an abort) has no
-        # request left; its row is dropped.
-        live = [i for i, seq in enumerate(sampling) if not seq.is_finished]
-        if not live:
+        # The rows of logits: one per sampling sequence, 1 + num_spec for one with guesses. A
+        # sequence that ended while its step ran (a stop found a step late, an abort) has no
+        # request left; its rows are dropped.
+        plain, guessed, row = [], [], 0
+        for s in (s for s in scheduled if s.samples):
+            if not s.seq.is_finished:
+                (guessed if s.num_spec else plain).append((s, row))
+            row += 1 + s.num_spec
+        for s, first in guessed:
+            updates += self._verify(self.requests[s.seq.seq_id], s, logits[first : first + 1 + s.num_spec])
+        if not plain:
             return updates
-        if len(live) < len(sampling):
-            logits = logits[torch.tensor(live, device=logits.device)]
-        reqs = [self.requests[sampling[i].seq_id] for i in live]
+        if len(plain) < row:
+            logits = logits[torch.tensor([first for _, first in plain], device=logits.device)]
+        reqs = [self.requests[s.seq.seq_id] for s, _ in plain]
         reqs, tokens, logprobs, failures = sample_rows(logits, reqs)
         updates += [self._fail(req, e) for req, e in failures]
         if not reqs:
@@ -141,6 +158,37 @@ class EngineCore:
                 updates.append(self._append_token(req, token_id, lp))
             except Exception as e:  # its constraint: its failure alone
                 updates.append(self._fail(req, e))
+        return updates
+
+    def _verify(self, req: CoreRequest, s: ScheduledSeq, rows: torch.Tensor) -> list[TokenUpdate]:
+        """Append the guesses the target keeps and one token of its own (speculative.py); rows
+        holds the target's logits at the last known token and at each guess."""
+        seq, proposed = req.seq, req.seq.spec_token_ids[: s.num_spec]
+        updates, accepted = [], 0
+        try:
+            keeps, residual, bonus = verify_proposed(rows, req.params, proposed, req.generator)
+            for i in range(len(proposed) + 1):
+                # A spent thinking budget forces </think> here, as sample_rows does: a guess is
+                # then kept only if it is that token.
+                forced = req.reasoning.end_id if req.reasoning.budget_spent(req.params.max_reasoning_tokens) else None
+                if i < len(proposed):
+                    keep = proposed[i] == forced if forced is not None else keeps[i]
+                    token = proposed[i] if keep else forced if forced is not None else residual[i]
+                else:
+                    keep, token = False, forced if forced is not None else bonus
+                lp = token_logprobs(rows[i : i + 1], token, req.params.logprobs)
+                updates.append(self._append_token(req, token, lp))
+                if seq.is_finished or not keep:
+                    break
+                accepted += 1
+        except Exception as e:
+            if seq.is_finished:
+                raise
+            return [*updates, self._fail(req, e)]
+        finally:
+            self.speculator.record(seq, len(proposed), accepted)
+        if not seq.is_finished:
+            self.scheduler.accept_proposed(seq, accepted)
         return updates
 
     def _read_tokens(self, tokens: torch.Tensor, reqs: list[CoreRequest]) -> list[int]:

@@ -45,6 +45,18 @@ class EngineStats:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of those, found cached
     num_preemptions: int = 0
+    spec_rounds: int = 0  # speculative decoding: a request's guesses verified in one step
+    spec_proposed: int = 0  # tokens guessed
+    spec_accepted: int = 0  # of those, kept
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
+
+    @property
+    def spec_mean_accepted(self) -> float:
+        """Tokens a verifying step gives a request: its kept guesses plus its own one."""
+        return 1 + self.spec_accepted / self.spec_rounds if self.spec_rounds else 0.0
 
 
 @dataclass

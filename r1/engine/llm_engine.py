@@ -24,6 +24,7 @@ from r1.engine.model_runner import ModelRunner
 from r1.engine.output_processor import OutputProcessor
 from r1.engine.scheduler import Scheduler, SchedulerConfig
 from r1.engine.sequence import Sequence
+from r1.engine.speculative import Speculator
 from r1.reasoning import ReasoningTracker, prompt_opens_reasoning
 from r1.sampling import make_generator
 from r1.tokenizer import Tokenizer
@@ -40,13 +41,16 @@ class LLMEngine:
         sampling_defaults: dict,
         eos_token_ids: set[int],
         async_scheduling: bool = False,
+        speculator: Speculator | None = None,
     ):
         self.tokenizer, self.sampling_defaults = tokenizer, sampling_defaults
         self.eos_token_ids = eos_token_ids
         self.max_model_len = scheduler_config.max_model_len
         self.vocab_size = runner.model.config.vocab_size
         self.think_ids = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
-        self.core = EngineCore(runner, Scheduler(scheduler_config), eos_token_ids, self._is_blank, async_scheduling)
+        self.core = EngineCore(
+            runner, Scheduler(scheduler_config), eos_token_ids, self._is_blank, async_scheduling, speculator
+        )
         self.output = OutputProcessor(tokenizer)
 
     def _is_blank(self, token_id: int) -> bool:
@@ -118,8 +122,9 @@ class LLMEngine:
         return self.core.has_unfinished()
 
     def stats(self) -> EngineStats:
-        sched = self.core.scheduler
+        sched, speculator = self.core.scheduler, self.core.speculator
         bm = sched.block_manager
+        spec = speculator.stats if speculator is not None else None
         return EngineStats(
             sched.num_running,
             sched.num_waiting,
@@ -129,6 +134,9 @@ class LLMEngine:
             bm.prefix_queries,
             bm.prefix_hits,
             sched.num_preemptions,
+            spec.rounds if spec else 0,
+            spec.proposed if spec else 0,
+            spec.accepted if spec else 0,
         )
 
     def config_record(self) -> dict[str, Any]:
@@ -142,6 +150,7 @@ class LLMEngine:
             "max_num_batched_tokens": cfg.max_num_batched_tokens,
             "enable_prefix_caching": cfg.enable_prefix_caching,
             "async_scheduling": self.core.async_scheduling,
+            "speculative": self.core.speculator.settings() if self.core.speculator else None,
             "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
             "kv_cache_bytes": runner.kv_cache.nbytes,
             "cuda_graphs": runner.graphs is not None,
@@ -156,8 +165,21 @@ class LLMEngine:
         try:
             updates = self.core.step()
         except StepError as e:
-            raise StepError(e.cause, [self._process(u) for u in e.outputs]) from e.cause
-        return [self._process(u) for u in updates]
+            raise StepError(e.cause, self._process_all(e.outputs)) from e.cause
+        return self._process_all(updates)
+
+    def _process_all(self, updates: list) -> list[RequestOutput]:
+        """The outputs of a step's updates, in order. A request may have several (speculative
+        decoding keeps several tokens a step); those after its final output (a stop string found
+        in an earlier token's text) are dropped."""
+        outputs, ended = [], set()
+        for update in updates:
+            if update.request_id in ended:
+                continue
+            outputs.append(self._process(update))
+            if outputs[-1].finished:
+                ended.add(update.request_id)
+        return outputs
 
     def _process(self, update) -> RequestOutput:
         try:

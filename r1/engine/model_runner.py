@@ -66,31 +66,39 @@ class ModelRunner:
     def prepare(self, scheduled: list[ScheduledSeq], pending_rows: dict[int, int]):
         """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached
         tokens per sequence, block tables, which rows to sample, and (flat row, sampled row) of
-        each token still on the device (a sequence's pending token, at pending_rows[seq_id])."""
+        each token still on the device (a sequence's pending token, at pending_rows[seq_id]).
+
+        A sequence samples its last row, or with proposed tokens (speculative decoding) every row
+        from its last known token on: the verification reads each position's distribution."""
         token_ids, positions, slots, query_lens, seq_lens, sample_rows, pending = [], [], [], [], [], [], []
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
-            token_ids += seq.token_ids[start:end]
-            if seq.num_pending_tokens and end == seq.num_tokens:  # only a sequence's last token can be pending
+            known_end = end - s.num_spec
+            token_ids += seq.token_ids[start:known_end]
+            if seq.num_pending_tokens and known_end == seq.num_tokens:  # only a sequence's last token can be pending
                 pending.append((len(token_ids), pending_rows[seq.seq_id]))
                 token_ids.append(0)  # a place for the id, filled on the device
+            token_ids += seq.spec_token_ids[: s.num_spec]
             positions += range(start, end)
-            slots += (
-                seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)
-            )
+            slots += self.slots(seq.block_table, start, end)
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
             if s.samples:
-                sample_rows.append(len(token_ids) - 1)
+                sample_rows += range(len(token_ids) - 1 - s.num_spec, len(token_ids))
         tables = [s.seq.block_table for s in scheduled]
         return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending
+
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """The cache slots of positions start..end-1 of a sequence with this block table."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     @torch.inference_mode()
     def run(
         self, scheduled: list[ScheduledSeq], sampled: tuple[torch.Tensor, dict[int, int]] | None = None
     ) -> torch.Tensor:
-        """Run one step; float32 logits (M, vocab) for the M scheduled sequences that sample.
+        """Run one step; float32 logits (M, vocab) of the M rows prepare() samples.
 
         `sampled` holds the last step's tokens, and the row of each sequence whose input still
         counts its token as pending (async scheduling): they go from there into the inputs on
@@ -100,10 +108,7 @@ class ModelRunner:
         token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending = self.prepare(
             scheduled, pending_rows
         )
-
-        def tensor(x):  # non-blocking: an in-flight forward need not finish before this one is queued
-            return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
-
+        tensor = self._tensor
         input_ids = tensor(token_ids)
         if pending:
             rows, sources = zip(*pending)
@@ -111,12 +116,40 @@ class ModelRunner:
         if self.graphs is not None and len(scheduled) <= self.graphs.max_batch and all(n == 1 for n in query_lens):
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
         else:
-            width = max(len(t) for t in tables)
-            meta = AttentionMetadata(
-                tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]), query_lens, seq_lens
-            )
-            hidden = self.model(input_ids, tensor(positions), self.kv_cache, meta)
+            hidden = self._forward(input_ids, positions, slots, query_lens, seq_lens, tables)
         return self.model.compute_logits(hidden[tensor(sample_rows)])
+
+    @torch.inference_mode()
+    def run_chunks(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """Run each chunk (token ids, position of the first, block table) of a sequence whose
+        earlier tokens are cached; float32 logits (len(chunks), vocab) of each chunk's last token.
+        The draft model's forward (speculative.py), which keeps no bookkeeping of its own."""
+        token_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
+        for ids, start, table in chunks:
+            end = start + len(ids)
+            token_ids += ids
+            positions += range(start, end)
+            slots += self.slots(table, start, end)
+            query_lens.append(len(ids))
+            seq_lens.append(end)
+        last_rows = torch.tensor(query_lens).cumsum(0) - 1
+        hidden = self._forward(
+            self._tensor(token_ids), positions, slots, query_lens, seq_lens, [table for _, _, table in chunks]
+        )
+        return self.model.compute_logits(hidden[last_rows.to(self.device)])
+
+    def _forward(self, input_ids, positions, slots, query_lens, seq_lens, tables) -> torch.Tensor:
+        """The model's eager forward over a flat batch; hidden states (N, hidden)."""
+        tensor = self._tensor
+        width = max(len(t) for t in tables)
+        meta = AttentionMetadata(
+            tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]), query_lens, seq_lens
+        )
+        return self.model(input_ids, tensor(positions), self.kv_cache, meta)
+
+    def _tensor(self, x: list) -> torch.Tensor:
+        """Host ints on the device, non-blocking: an in-flight forward need not finish first."""
+        return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
 
     def start_reading(self, x: torch.Tensor) -> Callable[[], list]:
         """Start copying x to the host behind the work queued so far, ahead of any queued later;

@@ -61,13 +61,20 @@ def _sample(logits: torch.Tensor, reqs: list) -> tuple[torch.Tensor, list[list[d
         if r.reasoning.budget_spent(r.params.max_reasoning_tokens):
             tokens[i] = r.reasoning.end_id  # thinking budget spent: close it, the answer follows
     # Logprobs are read before the next step is launched, which reading would wait for.
-    return tokens, _logprobs(raw_logits, tokens, reqs)
+    return tokens, _logprobs(raw_logits, tokens, [r.params.logprobs for r in reqs])
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, reqs: list) -> list[list[dict]]:
-    wanted = [r.params.logprobs for r in reqs]
+def token_logprobs(row: torch.Tensor, token_id: int, top_n: int | None) -> list[dict]:
+    """The logprobs entry of one chosen token from its raw logits row (1, V); [] when not asked."""
+    if top_n is None:
+        return []
+    return _logprobs(row, torch.tensor([token_id]), [top_n])[0]
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]) -> list[list[dict]]:
+    """Each row's logprobs entry for its token, with its top wanted[i] alternatives (None: [])."""
     if all(w is None for w in wanted):
-        return [[] for _ in reqs]
+        return [[] for _ in wanted]
     top_n = max(w or 0 for w in wanted)
     chosen, top_ids, top_lps = compute_logprobs(logits, tokens, top_n)
     token_ids = tokens.tolist()

@@ -38,14 +38,22 @@ class SchedulerConfig:
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # run seq.token_ids[seq.num_computed_tokens:][:num_new_tokens] now
+    num_new_tokens: int  # run (seq.token_ids + seq.spec_token_ids)[seq.num_computed_tokens:][:num_new_tokens] now
+    # Of those, proposed tokens (speculative decoding) after the sequence's last token: room made
+    # for them; the proposer may fill fewer (shrink), and the verification counts those accepted.
+    num_spec: int = 0
     # Whether this step reaches the end of the known tokens, so a token is sampled for it. Fixed
     # when scheduled, so it still reads true after update_after_step and append_token.
     samples: bool = field(init=False)
 
     def __post_init__(self):
         assert self.num_new_tokens > 0, f"{self.seq} scheduled with {self.num_new_tokens} tokens"
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens - self.num_spec == self.seq.num_tokens
+
+    def shrink_spec(self, num_spec: int) -> None:
+        """Run only num_spec of the proposed tokens room was made for (the proposer found fewer)."""
+        self.num_new_tokens -= self.num_spec - num_spec
+        self.num_spec = num_spec
 
 
 class Scheduler:
@@ -107,10 +115,14 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            if not self._allocate_or_preempt(seq, num_new):
+            # A decoding sequence may take room for proposed tokens, from what the budget leaves.
+            num_spec = (
+                min(seq.num_lookahead_tokens, budget - num_new) if seq.num_computed_tokens == seq.num_tokens - 1 else 0
+            )
+            if not self._allocate_or_preempt(seq, num_new + num_spec):
                 break  # seq was the newest running sequence and preempted itself
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            scheduled.append(ScheduledSeq(seq, num_new + num_spec, num_spec))
+            budget -= num_new + num_spec
             i += 1
 
         # Then waiting ones in arrival order, unless blocks just ran out: admitting now would only
@@ -137,13 +149,24 @@ class Scheduler:
         return scheduled
 
     def update_after_step(self, scheduled: list[ScheduledSeq]) -> None:
-        """Record that the step computed its tokens; call it before finishing any of them."""
+        """Record that the step computed its tokens, proposed ones aside (accept_proposed counts
+        those that hold); call it before finishing any of them."""
         for s in scheduled:
             if s.seq.is_finished:  # aborted while the step ran; its blocks are already freed
                 continue
             num_computed_before = s.seq.num_computed_tokens
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens - s.num_spec
             self.block_manager.cache_full_blocks(s.seq, num_computed_before)
+
+    def accept_proposed(self, seq: Sequence, num_accepted: int) -> None:
+        """Count as computed the first num_accepted proposed tokens, now in seq.token_ids, and give
+        back the blocks that only the rejected ones used. Their KV stays where it was written, past
+        the computed tokens, to be overwritten; the prefix cache never saw it."""
+        num_computed_before = seq.num_computed_tokens
+        seq.num_computed_tokens += num_accepted
+        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
+        self.block_manager.cache_full_blocks(seq, num_computed_before)
+        self.block_manager.trim(seq, seq.num_tokens)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a waiting or running sequence ("stop", "length" or "abort") and free its blocks."""
@@ -173,7 +196,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and requeue it at the front, to recompute everything it had."""
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

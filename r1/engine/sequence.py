@@ -37,6 +37,13 @@ class Sequence:
         # coming token while it schedules and launches the next step, before the id is known.
         self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # of the prompt, found in the prefix cache at the last admission
+        # Speculative decoding (r1/engine/speculative.py): how many proposed tokens the scheduler
+        # should make room for after the last token, the tokens proposed for this step (never in
+        # token_ids until accepted), and the tokens whose KV the draft model holds, in its own
+        # cache under the same block table.
+        self.num_lookahead_tokens = 0
+        self.spec_token_ids: list[int] = []
+        self.num_draft_computed_tokens = 0
         self.block_table: list[int] = []  # KV block ids, in token order
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
 

@@ -117,3 +117,16 @@ class _EngineCollector:
         )
         rate = s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0
         yield GaugeMetricFamily("r1_prefix_cache_hit_rate", "Prefix-cache hits over queries, in tokens", value=rate)
+        yield CounterMetricFamily(
+            "r1_spec_decode_rounds", "Speculative decoding: a request's guesses verified in a step", value=s.spec_rounds
+        )
+        yield CounterMetricFamily("r1_spec_decode_draft_tokens", "Tokens guessed", value=s.spec_proposed)
+        yield CounterMetricFamily("r1_spec_decode_accepted_tokens", "Guessed tokens kept", value=s.spec_accepted)
+        yield GaugeMetricFamily(
+            "r1_spec_decode_acceptance_rate", "Guessed tokens kept over guessed", value=s.spec_acceptance_rate
+        )
+        yield GaugeMetricFamily(
+            "r1_spec_decode_mean_accepted_length",
+            "Tokens a verifying step gives a request (kept guesses + 1)",
+            value=s.spec_mean_accepted,
+        )
