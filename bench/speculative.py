@@ -75,7 +75,7 @@ def run_llama_speculative(args, prompts: list[dict], rendered: list[str]) -> dic
             cmd = [
                 str(exe), "-m", str(gguf_path(args.model)), "-md", str(gguf_path(args.draft)), "-f", f.name,
                 "-n", str(args.max_tokens), "--spec-draft-n-max", str(args.k), "-t", str(args.threads),
-                "-td", str(args.threads), "--temp", "0", "-c", "4096", "--no-warmup",
+                "-td", str(args.threads), "--temp", "0", "-c", "4096",
             ]  # fmt: skip
             log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
         decoded = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
