@@ -310,3 +310,20 @@ def test_random_workload_finishes_everything_without_leaks(seed):
     if caching:
         assert eng.bm.prefix_hits > 0
     eng.assert_no_leaks()
+
+
+def test_room_for_guesses_comes_from_what_is_left_and_goes_back():
+    eng = FakeEngine(num_blocks=5, block_size=4, max_num_batched_tokens=16)
+    a, b = eng.add(prompt(0, 4), max_tokens=8), eng.add(prompt(100, 7), max_tokens=4)
+    eng.step()  # both prefill: a holds 1 block, b 2
+    a.num_lookahead_tokens = b.num_lookahead_tokens = 8
+    scheduled = eng.sched.schedule()
+    # a takes its token and 7 guesses, in the two free blocks; b finds no block left for
+    # guesses and runs its token alone, in its own block, preempting nobody.
+    assert [(s.seq.seq_id, s.num_new_tokens, s.num_spec) for s in scheduled] == [(a.seq_id, 8, 7), (b.seq_id, 1, 0)]
+    assert eng.sched.num_preemptions == 0 and eng.bm.num_free_blocks == 0
+    eng.sched.update_after_step(scheduled)
+    assert a.num_computed_tokens == 5  # its own token; guesses count once kept
+    a.append_token(1)
+    eng.sched.accept_proposed(a, 0)  # every guess rejected: the block only they used goes back
+    assert a.num_computed_tokens == 5 and len(a.block_table) == 2 and eng.bm.num_free_blocks == 1

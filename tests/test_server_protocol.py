@@ -241,6 +241,9 @@ def test_metrics_histograms_and_gauges():
             kv_cache_usage=0.25,
             prefix_queries=200,
             prefix_hits=50,
+            spec_rounds=10,
+            spec_proposed=40,
+            spec_accepted=30,
         )
     )
     seen: dict = {}
@@ -259,6 +262,10 @@ def test_metrics_histograms_and_gauges():
         "r1_requests_waiting 1.0",
         "r1_kv_cache_usage_ratio 0.25",
         "r1_prefix_cache_hit_rate 0.25",
+        "r1_spec_decode_draft_tokens_total 40.0",
+        "r1_spec_decode_accepted_tokens_total 30.0",
+        "r1_spec_decode_acceptance_rate 0.75",
+        "r1_spec_decode_mean_accepted_length 4.0",  # 3 kept a round, and the model's own token
     ):
         assert line in text
     assert not seen  # finished requests leave no state behind

@@ -115,10 +115,12 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            # A decoding sequence may take room for proposed tokens, from what the budget leaves.
-            num_spec = (
-                min(seq.num_lookahead_tokens, budget - num_new) if seq.num_computed_tokens == seq.num_tokens - 1 else 0
-            )
+            # A decoding sequence may take room for proposed tokens, from what the budget and the
+            # free blocks leave: guesses never preempt anybody.
+            num_spec = 0
+            if seq.num_lookahead_tokens and seq.num_computed_tokens == seq.num_tokens - 1:
+                slots = (len(seq.block_table) + self.block_manager.num_free_blocks) * self.config.block_size
+                num_spec = max(0, min(seq.num_lookahead_tokens, budget - num_new, slots - seq.num_tokens))
             if not self._allocate_or_preempt(seq, num_new + num_spec):
                 break  # seq was the newest running sequence and preempted itself
             scheduled.append(ScheduledSeq(seq, num_new + num_spec, num_spec))
