@@ -6,12 +6,19 @@ Each engine gives three figures, greedy with eos ignored, after a warm-up of the
   output_tok_s   16 sequences at once, prompt 128 and 128 generated each (llama-batched-bench's
                  shape): generated tokens over wall seconds, prefill included
 and r1's ratio to each peer (above 1: r1 is faster). r1 is measured by r1.bench; the peers copy
-its protocol here. llama.cpp runs through llama-cpp-python's low-level API: one context holds
-every sequence, several sequences share each llama_batch, and the next token is a numpy argmax
-of the logits. transformers dequantizes the GGUF to fp32 (about 100 s to load the 1.5B).
-Engines run one after another in this process, each freed before the next loads.
+its protocol here. llama-bench is llama.cpp's own C++ tools, the reference: `llama-bench` for
+prefill (pp) and batch-1 decode (tg), `llama-batched-bench` for the batched figure (its
+generated tokens over its wall seconds), built natively from the llama.cpp that the
+llama-cpp-python sdist vendors (bench/README.md says how; --llama-bin names its bin folder).
+llama.cpp runs through llama-cpp-python's low-level API, which adds the binding's Python loop:
+one context holds every sequence, several sequences share each llama_batch, and the next token
+is a numpy argmax of the logits. transformers dequantizes the GGUF to fp32 (about 100 s to load
+the 1.5B). Engines run one after another, each freed before the next loads. Batch-1 decode is
+also given as a fraction of the bus: tok/s x weight bytes a token read / the machine's measured
+read bandwidth (bench.machine()).
 
     python bench/compare.py                                 # the demo stand-in, both peers, 2 threads
+    python bench/compare.py --peers llama-bench --llama-bin ../llama-work/build/bin   # llama.cpp's own tools
     python bench/compare.py --peers llama.cpp --quant int4 --save bench/results/compare_demo_int4.json
     python bench/compare.py --peers "" --baseline HEAD~3 --repeats 3   # r1 against an older r1 (A/B)
     python bench/compare.py --peers llama.cpp --kv-dtype int8 --prompt-len 8192 --output-len 64 --num-seqs 1 \
@@ -35,7 +42,7 @@ from pathlib import Path
 from r1 import bench, options
 from r1.loaders import open_model_files, resolve_path
 
-PEERS = ("llama.cpp", "transformers")
+PEERS = ("llama-bench", "llama.cpp", "transformers")
 FIGURES = {
     "prefill_tok_s": "prefill tok/s",
     "decode_tok_s": "decode tok/s (batch 1)",
@@ -102,6 +109,7 @@ def run_r1(model: str, args, work: Workload) -> dict:
         kv_dtype=args.kv_dtype,
         progress=False,
     )
+    read_bytes = bench.decode_read_bytes(llm.model)
     lat = bench.latency(llm, work.prompt_len, work.output_len, work.repeats, work.seed)
     thr = bench.throughput(llm, *work.batch(), temperature=0.0, seed=work.seed)
     return {
@@ -111,6 +119,7 @@ def run_r1(model: str, args, work: Workload) -> dict:
         "batch_seconds": thr["seconds"],
         "total_output_tokens": thr["total_output_tokens"],
         "output_tok_s": thr["output_tok_s"],
+        "decode_read_bytes": read_bytes,
     }
 
 
@@ -145,7 +154,42 @@ def run_baseline(rev: str, argv: list[str]) -> dict:
     return {"revision": rev, **json.loads(done.stdout.strip().splitlines()[-1])["engines"]["r1"]}
 
 
-# ---- llama.cpp ---------------------------------------------------------------------------------
+# ---- llama.cpp's own tools ---------------------------------------------------------------------
+
+
+def run_llama_bench(path: Path, args, work: Workload) -> dict:
+    if not args.llama_bin:
+        raise SystemExit("the llama-bench peer needs --llama-bin (llama.cpp's build/bin; bench/README.md)")
+    bin_dir, threads = Path(args.llama_bin), str(args.threads)
+    single = [str(bin_dir / "llama-bench"), "-m", str(path), "-t", threads, "-o", "json"]
+    single += ["-p", str(work.prompt_len), "-n", str(work.output_len), "-r", str(max(2, work.repeats))]
+    rows = json.loads(subprocess.run(single, capture_output=True, text=True, check=True).stdout)
+    prefill = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
+    decode = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
+    ctx = work.num_seqs * (work.batch_prompt_len + work.batch_output_len)
+    batched = [str(bin_dir / "llama-batched-bench"), "-m", str(path), "-t", threads, "--output-format", "jsonl"]
+    batched += ["-npp", str(work.batch_prompt_len), "-ntg", str(work.batch_output_len), "-npl", str(work.num_seqs)]
+    batched += ["-c", str(-(-ctx // 256) * 256)]
+    out = subprocess.run(batched, capture_output=True, text=True, check=True).stdout
+    row = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    generated = row["pl"] * row["tg"]
+    return {
+        "commands": [" ".join(single), " ".join(batched)],
+        "build_commit": prefill.get("build_commit"),
+        "threads": args.threads,
+        "kv_cache": "f16",
+        "prefill_seconds": work.prompt_len / prefill["avg_ts"],
+        "prefill_tok_s": prefill["avg_ts"],
+        "decode_seconds": work.output_len / decode["avg_ts"],
+        "decode_tok_s": decode["avg_ts"],
+        "batch_seconds": row["t"],
+        "total_output_tokens": generated,
+        "output_tok_s": generated / row["t"],
+        "decode_read_bytes": bench.gguf_decode_read_bytes(path),
+    }
+
+
+# ---- llama.cpp through llama-cpp-python ---------------------------------------------------------
 
 
 class LlamaCpp:
@@ -324,6 +368,9 @@ def print_table(engines: dict, ratios: dict, work: Workload) -> None:
         t.add_column(f"r1 / {peer}", justify="right")
     for key, label in FIGURES.items():
         t.add_row(label, *(f"{e[key]:.2f}" for e in engines.values()), *(f"{r[key]:.2f}x" for r in ratios.values()))
+    shares = [e.get("decode_bus_fraction") for e in engines.values()]
+    if any(shares):
+        t.add_row("decode, share of the bus", *(f"{x:.0%}" if x else "" for x in shares), *([""] * len(ratios)))
     # Piped output gets rich's 80 columns, too narrow for five columns of figures.
     Console(highlight=False, width=None if sys.stdout.isatty() else 120).print(t)
 
@@ -333,8 +380,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--model", default="demo", help="a .gguf file or demo / demo-small (default: demo, the 1.5B stand-in)"
     )
-    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
+    p.add_argument(
+        "--peers",
+        default=None,
+        help=f"comma-separated, of {', '.join(PEERS)} (default: all; llama-bench only with --llama-bin)",
+    )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--llama-bin",
+        default=os.environ.get("LLAMA_CPP_BIN"),
+        help="llama.cpp's build/bin, for the llama-bench peer (default: $LLAMA_CPP_BIN)",
+    )
     p.add_argument(
         "--quant",
         default="int4",
@@ -361,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--baseline", default=None, metavar="REV", help="also measure r1 as of this git revision, as the peer r1@REV"
     )
     args = p.parse_args(argv)
+    if args.peers is None:
+        args.peers = ",".join(p for p in PEERS if p != "llama-bench" or args.llama_bin)
     peers = [x for x in args.peers.split(",") if x]
     if unknown := set(peers) - set(PEERS):
         p.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
@@ -381,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     runners = {
         "r1": lambda: run_r1(args.model, args, work),
+        "llama-bench": lambda: run_llama_bench(path, args, work),
         "llama.cpp": lambda: run_llama_cpp(path, args, work),
         "transformers": lambda: run_transformers(path, args, work),
     }
@@ -410,6 +469,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"running {name} ...", flush=True)
         engines[name] = runners[name]()
         gc.collect()  # free this engine's weights before the next one loads
+    for figures in engines.values():
+        if "decode_read_bytes" in figures:
+            figures["decode_bus_fraction"] = bench.bus_fraction(
+                figures["decode_tok_s"], figures["decode_read_bytes"], machine
+            )
     ratios = {peer: {k: engines["r1"][k] / engines[peer][k] for k in FIGURES} for peer in peers}
     result = {
         "settings": {"model": args.model, "path": str(path), "peers": peers, **asdict(work)},

@@ -69,22 +69,8 @@ def scored_log_probs(llm, text_ids: list[int]) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(rows), torch.cat(targets)
 
 
-def decode_bytes(model) -> int:
-    """The weight bytes one decode step reads: every parameter and buffer but the embedding table."""
-    embedding = model.model.embed_tokens.weight
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t is not embedding]
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-
-def gguf_decode_bytes(path: str) -> int:
-    from r1.loaders import gguf
-
-    header = gguf.read_header(path)
-    return sum(gguf.tensor_nbytes(t) for t in header.tensors if t.name != "token_embd.weight")
-
-
 def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, a) -> dict:
-    from r1 import LLM, SamplingParams
+    from r1 import LLM, SamplingParams, bench
 
     llm = LLM(model, dtype=dtype, quant=quant, kv_dtype=kv_dtype, device="cpu", threads=a.threads, progress=False)
     text_ids = llm.tokenizer.encode(KL_TEXT.read_text())
@@ -98,7 +84,7 @@ def run_mode(model: str, dtype: str, quant: str, kv_dtype: str, a) -> dict:
         "targets": targets,
         "text_tokens": len(text_ids),
         "greedy": [c.token_ids for c in out],
-        "decode_bytes": decode_bytes(llm.model),
+        "decode_bytes": bench.decode_read_bytes(llm.model),
     }
     if a.humaneval:
         import humaneval
@@ -151,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     if a.peer:
         runs[PEER] = run_mode(a.peer, "fp32", "none", "auto", a)
-        runs[PEER]["decode_bytes"] = gguf_decode_bytes(a.peer)
+        runs[PEER]["decode_bytes"] = bench.gguf_decode_read_bytes(a.peer)
         names.append(PEER)
     ref = runs[names[0]]
     rows = {}

@@ -143,6 +143,27 @@ def engine_settings(llm, model: str) -> dict:
     }
 
 
+def decode_read_bytes(model) -> int:
+    """The weight bytes one decode step reads: every parameter and buffer but the embedding table."""
+    embedding = model.model.embed_tokens.weight
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t is not embedding]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def gguf_decode_read_bytes(path) -> int:
+    """The same for llama.cpp running a GGUF file: its tensors but the embedding table."""
+    from r1.loaders import gguf
+
+    header = gguf.read_header(path)
+    return sum(gguf.tensor_nbytes(t) for t in header.tensors if t.name != "token_embd.weight")
+
+
+def bus_fraction(tok_s: float, read_bytes: int, machine_info: dict) -> float | None:
+    """Decode speed as a fraction of what the measured read bandwidth allows for read_bytes a token."""
+    gb_s = machine_info.get("read_gb_s")
+    return round(tok_s * read_bytes / (gb_s * 1e9), 3) if gb_s else None
+
+
 def speculation(llm) -> dict:
     """Speculative decoding's counts over the engine's life: rounds, guesses, kept, and the rates."""
     s = llm.engine.stats()
