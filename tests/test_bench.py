@@ -132,3 +132,27 @@ def test_read_bandwidth_is_bytes_over_the_fastest_pass(monkeypatch):
     clock = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # passes of 0.5, 0.25 and 1 s
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     assert bench.read_bandwidth_gb_s(gib=0.25) == round(2**28 / 0.25 / 1e9, 1)
+
+
+def test_latency_with_guesses_records_what_was_kept(tiny_model_folder, capsys):
+    out = _run_json(
+        capsys,
+        "latency",
+        "--model",
+        str(tiny_model_folder),
+        "--prompt-len",
+        "16",
+        "--output-len",
+        "12",
+        "--speculative",
+        f"draft:{tiny_model_folder}",
+        "--json",
+    )
+    assert out["speculative"]["method"] == "draft" and out["speculative"]["num_tokens"] == 4
+    assert out["spec_proposed"] > 0 and out["spec_acceptance_rate"] == 1.0  # the model's own guesses
+    assert out["spec_mean_accepted"] == pytest.approx(1 + out["spec_accepted"] / out["spec_rounds"], abs=1e-3)
+
+
+def test_bus_fraction_is_bytes_moved_over_what_the_bus_reads():
+    assert bench.bus_fraction(10.0, 1_500_000_000, {"read_gb_s": 20.0}) == 0.75
+    assert bench.bus_fraction(10.0, 1_500_000_000, {"read_gb_s": None}) is None
