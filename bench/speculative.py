@@ -4,8 +4,10 @@ r1 decodes each prompt of bench/data/speculative_prompts.json (code, a math word
 R1-style reasoning prompt; greedy, chat template) plain, with `--speculative ngram` and with
 `--speculative draft:DRAFT`; llama.cpp's `llama-speculative` decodes the same rendered prompts
 with the same two GGUF files and the same number of guesses, and `llama-bench` gives its plain
-batch-1 decode. Prints tok/s, guesses kept and the ratios, and saves the record (machine,
-command, figures) to bench/results/.
+batch-1 decode. With --batches, r1 also runs B of the prompts at once, plain and with the draft
+guessing in every step, to show where speculation stops paying (the default
+--speculative-disable-by-batch-size). Prints tok/s, guesses kept and the ratios, and saves the
+record (machine, command, figures) to bench/results/.
 
     python bench/speculative.py --model demo --draft demo-small --quant int4 \\
         --llama-bin ../llama-work/build/bin --save bench/results/speculative_demo.json
@@ -41,6 +43,7 @@ def run_r1(args, speculative: str | None, prompts: list[dict]) -> dict:
         threads=args.threads,
         speculative=speculative,
         num_speculative_tokens=args.k,
+        speculative_draft_quant=args.draft_quant,
         progress=False,
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -63,6 +66,35 @@ def run_r1(args, speculative: str | None, prompts: list[dict]) -> dict:
             }
         )
     return {"settings": bench.engine_settings(llm, args.model), "prompts": per_prompt, **_totals(per_prompt)}
+
+
+def run_batches(args, prompts: list[dict], batches: list[int]) -> dict:
+    """Output tok/s of B prompts at once (64 greedy tokens each, eos ignored), plain and with the
+    draft guessing whatever the batch."""
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    conversations = [p["messages"] for p in prompts]
+    figures = {}
+    for name, speculative in (("plain", None), ("draft", f"draft:{args.draft}")):
+        llm = LLM(
+            args.model,
+            quant=args.quant,
+            threads=args.threads,
+            speculative=speculative,
+            num_speculative_tokens=args.k,
+            speculative_draft_quant=args.draft_quant,
+            speculative_disable_by_batch_size=max(batches) + 1,
+            progress=False,
+        )
+        llm.chat(conversations[:1], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+        for b in batches:
+            batch = [conversations[i % len(conversations)] for i in range(b)]
+            start = time.perf_counter()
+            tokens = sum(c.usage["completion_tokens"] for c in llm.chat(batch, params))
+            figures.setdefault(str(b), {})[name] = round(tokens / (time.perf_counter() - start), 2)
+        del llm
+    for row in figures.values():
+        row["draft_vs_plain"] = round(row["draft"] / row["plain"], 3)
+    return figures
 
 
 def run_llama_speculative(args, prompts: list[dict], rendered: list[str]) -> dict:
@@ -114,10 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="demo")
     p.add_argument("--draft", default="demo-small")
     p.add_argument("--quant", default="int4", choices=options.QUANT_MODES)
+    p.add_argument(
+        "--draft-quant", default=None, choices=options.QUANT_MODES, help="default: r1's (int4-pure under an int4)"
+    )
     p.add_argument("--k", type=int, default=4, help="the most guesses a step, for r1 and llama.cpp alike")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--llama-bin", default=None, help="llama.cpp's build/bin (bench/README.md says how to build it)")
+    p.add_argument("--batches", default=None, help="e.g. 1,2,4: also r1 plain and draft at these batch sizes")
     p.add_argument("--save", default=None, metavar="PATH")
     args = p.parse_args(argv)
     machine = bench.machine()
@@ -135,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs["llama_speculative"] = run_llama_speculative(args, prompts, rendered)
         runs["llama_bench"] = run_llama_bench(args)
     result["runs"] = runs
+    if args.batches:
+        result["batches"] = run_batches(args, prompts, [int(b) for b in args.batches.split(",")])
     plain = runs["r1"]["tok_s"]
     ratios = {f"{name}_vs_r1_plain": round(run["tok_s"] / plain, 3) for name, run in runs.items() if name != "r1"}
     ratios["r1_draft_code_vs_r1_plain_code"] = round(runs["r1_draft"]["code_tok_s"] / runs["r1"]["code_tok_s"], 3)
@@ -149,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:18s} {run['tok_s']:7.2f} tok/s" + (f"   kept {sum(kept) / len(kept):.0%}" if kept else ""))
     for name, ratio in ratios.items():
         print(f"{name:40s} {ratio:.3f}x")
+    for b, row in result.get("batches", {}).items():
+        print(f"batch {b}: plain {row['plain']:.2f} tok/s, draft {row['draft']:.2f} ({row['draft_vs_plain']:.3f}x)")
     if args.save:
         bench.save(args.save, result, machine)
     return result

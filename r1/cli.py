@@ -81,6 +81,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="the most guesses per step")
     p.add_argument(
+        "--speculative-draft-quant",
+        default=None,
+        choices=options.QUANT_MODES,
+        help="the draft model's weight quantization (default: int4-pure where --quant is an int4, "
+        "otherwise --quant's): its guesses need only be cheap, the output never changes",
+    )
+    p.add_argument(
         "--speculative-disable-by-batch-size",
         type=int,
         default=4,
@@ -139,6 +146,7 @@ def _build_llm(a: argparse.Namespace, progress: bool = True, **engine_options):
         speculative=a.speculative,
         num_speculative_tokens=a.num_speculative_tokens,
         speculative_disable_by_batch_size=a.speculative_disable_by_batch_size,
+        speculative_draft_quant=a.speculative_draft_quant,
         progress=progress,
         **engine_options,
     )

@@ -205,12 +205,17 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 4
     speculative_disable_by_batch_size: int = 4
+    # The draft's weight quantization; None: int4-pure when quant is an int4 (its guesses need
+    # only be cheap: a coarser draft never changes the output), quant otherwise.
+    speculative_draft_quant: str | None = None
 
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, auto; got {self.dtype!r}")
-        if self.quant not in QUANT_MODES:
-            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.quant!r}")
+        for name in ("quant", "speculative_draft_quant"):
+            value = getattr(self, name)
+            if value not in QUANT_MODES and not (name == "speculative_draft_quant" and value is None):
+                raise ValueError(f"{name} must be one of {', '.join(QUANT_MODES)}; got {value!r}")
         if self.kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_dtype!r}")
         if self.cpu_kernels not in options.CPU_KERNELS:
@@ -237,6 +242,12 @@ class EngineConfig:
             and not (self.speculative.startswith("draft:") and self.speculative[len("draft:") :])
         ):
             raise ValueError(f"speculative must be ngram or draft:MODEL; got {self.speculative!r}")
+
+    @property
+    def resolved_draft_quant(self) -> str:
+        if self.speculative_draft_quant is not None:
+            return self.speculative_draft_quant
+        return "int4-pure" if self.quant.startswith("int4") else self.quant
 
     @property
     def draft_model(self) -> str | None:

@@ -114,7 +114,8 @@ class LLM:
     # ---- speculative decoding -----------------------------------------------------------------
 
     def _load_draft(self, progress: bool):
-        """The draft model of --speculative draft:MODEL (same dtype and quantization), or None."""
+        """The draft model of --speculative draft:MODEL (the model's dtype; resolved_draft_quant's
+        weights), or None."""
         source = self.engine_config.draft_model
         if source is None:
             return None
@@ -127,7 +128,9 @@ class LLM:
         probe = "<｜User｜>Solve 2x + 3 = 7.<｜Assistant｜><think>\n def f(x):\n    return x ** 2"
         if draft_own.encode(probe) != own.encode(probe) or draft_own.eos_token_id != own.eos_token_id:
             raise ValueError(f"the draft model {source!r} does not share the model's tokenizer")
-        return load_model(files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
+        return load_model(
+            files, self.dtype, self.device, progress=progress, quant=self.engine_config.resolved_draft_quant
+        )
 
     def _speculator(self, kv_pool: tuple[int, int, torch.dtype]) -> Speculator | None:
         ec = self.engine_config
@@ -137,6 +140,7 @@ class LLM:
             "draft" if self.draft is not None else "ngram",
             ec.num_speculative_tokens,
             draft_model=ec.draft_model,
+            draft_quant=ec.resolved_draft_quant if self.draft is not None else None,
             max_batch=ec.speculative_disable_by_batch_size,
         )
         if self.draft is None:

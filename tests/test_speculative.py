@@ -81,9 +81,11 @@ def test_ngram_lookup_proposes_what_followed_the_latest_longest_match():
 
 def test_batch_with_chunked_prefill_equals_plain(tiny_model_folder, plain, speculative):
     prompts = _prompts(6)
-    expected = [c.token_ids for c in plain.generate(prompts, GREEDY)]
+    # One request with a penalty, which never guesses, shares the steps of those that do.
+    params = [GREEDY] * 5 + [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3)]
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
     llm = _spec_llm(tiny_model_folder, speculative, max_num_batched_tokens=16)
-    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == expected
+    assert [c.token_ids for c in llm.generate(prompts, params)] == expected
     # Each alone, too: batch 1 is where speculation is on by default.
     assert [llm.generate(p, GREEDY)[0].token_ids for p in prompts[:2]] == expected[:2]
     stats = llm.engine.stats()
@@ -223,4 +225,22 @@ def test_seeded_sampling_with_guesses_is_reproducible_and_plausible(tiny_model_f
     a, b = llm.generate(prompt, params)[0], llm.generate(prompt, params)[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) == 16
     assert llm.engine.stats().spec_accepted > 0
+    _assert_no_leaks(llm)
+
+
+def test_a_coarser_draft_changes_the_guesses_not_the_output(tiny_model_folder, plain):
+    prompts = _prompts(2, seed=9)
+    expected = [c.token_ids for c in plain.generate(prompts, GREEDY)]
+    llm = _spec_llm(tiny_model_folder, f"draft:{tiny_model_folder}", speculative_draft_quant="int8")
+    assert llm.engine.config_record()["speculative"] | {"draft_model": None} == {
+        "method": "draft",
+        "num_tokens": 4,
+        "draft_model": None,
+        "draft_quant": "int8",
+        "max_batch": 1000,
+        "ngram_max": 4,
+        "ngram_min": 2,
+    }
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == expected
+    assert 0 < llm.engine.stats().spec_accepted
     _assert_no_leaks(llm)

@@ -41,6 +41,7 @@ class SpeculativeConfig:
     method: str  # ngram | draft
     num_tokens: int = 4  # the most tokens proposed per step (k)
     draft_model: str | None = None  # the draft's source, as the user named it (method draft)
+    draft_quant: str | None = None  # its weight quantization
     # No speculation in steps with at least this many running sequences: a batch that large
     # already reads each weight for many tokens, and the guesses would only add compute.
     max_batch: int = 4
