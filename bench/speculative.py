@@ -36,8 +36,8 @@ def gguf_path(source: str) -> Path:
     return path
 
 
-def run_r1(args, speculative: str | None, prompts: list[dict]) -> dict:
-    llm = LLM(
+def load_r1(args, speculative: str | None, **engine_options) -> LLM:
+    return LLM(
         args.model,
         quant=args.quant,
         threads=args.threads,
@@ -45,7 +45,12 @@ def run_r1(args, speculative: str | None, prompts: list[dict]) -> dict:
         num_speculative_tokens=args.k,
         speculative_draft_quant=args.draft_quant,
         progress=False,
+        **engine_options,
     )
+
+
+def run_r1(args, speculative: str | None, prompts: list[dict]) -> dict:
+    llm = load_r1(args, speculative)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     llm.chat([{"role": "user", "content": "Hi."}], SamplingParams(temperature=0, max_tokens=8))  # warm-up
     per_prompt = []
@@ -75,16 +80,7 @@ def run_batches(args, prompts: list[dict], batches: list[int]) -> dict:
     conversations = [p["messages"] for p in prompts]
     figures = {}
     for name, speculative in (("plain", None), ("draft", f"draft:{args.draft}")):
-        llm = LLM(
-            args.model,
-            quant=args.quant,
-            threads=args.threads,
-            speculative=speculative,
-            num_speculative_tokens=args.k,
-            speculative_draft_quant=args.draft_quant,
-            speculative_disable_by_batch_size=max(batches) + 1,
-            progress=False,
-        )
+        llm = load_r1(args, speculative, speculative_disable_by_batch_size=max(batches) + 1)
         llm.chat(conversations[:1], SamplingParams(temperature=0, max_tokens=8))  # warm-up
         for b in batches:
             batch = [conversations[i % len(conversations)] for i in range(b)]

@@ -212,10 +212,12 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, auto; got {self.dtype!r}")
-        for name in ("quant", "speculative_draft_quant"):
-            value = getattr(self, name)
-            if value not in QUANT_MODES and not (name == "speculative_draft_quant" and value is None):
-                raise ValueError(f"{name} must be one of {', '.join(QUANT_MODES)}; got {value!r}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}; got {self.quant!r}")
+        if self.speculative_draft_quant not in (None, *QUANT_MODES):
+            raise ValueError(
+                f"speculative_draft_quant must be one of {', '.join(QUANT_MODES)}; got {self.speculative_draft_quant!r}"
+            )
         if self.kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_dtype!r}")
         if self.cpu_kernels not in options.CPU_KERNELS:

@@ -94,7 +94,7 @@ class LLM:
         kernels.select(self.engine_config.cpu_kernels, self.engine_config.gpu_layer_ops)
         start = time.perf_counter()
         self.model = load_model(self.files, self.dtype, self.device, progress=progress, quant=self.engine_config.quant)
-        self.draft = self._load_draft(progress)
+        self.draft = self._load_draft(progress, own_tokenizer=self.tokenizer if tokenizer is None else None)
         self.load_seconds = time.perf_counter() - start
         kv_pool = self._kv_pool()
         runner = ModelRunner(self.model, *kv_pool, enforce_eager=self.engine_config.enforce_eager)
@@ -113,9 +113,9 @@ class LLM:
 
     # ---- speculative decoding -----------------------------------------------------------------
 
-    def _load_draft(self, progress: bool):
+    def _load_draft(self, progress: bool, own_tokenizer: Tokenizer | None):
         """The draft model of --speculative draft:MODEL (the model's dtype; resolved_draft_quant's
-        weights), or None."""
+        weights), or None. own_tokenizer: the model's own tokenizer, when it is the one in use."""
         source = self.engine_config.draft_model
         if source is None:
             return None
@@ -124,7 +124,7 @@ class LLM:
         if vocab > self.config.vocab_size:
             raise ValueError(f"the draft's vocabulary ({vocab}) is larger than the model's ({self.config.vocab_size})")
         # The two models' own tokenizers must agree (a --tokenizer override then serves both).
-        own, draft_own = load_tokenizer(None, self.files), load_tokenizer(None, files)
+        own, draft_own = own_tokenizer or load_tokenizer(None, self.files), load_tokenizer(None, files)
         probe = "<｜User｜>Solve 2x + 3 = 7.<｜Assistant｜><think>\n def f(x):\n    return x ** 2"
         if draft_own.encode(probe) != own.encode(probe) or draft_own.eos_token_id != own.eos_token_id:
             raise ValueError(f"the draft model {source!r} does not share the model's tokenizer")

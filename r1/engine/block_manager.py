@@ -149,10 +149,7 @@ class BlockManager:
         tokens used: held by seq alone, never cached)."""
         keep = self.blocks_needed(num_tokens)
         for block_id in seq.block_table[keep:]:
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:  # nothing cached in it: the first to be reused
-                self._free[block_id] = None
+            if self._release(block_id):  # nothing cached in it: the first to be reused
                 self._free.move_to_end(block_id, last=False)
         del seq.block_table[keep:]
 
@@ -161,11 +158,17 @@ class BlockManager:
         # Freed tail first, so a sequence's tail is evicted before its head, which other prompts
         # are likelier to share and without which the tail can never be hit anyway.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            self._release(block_id)
         seq.block_table = []
+
+    def _release(self, block_id: int) -> bool:
+        """Drop one reference to a block; one nobody holds joins the free queue's end (True)."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count:
+            return False
+        self._free[block_id] = None
+        return True
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)

@@ -134,7 +134,9 @@ class EngineCore:
         # sequence that ended while its step ran (a stop found a step late, an abort) has no
         # request left; its rows are dropped.
         plain, guessed, row = [], [], 0
-        for s in (s for s in scheduled if s.samples):
+        for s in scheduled:
+            if not s.samples:
+                continue
             if not s.seq.is_finished:
                 (guessed if s.num_spec else plain).append((s, row))
             row += 1 + s.num_spec

@@ -24,7 +24,7 @@ from r1.engine.model_runner import ModelRunner
 from r1.engine.output_processor import OutputProcessor
 from r1.engine.scheduler import Scheduler, SchedulerConfig
 from r1.engine.sequence import Sequence
-from r1.engine.speculative import Speculator
+from r1.engine.speculative import SpeculationStats, Speculator
 from r1.reasoning import ReasoningTracker, prompt_opens_reasoning
 from r1.sampling import make_generator
 from r1.tokenizer import Tokenizer
@@ -124,7 +124,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         sched, speculator = self.core.scheduler, self.core.speculator
         bm = sched.block_manager
-        spec = speculator.stats if speculator is not None else None
+        spec = speculator.stats if speculator is not None else SpeculationStats()
         return EngineStats(
             sched.num_running,
             sched.num_waiting,
@@ -134,9 +134,9 @@ class LLMEngine:
             bm.prefix_queries,
             bm.prefix_hits,
             sched.num_preemptions,
-            spec.rounds if spec else 0,
-            spec.proposed if spec else 0,
-            spec.accepted if spec else 0,
+            spec.rounds,
+            spec.proposed,
+            spec.accepted,
         )
 
     def config_record(self) -> dict[str, Any]:

@@ -70,29 +70,35 @@ class ModelRunner:
 
         A sequence samples its last row, or with proposed tokens (speculative decoding) every row
         from its last known token on: the verification reads each position's distribution."""
-        token_ids, positions, slots, query_lens, seq_lens, sample_rows, pending = [], [], [], [], [], [], []
+        chunks, sample_rows, pending, rows = [], [], [], 0
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            known_end = end - s.num_spec
-            token_ids += seq.token_ids[start:known_end]
+            known_end = start + s.num_new_tokens - s.num_spec
+            ids = seq.token_ids[start:known_end]
             if seq.num_pending_tokens and known_end == seq.num_tokens:  # only a sequence's last token can be pending
-                pending.append((len(token_ids), pending_rows[seq.seq_id]))
-                token_ids.append(0)  # a place for the id, filled on the device
-            token_ids += seq.spec_token_ids[: s.num_spec]
-            positions += range(start, end)
-            slots += self.slots(seq.block_table, start, end)
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
+                pending.append((rows + len(ids), pending_rows[seq.seq_id]))
+                ids.append(0)  # a place for the id, filled on the device
+            ids += seq.spec_token_ids[: s.num_spec]
+            chunks.append((ids, start, seq.block_table))
+            rows += len(ids)
             if s.samples:
-                sample_rows += range(len(token_ids) - 1 - s.num_spec, len(token_ids))
+                sample_rows += range(rows - 1 - s.num_spec, rows)
         tables = [s.seq.block_table for s in scheduled]
-        return token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending
+        return *self._flatten(chunks), tables, sample_rows, pending
 
-    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """The cache slots of positions start..end-1 of a sequence with this block table."""
+    def _flatten(self, chunks: list[tuple[list[int], int, list[int]]]):
+        """(token ids, positions, cache slots, query_lens, seq_lens) as flat lists, of chunks of
+        (token ids, position of the first, block table)."""
+        token_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
         bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+        for ids, start, table in chunks:
+            end = start + len(ids)
+            token_ids += ids
+            positions += range(start, end)
+            slots += (table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(len(ids))
+            seq_lens.append(end)
+        return token_ids, positions, slots, query_lens, seq_lens
 
     @torch.inference_mode()
     def run(
@@ -124,14 +130,7 @@ class ModelRunner:
         """Run each chunk (token ids, position of the first, block table) of a sequence whose
         earlier tokens are cached; float32 logits (len(chunks), vocab) of each chunk's last token.
         The draft model's forward (speculative.py), which keeps no bookkeeping of its own."""
-        token_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
-        for ids, start, table in chunks:
-            end = start + len(ids)
-            token_ids += ids
-            positions += range(start, end)
-            slots += self.slots(table, start, end)
-            query_lens.append(len(ids))
-            seq_lens.append(end)
+        token_ids, positions, slots, query_lens, seq_lens = self._flatten(chunks)
         last_rows = torch.tensor(query_lens).cumsum(0) - 1
         hidden = self._forward(
             self._tensor(token_ids), positions, slots, query_lens, seq_lens, [table for _, _, table in chunks]
