@@ -506,6 +506,54 @@ def cmd_bench(a: argparse.Namespace) -> None:
     out.print(summary)
 
 
+def cmd_bench_host(a: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from r1 import bench, bench_host
+    from r1.llm import load_tokenizer
+    from r1.loaders import open_model_files
+
+    machine = bench.machine()
+    tokenizer = load_tokenizer(None, open_model_files(a.model))
+    sizes = [int(n) for n in a.sizes.split(",")]
+    rows = bench_host.host_table(tokenizer, sizes, a.output_len)
+    result = {
+        "bench": "host",
+        "model": a.model,
+        "output_len": a.output_len,
+        "host_vocab": bench_host.HOST_VOCAB,
+        "rows": rows,
+        "sampler_256_rows_ms": {
+            "greedy": bench_host.sampler_ms(sampled=False),
+            "sampled": bench_host.sampler_ms(sampled=True),
+        },
+    }
+    if a.save:
+        path = bench.save(a.save, result, machine)
+        if not a.json:
+            err.print(f"[dim]saved {escape(str(path))}[/dim]")
+    if a.json:
+        print(json.dumps(result))
+        return
+    t = Table(title=f"host ms per decode step, {escape(machine['cpu'])}", title_justify="left")
+    for name in ("sequences", "sampling", "outputs", "ms a step", "us a sequence"):
+        t.add_column(name, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r["num_seqs"]),
+            "T 0.6, top-p 0.95" if r["sampled"] else "greedy",
+            "streamed" if r["stream"] else "final only",
+            f"{r['host_ms_per_step']:.3f}",
+            f"{r['host_us_per_seq']:.1f}",
+        )
+    out.print(t)
+    s = result["sampler_256_rows_ms"]
+    out.print(
+        f"the sampler alone over 256 rows of {tokenizer.vocab_size:,} logits: greedy {s['greedy']:.1f} ms, "
+        f"T 0.6 / top-p 0.95 {s['sampled']:.1f} ms"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1", description="Run DeepSeek-R1-Distill-Qwen-1.5B locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -648,6 +696,19 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--min-output", type=int, default=32)
     bt.add_argument("--max-output", type=int, default=128)
     bt.add_argument("--temperature", type=float, default=0.6, help="nano-vllm samples at 0.6; 0 is greedy")
+    bh = bench_sub.add_parser(
+        "host",
+        help="the engine's host work per decode step, around a model that costs nothing",
+        description="The real engine (scheduler, block manager, runner inputs, sampler, detokenizer, "
+        "outputs) around a stand-in model returning preset logits over the first 512 token ids; "
+        "then the sampler alone over the real vocabulary. See bench/README.md.",
+    )
+    bh.add_argument("--model", default="demo", help="whose tokenizer the requests use (no weights are loaded)")
+    bh.add_argument("--sizes", default="1,16,64,256", help="sequences decoding at once (comma-separated)")
+    bh.add_argument("--output-len", type=int, default=64, help="tokens each sequence generates")
+    bh.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    bh.add_argument("--save", default=None, metavar="PATH", help="also write the result as JSON")
+    bh.set_defaults(func=cmd_bench_host)
     for p in (bl, bt):
         _model_args(p)  # --model, --dtype, --threads, --quant, ...
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")

@@ -250,7 +250,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             ids = self.encode_prompt(prompt, chat)
             for j, sample_params in enumerate(expand_samples(p)):
-                requests.append(EngineRequest(f"req-{next(self._ids)}", ids, sample_params))
+                requests.append(EngineRequest(f"req-{next(self._ids)}", ids, sample_params, stream=False))
                 added.append((requests[-1].request_id, i, j, ids))
         self.engine.add_requests(requests)  # one bad prompt fails the call, with nothing queued
         parts: dict[str, list[RequestOutput]] = {rid: [] for rid, *_ in added}

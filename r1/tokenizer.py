@@ -19,6 +19,7 @@ import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 
 # Qwen2's pre-tokenizer split (contractions, letters, single digits, punctuation runs, whitespace);
 # DeepSeek-R1-Distill-Qwen ships the same BPE under the name `deepseek-r1-qwen`.
@@ -242,35 +243,32 @@ def _folder_chat_template(folder: Path, config: dict) -> str | None:
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas, never emitting a partial UTF-8 character.
 
-    Keeps two offsets into the ids (vLLM's and TGI's technique): text up to `read` has been
-    emitted, and decoding restarts from `prefix`, a few tokens earlier, so decoders that depend on
-    the preceding token (leading-space handling) see some context. Each step decodes only this
-    short window, so a token costs the same at position 10 and at position 30,000.
+    tokenizers' DecodeStream does the work in one call a token: it decodes a short window of ids
+    (vLLM's and TGI's prefix and read offsets), so a decoder that depends on the preceding token
+    sees context and a token costs the same at position 10 and at 30,000, and it holds back a
+    token that ends inside a character until the rest comes. The ids held back are kept here too,
+    so that flush() can render them at the end of the stream.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.held: list[int] = []  # ids whose text has not come out yet
 
     def add(self, ids: int | Iterable[int]) -> str:
         """Append one or more ids; returns the text they complete (may be empty)."""
-        self.ids.extend([ids] if isinstance(ids, int) else ids)
-        return self._advance(final=False)
+        pieces = []
+        for token_id in [ids] if isinstance(ids, int) else ids:
+            piece = self._stream.step(self.tokenizer.backend, token_id)
+            if piece is None:
+                self.held.append(token_id)
+            else:
+                self.held.clear()
+                pieces.append(piece)
+        return "".join(pieces)
 
     def flush(self) -> str:
         """At the end of the stream: whatever is still held back, even an incomplete character."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        seen = self._decode(self.ids[self.prefix : self.read])
-        text = self._decode(self.ids[self.prefix :])
-        # A trailing U+FFFD means the last token ended inside a multi-byte character: wait for the rest.
-        if len(text) <= len(seen) or (text.endswith("\ufffd") and not final):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(seen) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        held, self.held = self.held, []
+        return self.tokenizer.decode(held, skip_special_tokens=self.skip_special_tokens) if held else ""

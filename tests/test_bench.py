@@ -156,3 +156,34 @@ def test_latency_with_guesses_records_what_was_kept(tiny_model_folder, capsys):
 def test_bus_fraction_is_bytes_moved_over_what_the_bus_reads():
     assert bench.bus_fraction(10.0, 1_500_000_000, {"read_gb_s": 20.0}) == 0.75
     assert bench.bus_fraction(10.0, 1_500_000_000, {"read_gb_s": None}) is None
+
+
+def test_the_host_bench_runs_the_real_engine_on_preset_logits(tiny_model_folder):
+    from r1 import bench_host
+    from r1.engine import EngineRequest
+    from r1.sampling_params import SamplingParams
+    from r1.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_hf_folder(tiny_model_folder)
+    engine = bench_host.host_engine(tokenizer, num_seqs=2, max_len=40)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_requests([EngineRequest(str(i), [100 + i] * 9, params, stream=False) for i in range(2)])
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    # One final output each, whose tokens are the argmaxes of the preset rows handed out in turn:
+    # the sampler and the bookkeeping ran, only the model's compute was skipped.
+    pool = bench_host.PresetModel(tokenizer.vocab_size).pool
+    expected = pool[:12].argmax(dim=1).view(6, 2).t().tolist()
+    assert [o.new_token_ids for o in outputs] == expected
+    assert [o.delta_text for o in outputs] == [tokenizer.decode(ids) for ids in expected]
+
+
+def test_bench_host_prints_each_size_and_mode(tiny_model_folder, capsys):
+    out = _run_json(capsys, "host", "--model", str(tiny_model_folder), "--sizes", "1,3", "--output-len", "6", "--json")
+    rows = out["rows"]
+    assert [(r["num_seqs"], r["sampled"], r["stream"]) for r in rows] == [
+        (n, s, t) for n in (1, 3) for s in (False, True) for t in (True, False)
+    ]
+    assert all(r["decode_steps"] >= 3 and r["host_ms_per_step"] > 0 for r in rows)
+    assert out["sampler_256_rows_ms"]["greedy"] > 0

@@ -13,7 +13,7 @@ import torch
 
 from r1 import LLM, SamplingParams
 from r1.engine import EngineRequest, NgramProposer
-from r1.sampling import verify_proposed
+from r1.sampling import make_generator, verify_proposed
 from tests.conftest import save_tiny_hf_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -206,7 +206,7 @@ def test_verification_draws_the_target_distribution(plain, params):
     probs = probs / probs.sum()
     expected = dict(zip(top.indices.tolist(), probs.tolist()))
     likeliest, unlikely = top.indices[0].item(), top.indices[-1].item()
-    generator = torch.Generator().manual_seed(1)
+    generator = make_generator(1)
     n = 2000
     for guess in (likeliest, unlikely, 511 if 511 not in expected else 510):
         counts: dict[int, int] = {}

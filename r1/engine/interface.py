@@ -31,6 +31,9 @@ class EngineRequest:
     params: SamplingParams
     constraint: TokenConstraint | None = None  # restricts the answer's tokens (structured output)
     cache_salt: str | None = None  # its prefix-cache blocks are shared only under the same salt
+    # Whether its caller reads each step's output (a stream) or only the final one: a request that
+    # does not stream, and has no stop strings to look for, is detokenized once, when it ends.
+    stream: bool = True
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,9 @@ class LLMEngine:
         if len(set(ids)) < len(ids):
             raise ValueError(f"request ids repeat within the group: {ids}")
         prepared = [self._prepare(r) for r in requests]
+        streams = {r.request_id: r.stream for r in requests}
         for req in prepared:
-            self.output.add(req.request_id, req.params, req.reasoning.in_reasoning)
+            self.output.add(req.request_id, req.params, req.reasoning.in_reasoning, streams[req.request_id])
         self.core.add(prepared)
 
     def _prepare(self, r: EngineRequest) -> CoreRequest:
@@ -169,25 +170,29 @@ class LLMEngine:
         return self._process_all(updates)
 
     def _process_all(self, updates: list) -> list[RequestOutput]:
-        """The outputs of a step's updates, in order. A request may have several (speculative
-        decoding keeps several tokens a step); those after its final output (a stop string found
-        in an earlier token's text) are dropped."""
+        """The outputs of a step's updates, in order. A request that does not stream has none
+        until its final one. A request may have several (speculative decoding keeps several
+        tokens a step); those after its final output (a stop string found in an earlier token's
+        text) are dropped."""
         outputs, ended = [], set()
         for update in updates:
             if update.request_id in ended:
                 continue
-            outputs.append(self._process(update))
-            if outputs[-1].finished:
+            out = self._process(update)
+            if out is None:
+                continue
+            outputs.append(out)
+            if out.finished:
                 ended.add(update.request_id)
         return outputs
 
-    def _process(self, update) -> RequestOutput:
+    def _process(self, update) -> RequestOutput | None:
         try:
             out = self.output.process(update)
         except Exception as e:  # its detokenizer or stop check: its failure alone
             log.error("request %s failed", update.request_id, exc_info=e)
             self.core.finish(update.request_id, "error")
             return self.output.fail(update, f"{type(e).__name__}: {e}")
-        if out.finished and update.finish_reason is None:  # a stop string ended it
+        if out is not None and out.finished and update.finish_reason is None:  # a stop string ended it
             self.core.finish(update.request_id, out.finish_reason)
         return out

@@ -4,15 +4,20 @@ Owns, per request, the streaming detokenizer, the text with the tail held back t
 grow into a stop string, the reasoning/answer split (cut where the core's reasoning tracker saw
 the tags), timing and the `RequestOutput` of each step. It finds stop strings, and says so, but
 does not schedule, sample or decide eos and length (core.py).
+
+A request that does not stream (its caller reads only the end) and has no stop strings to look
+for gives one output, its final one: its tokens are gathered, and decoded once when it ends,
+with the text's length at each reasoning tag taken from a decode of the tokens up to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 from r1.engine.interface import RequestOutput, TokenUpdate
-from r1.reasoning import ReasoningText
+from r1.reasoning import CLOSE, OPEN, ReasoningText
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -22,10 +27,16 @@ class _Output:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     split: ReasoningText
+    streams: bool  # whether each step's tokens are detokenized as they come
     text: str = ""  # everything detokenized so far; the tail may be held back for stop strings
     num_emitted_chars: int = 0
+    holdback: int = 0  # characters of the text held back: a stop string's length, less one
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
+    # A request that does not stream: its tokens, logprobs, and (token count, role) at its tags.
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    tags: list[tuple[int, str]] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -33,25 +44,30 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.outputs: dict[str, _Output] = {}
 
-    def add(self, request_id: str, params: SamplingParams, prompt_opens_reasoning: bool) -> None:
+    def add(self, request_id: str, params: SamplingParams, prompt_opens_reasoning: bool, stream: bool = True) -> None:
         self.outputs[request_id] = _Output(
             params,
             IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
             ReasoningText(prompt_opens_reasoning),
+            streams=stream or bool(params.stop),
+            holdback=max((len(s) - 1 for s in params.stop), default=0),
         )
 
-    def process(self, update: TokenUpdate) -> RequestOutput:
-        """The request's output for this step; finish_reason "stop" where a stop string appeared
-        (the caller then finishes the request in the core). A failed update ends it with its error."""
+    def process(self, update: TokenUpdate) -> RequestOutput | None:
+        """The request's output for this step, or None when it has nothing to report (it does not
+        stream, and goes on); finish_reason "stop" where a stop string appeared (the caller then
+        finishes the request in the core). A failed update ends it with its error."""
         if update.error is not None:
             return self.fail(update, update.error)
         out = self.outputs[update.request_id]
+        if update.token_id is not None and out.first_token_time is None:
+            out.first_token_time = time.perf_counter()
+        if not out.streams:
+            return self._gather(update, out)
         new_ids = [] if update.token_id is None else [update.token_id]
         reason = update.finish_reason
         if update.token_id is not None:
-            if out.first_token_time is None:
-                out.first_token_time = time.perf_counter()
-            out.text += out.detokenizer.add(new_ids)
+            out.text += out.detokenizer.add(update.token_id)
             out.split.mark(update.role, out.text)
             if self._cut_at_stop_string(out):
                 reason = "stop"
@@ -62,8 +78,24 @@ class OutputProcessor:
             del self.outputs[update.request_id]
             return final
         # Hold back a tail that could still grow into a stop string.
-        holdback = max((len(s) - 1 for s in out.params.stop), default=0)
-        return self._output(update, out, new_ids, max(out.num_emitted_chars, len(out.text) - holdback), None)
+        return self._output(update, out, new_ids, max(out.num_emitted_chars, len(out.text) - out.holdback), None)
+
+    def _gather(self, update: TokenUpdate, out: _Output) -> RequestOutput | None:
+        """Keep a token of a request that does not stream; at its end, its one output."""
+        if update.token_id is not None:
+            out.token_ids.append(update.token_id)
+            out.logprobs += update.logprobs
+            if update.role in (OPEN, CLOSE):
+                out.tags.append((len(out.token_ids), update.role))
+        if update.finish_reason is None:
+            return None
+        skip = out.params.skip_special_tokens
+        for count, role in out.tags:
+            out.split.mark(role, self.tokenizer.decode(out.token_ids[:count], skip))
+        out.text = self.tokenizer.decode(out.token_ids, skip)
+        del self.outputs[update.request_id]
+        update = dataclasses.replace(update, logprobs=out.logprobs)
+        return self._output(update, out, out.token_ids, len(out.text), update.finish_reason)
 
     def fail(self, update: TokenUpdate, error: str) -> RequestOutput:
         """The final output of a request that failed: finish_reason "error", its text so far dropped."""

@@ -2,8 +2,9 @@
 of its sampling parameters (its constraint's mask on the answer, the thinking budget's forced
 `</think>`). The distributions themselves are r1/sampling.py's.
 
-If the batch's sampling raises, each row is sampled alone from its generator's state before the
-batch, so a row draws what it would have; the rows that still raise are returned as failures.
+The rows' uniform numbers are drawn first, so if the batch's sampling raises each row is sampled
+alone with the numbers it had, drawing what it would have; the rows that still raise are returned
+as failures.
 """
 
 from __future__ import annotations
@@ -11,25 +12,23 @@ from __future__ import annotations
 import torch
 
 from r1.engine.interface import is_device_fault
-from r1.sampling import compute_logprobs, sample_next
+from r1.sampling import compute_logprobs, sample_drawn, step_uniforms
 
 
 def sample_rows(logits: torch.Tensor, reqs: list) -> tuple[list, torch.Tensor | None, list[list[dict]], list]:
     """(the requests that go on, their tokens (B,) on the logits' device, their logprobs,
     (request, error) of the rows that failed) for the core's requests, one row of logits each."""
-    rng_states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
+    u = step_uniforms([r.params for r in reqs], [r.generator for r in reqs])
     try:
-        tokens, logprobs = _sample(logits, reqs)
+        tokens, logprobs = _sample(logits, reqs, u)
         return reqs, tokens, logprobs, []
     except Exception as e:
         if is_device_fault(e):
             raise
     kept, tokens, logprobs, failures = [], [], [], []
-    for row, (req, state) in enumerate(zip(reqs, rng_states)):
-        if state is not None:
-            req.generator.set_state(state)
+    for row, req in enumerate(reqs):
         try:
-            token, lp = _sample(logits[row : row + 1], [req])
+            token, lp = _sample(logits[row : row + 1], [req], None if u is None else u[row : row + 1])
         except Exception as e:
             if is_device_fault(e):
                 raise
@@ -41,7 +40,7 @@ def sample_rows(logits: torch.Tensor, reqs: list) -> tuple[list, torch.Tensor | 
     return kept, torch.cat(tokens) if tokens else None, logprobs, failures
 
 
-def _sample(logits: torch.Tensor, reqs: list) -> tuple[torch.Tensor, list[list[dict]]]:
+def _sample(logits: torch.Tensor, reqs: list, u: torch.Tensor | None) -> tuple[torch.Tensor, list[list[dict]]]:
     raw_logits = logits
     constrained = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.reasoning.in_reasoning]
     if constrained:
@@ -50,12 +49,12 @@ def _sample(logits: torch.Tensor, reqs: list) -> tuple[torch.Tensor, list[list[d
             allowed = reqs[i].constraint.allowed_tokens().to(logits.device)
             logits[i, : allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
             logits[i, allowed.shape[0] :] = float("-inf")  # the model's padding rows
-    tokens = sample_next(
+    tokens = sample_drawn(
         logits,
         [r.params for r in reqs],
         [r.seq.prompt_token_ids for r in reqs],
         [r.seq.output_token_ids for r in reqs],
-        [r.generator for r in reqs],
+        u,
     )
     for i, r in enumerate(reqs):
         if r.reasoning.budget_spent(r.params.max_reasoning_tokens):

@@ -178,7 +178,8 @@ def _generate(llm, work: list[tuple[Problem, list[int]]], settings: EvalSettings
                 messages = [{"role": "user", "content": build_prompt(problem.problem)}]
                 ids = llm.encode_prompt(messages, chat=True)
                 group = [
-                    EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j)) for j in todo
+                    EngineRequest(f"eval-{problem.index}-{j}", ids, settings.params(problem.index, j), stream=False)
+                    for j in todo
                 ]
                 engine.add_requests(group)
                 live.update((r.request_id, _Sample(problem, j)) for r, j in zip(group, todo))

@@ -95,7 +95,7 @@ class Serving:
         id_ = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self._add(
             [
-                EngineRequest(f"{id_}-{i}", ids, p, c, req.cache_salt)
+                EngineRequest(f"{id_}-{i}", ids, p, c, req.cache_salt, stream=req.stream)
                 for i, (p, c) in enumerate(zip(samples, constraints))
             ]
         )
@@ -123,7 +123,7 @@ class Serving:
         samples = expand_samples(params)
         stream = await self._add(
             [
-                EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, cache_salt=req.cache_salt)
+                EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, cache_salt=req.cache_salt, stream=req.stream)
                 for p, ids in enumerate(encoded)
                 for j, sample in enumerate(samples)
             ]
