@@ -252,8 +252,12 @@ def _sample_filtered(logits: torch.Tensor, params: Sequence[SamplingParams], u: 
         [x.temperature for x in params],
     )
     values, ids = _softmax_topk(logits, t, width)
-    kept, settled = _filter_sorted(values, k, p, m)
-    tokens = ids.gather(1, draw(kept, u[:, 0]).unsqueeze(1)).squeeze(1)
+    fused = kernels.op_for("filter_draw", values)
+    if fused is not None and not bool(k.any()):  # one call on the CPU; the kernel has no top-k
+        tokens, settled = fused(values, ids, p.contiguous(), m.contiguous(), u[:, 0].contiguous())
+    else:
+        kept, settled = _filter_sorted(values, k, p, m)
+        tokens = ids.gather(1, draw(kept, u[:, 0]).unsqueeze(1)).squeeze(1)
     if width == vocab:
         return tokens
     wide = (~settled).nonzero().squeeze(1)  # the one wait on the device

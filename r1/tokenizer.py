@@ -258,8 +258,15 @@ class IncrementalDetokenizer:
 
     def add(self, ids: int | Iterable[int]) -> str:
         """Append one or more ids; returns the text they complete (may be empty)."""
+        if isinstance(ids, int):  # the usual call: one token
+            piece = self._stream.step(self.tokenizer.backend, ids)
+            if piece is None:
+                self.held.append(ids)
+                return ""
+            self.held.clear()
+            return piece
         pieces = []
-        for token_id in [ids] if isinstance(ids, int) else ids:
+        for token_id in ids:
             piece = self._stream.step(self.tokenizer.backend, token_id)
             if piece is None:
                 self.held.append(token_id)

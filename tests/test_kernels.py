@@ -65,6 +65,7 @@ def test_this_machine_runs_its_widest_build():
         "write_kv_int8_",
         "silu_mul",
         "softmax_topk",
+        "filter_draw",
     )
     assert all(kernels.op(name) is not None for name in other_ops)
 
@@ -248,6 +249,25 @@ def test_softmax_topk_breaks_ties_by_id_and_ranks_masked_tokens_last():
 
 
 @needs_kernels
+def test_filter_draw_draws_what_the_pytorch_filters_draw():
+    from r1.sampling import _filter_sorted, draw
+
+    g = torch.Generator().manual_seed(12)
+    rows = 600
+    logits = logit_rows(rows, 3000) * torch.linspace(0.2, 3.0, rows)[:, None]  # peaked to flat rows
+    values, ids = kernels.op("softmax_topk")(logits, torch.full((rows,), 0.6), 64)
+    top_p = torch.where(torch.rand(rows, generator=g) < 0.7, 0.5 + 0.5 * torch.rand(rows, generator=g), torch.ones(rows))
+    min_p = torch.where(torch.rand(rows, generator=g) < 0.5, 0.2 * torch.rand(rows, generator=g), torch.zeros(rows))
+    min_p[(top_p == 1) & (min_p == 0)] = 0.05  # every row filters
+    u = torch.rand(rows, generator=g)
+    kept, settled = _filter_sorted(values, torch.zeros(rows, dtype=torch.long), top_p, min_p)
+    tokens, fused_settled = kernels.op("filter_draw")(values, ids, top_p, min_p, u)
+    assert torch.equal(tokens, ids.gather(1, draw(kept, u).unsqueeze(1)).squeeze(1))
+    assert torch.equal(fused_settled, settled)
+    assert 0 < int(settled.sum()) < rows  # both kinds of row were drawn
+
+
+@needs_kernels
 def test_portable_and_kernel_int4_agree():
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.05
     portable, ours = Int4Linear(128, 64, bias=False), Int4KernelLinear(128, 64, bias=False)
@@ -296,6 +316,9 @@ def test_bad_inputs_are_refused_with_a_reason():
         softmax_topk(torch.randn(2, 10), torch.tensor([1.0, 0.0]), 4)
     with pytest.raises(RuntimeError, match=r"temperature must be contiguous \(B,\) float32"):
         softmax_topk(torch.randn(2, 10), torch.ones(3), 4)
+    values, ids = softmax_topk(torch.randn(2, 10), torch.ones(2), 4)
+    with pytest.raises(RuntimeError, match=r"top_p, min_p and u must be contiguous \(B,\) float32"):
+        kernels.op("filter_draw")(values, ids, torch.ones(2), torch.zeros(3), torch.rand(2))
 
 
 def test_without_the_kernel_int4_falls_back_to_the_portable_one(monkeypatch):
@@ -411,7 +434,7 @@ from r1.quant import Int4KernelLinear, Int6KernelLinear
 assert kernels.this_cpus_build().name == "avx2" and kernels.unavailable_reason() is None, kernels.unavailable_reason()
 assert all(kernels.op(name) is not None for name in ("int4_matmul", "int6_matmul", "decode_attention", "add_rms_norm",
                                                      "rotary_", "write_kv_int8_", "silu_mul", "softmax_topk",
-                                                     "int4_quantize"))
+                                                     "filter_draw", "int4_quantize"))
 g = torch.Generator().manual_seed(5)
 out = {}
 for rows in (1, 4, 5, 9):  # the AVX2 kernel takes activation rows 4 at a time

@@ -120,6 +120,8 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow seq's block table to cover num_computed_tokens + num_new_tokens; all or nothing."""
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed <= 0:  # a decode's usual case: its last block has room
+            return True
         if needed > len(self._free):
             return False
         seq.block_table.extend(self._take_free_block() for _ in range(needed))
@@ -134,6 +136,8 @@ class BlockManager:
             return
         bs = self.block_size
         first, end = num_computed_before // bs, seq.num_computed_tokens // bs
+        if first == end:  # no block filled up
+            return
         if first:
             parent = self.blocks[seq.block_table[first - 1]].hash
         else:

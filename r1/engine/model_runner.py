@@ -78,7 +78,8 @@ class ModelRunner:
             if seq.num_pending_tokens and known_end == seq.num_tokens:  # only a sequence's last token can be pending
                 pending.append((rows + len(ids), pending_rows[seq.seq_id]))
                 ids.append(0)  # a place for the id, filled on the device
-            ids += seq.spec_token_ids[: s.num_spec]
+            if s.num_spec:
+                ids += seq.spec_token_ids[: s.num_spec]
             chunks.append((ids, start, seq.block_table))
             rows += len(ids)
             if s.samples:
@@ -94,8 +95,12 @@ class ModelRunner:
         for ids, start, table in chunks:
             end = start + len(ids)
             token_ids += ids
-            positions += range(start, end)
-            slots += (table[p // bs] * bs + p % bs for p in range(start, end))
+            if len(ids) == 1:  # a decode: most chunks of most steps
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                positions += range(start, end)
+                slots += (table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(len(ids))
             seq_lens.append(end)
         return token_ids, positions, slots, query_lens, seq_lens
@@ -123,7 +128,9 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
         else:
             hidden = self._forward(input_ids, positions, slots, query_lens, seq_lens, tables)
-        return self.model.compute_logits(hidden[tensor(sample_rows)])
+        if len(sample_rows) < len(token_ids):  # a decode step samples every row: no gather
+            hidden = hidden[tensor(sample_rows)]
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def run_chunks(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:

@@ -6,7 +6,7 @@ weights in Q6_K's structure (`matmul_tiles.h` holds what the two share); `int4_q
 group of weights is quantized to; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add,
 rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
-likeliest tokens a sampler draws from; `vec.h`, the vector operations they share. They are
+likeliest tokens a sampler draws from, and the draw among them; `vec.h`, the vector operations they share. They are
 compiled together for the widest instruction set this CPU has (BUILDS: AMX, which only int4_matmul
 uses past 32 rows; else AVX-512 VNNI; else AVX2); a build the compiler fails on gives way to the
 next. `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has
@@ -80,7 +80,7 @@ OPS = {
     "int4_quantize.cpp": ("int4_quantize",),
     "decode_attention.cpp": ("decode_attention",),
     "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
-    "softmax_topk.cpp": ("softmax_topk",),
+    "softmax_topk.cpp": ("softmax_topk", "filter_draw"),
 }
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
@@ -206,7 +206,7 @@ def plan(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         return {
             name: "triton" if name in _gpu_ops() else f"pytorch ({why})"
             for name in names
-            if name not in ("int4_matmul", "int6_matmul", "int4_quantize", "softmax_topk", "decode_attention")
+            if name not in ("int4_matmul", "int6_matmul", "int4_quantize", "softmax_topk", "filter_draw", "decode_attention")
         }
     reason = unavailable_reason()
     if reason is not None:

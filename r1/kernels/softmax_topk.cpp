@@ -134,9 +134,64 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, const 
   return {values, ids};
 }
 
+// (tokens (B,), settled (B,) bool): each row's draw among its candidates `values` (B, W),
+// probabilities in descending order as softmax_topk gives them, and their `ids`, under top-p and
+// min-p (per row; 1 and 0 turn them off), from its uniform number u (B,); and whether the row's
+// kept tokens certainly all lie among the candidates (if not, the caller samples it over the
+// whole vocabulary). One call for what r1/sampling.py's _filter_sorted and draw do in some thirty
+// ops without top-k, with their arithmetic, so that both paths draw the same token: float32
+// values, and cumulative sums accumulated in double as PyTorch's CPU cumsum does.
+std::tuple<at::Tensor, at::Tensor> filter_draw(const at::Tensor& values, const at::Tensor& ids,
+                                               const at::Tensor& top_p, const at::Tensor& min_p,
+                                               const at::Tensor& u) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "values must be contiguous (B, W) float32");
+  const int64_t rows = values.size(0), width = values.size(1);
+  TORCH_CHECK(width >= 1, "values must hold at least one candidate a row");
+  TORCH_CHECK(ids.sizes() == values.sizes() && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "ids must be contiguous (B, W) int64");
+  for (const at::Tensor* x : {&top_p, &min_p, &u})
+    TORCH_CHECK(x->dim() == 1 && x->size(0) == rows && x->scalar_type() == at::kFloat && x->is_contiguous(),
+                "top_p, min_p and u must be contiguous (B,) float32");
+  auto tokens = at::empty({rows}, ids.options());
+  auto settled = at::empty({rows}, values.options().dtype(at::kBool));
+  const float *vp = values.const_data_ptr<float>(), *pp = top_p.const_data_ptr<float>(),
+              *mp = min_p.const_data_ptr<float>(), *up = u.const_data_ptr<float>();
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  int64_t* tp = tokens.mutable_data_ptr<int64_t>();
+  bool* sp = settled.mutable_data_ptr<bool>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> cdf(width);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = vp + r * width;
+      const float p = pp[r], m = mp[r], floor = m * v[0];
+      const bool has_p = p < 1.f, has_m = m > 0.f;
+      // The kept tokens' probabilities: a token is needed while those before it fall short of
+      // top_p, and it must reach min_p's floor. Their cumulative sums make the draw's cdf.
+      double seen = 0, kept_so_far = 0;
+      float seen_total = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        const float x = v[j] > 0.f ? v[j] : 0.f;
+        seen += x;
+        seen_total = static_cast<float>(seen);
+        const bool keep = x > 0.f && (!has_p || seen_total - x < p) && (!has_m || v[j] >= floor);
+        kept_so_far += keep ? x : 0.f;
+        cdf[j] = static_cast<float>(kept_so_far);
+      }
+      sp[r] = (has_p && seen_total >= p) || (has_m && v[width - 1] < floor);
+      const float target = (1.f - up[r]) * cdf[width - 1];
+      const int64_t at = std::lower_bound(cdf.begin(), cdf.end(), target) - cdf.begin();
+      tp[r] = ip[r * width + std::min(at, width - 1)];
+    }
+  });
+  return {tokens, settled};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(r1, m) {
   m.def("softmax_topk(Tensor logits, Tensor temperature, int width) -> (Tensor, Tensor)");
   m.impl("softmax_topk", c10::DispatchKey::CPU, TORCH_FN(softmax_topk));
+  m.def("filter_draw(Tensor values, Tensor ids, Tensor top_p, Tensor min_p, Tensor u) -> (Tensor, Tensor)");
+  m.impl("filter_draw", c10::DispatchKey::CPU, TORCH_FN(filter_draw));
 }
