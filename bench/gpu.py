@@ -9,6 +9,8 @@ There, from the repository's root, with .gpu carried:
 figures first, so that a run cut off at its time limit still has them:
 1. bandwidth: a device-to-device copy (bytes read + written), the ceiling of batch-1 decode;
 2. model: an HF folder of R1-1.5B's shapes with random bf16 weights (transformers' own init);
+   host: `r1 bench host` on this machine's CPU (the engine's host ms per decode step at 1 and
+   256 sequences, around a model that costs nothing), the budget async scheduling must hide;
 3. graphs_against_eager: greedy tokens with CUDA graphs and async scheduling against
    --enforce-eager with steps run to their end, 1 and 16 sequences (batch sizes that need no
    padding);
@@ -28,8 +30,9 @@ figures first, so that a run cut off at its time limit still has them:
    tokens on CUDA against the CPU's) and the packed int8/int4 kernels' test on the GPU (the
    slowest: each test's shapes compile the kernel anew).
 It writes gpu.json (every figure, the machine, the command) and a log under --out, and prints a
-table last. `run --smoke` runs the same steps but the tests on a tiny config, on this machine's
-CPU, to check the script itself before spending device time on it.
+table last. `run --only host,sampler` reruns some steps (the model step too when one needs it).
+`run --smoke` runs the same steps but the tests on a tiny config, on this machine's CPU, to
+check the script itself before spending device time on it.
 """
 
 from __future__ import annotations
@@ -170,6 +173,14 @@ def sampler(device: torch.device, rows: int, vocab: int) -> dict:
             )
         },
     }
+
+
+def host(folder: Path) -> dict:
+    """r1 bench host's figures on this machine's CPU, with the model folder's tokenizer (R1's)."""
+    from r1 import bench_host
+    from r1.tokenizer import Tokenizer
+
+    return {"rows": bench_host.host_table(Tokenizer.from_hf_folder(folder), sizes=(1, 256))}
 
 
 def tests(device: torch.device) -> dict:
@@ -404,7 +415,10 @@ def quantized(folder: Path, device: torch.device, kv_tokens: int, smoke: bool) -
 # ---- the run --------------------------------------------------------------------------------
 
 
-def run(out: Path, smoke: bool) -> None:
+NEEDS_MODEL = ("host", "graphs_against_eager", "bench", "quantized")
+
+
+def run(out: Path, smoke: bool, only: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if smoke:  # the Triton kernel on CPU tensors: its interpreter, switched on before Triton loads
         os.environ["TRITON_INTERPRET"] = "1"
@@ -427,6 +441,7 @@ def run(out: Path, smoke: bool) -> None:
     steps = [
         ("bandwidth", lambda: copy_bandwidth(device, 0.25 if smoke else 4)),
         ("model", lambda: str(random_model(folder, cfg, device))),
+        ("host", lambda: host(folder)),
         ("graphs_against_eager", lambda: graphs_against_eager(folder, device, kv_tokens)),
         (
             "bench",
@@ -446,6 +461,12 @@ def run(out: Path, smoke: bool) -> None:
         ("sampler", lambda: sampler(device, 8 if smoke else 256, cfg.vocab_size)),
         ("tests", lambda: None if smoke else tests(device)),
     ]
+    if only:
+        unknown = set(only) - {name for name, _ in steps}
+        if unknown:
+            raise SystemExit(f"no such step: {', '.join(sorted(unknown))}")
+        wanted = set(only) | ({"model"} if set(only) & set(NEEDS_MODEL) else set())
+        steps = [(name, step) for name, step in steps if name in wanted]
     for name, step in steps:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
@@ -478,6 +499,12 @@ def summary(steps: dict) -> str:
             f"kernel {row['num_seqs']:>3} x {row['context']:>5}: err {row['relative_error']:.1e}, "
             f"{row['kernel_us']:.1f} us ({row['kernel_gb_s']:.0f} GB/s), {row['speedup']:.1f}x gathered"
         )
+    if ok(steps.get("host"), "rows"):
+        lines += [
+            f"host, {r['num_seqs']} seqs, {'sampled' if r['sampled'] else 'greedy'}, "
+            f"{'streamed' if r['stream'] else 'final only'}: {r['host_ms_per_step']:.2f} ms a step"
+            for r in steps["host"]["rows"]
+        ]
     if ok(steps.get("sampler"), "flat_ms"):
         r = steps["sampler"]
         lines.append(
@@ -554,11 +581,12 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--out", default=os.environ.get("OUT", "bench/results/gpu"))
     r.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: checks this script")
+    r.add_argument("--only", default=None, help="comma-separated steps to run (and the model, when they need it)")
     a = p.parse_args()
     if a.cmd == "prepare":
         prepare()
     else:
-        run(Path(a.out), a.smoke)
+        run(Path(a.out), a.smoke, a.only.split(",") if a.only else None)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ class OutputProcessor:
             update.num_cached_tokens,
             first - out.arrival,
             now - first,
-            list(logprobs),
+            logprobs,  # each update's own list
             error,
             update.num_reasoning_tokens,
         )
