@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -47,9 +48,12 @@ def base_tree(commit: str, where: Path) -> Path:
     return tree
 
 
-def measure(tree: Path, model: str, n: int, output_len: int) -> list[dict]:
+def measure(tree: Path, model: str, n: int, output_len: int, extensions: Path | None = None) -> list[dict]:
+    """One run of CHILD in tree; its CPU kernels built under `extensions` when given (two trees
+    sharing torch's build folder would rebuild their differing kernels at every turn)."""
+    env = os.environ | ({"TORCH_EXTENSIONS_DIR": str(extensions)} if extensions else {})
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, model, str(n), str(output_len)], cwd=tree, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, model, str(n), str(output_len)], cwd=tree, capture_output=True, text=True, env=env
     )
     if out.returncode:
         raise RuntimeError(f"{tree}: {out.stderr[-2000:]}")
@@ -77,7 +81,7 @@ def main() -> None:
             for n in map(int, a.sizes.split(",")):
                 runs = {"before": [], "after": []}
                 for _ in range(a.repeats):
-                    runs["before"].append(measure(base, a.model, n, a.output_len))
+                    runs["before"].append(measure(base, a.model, n, a.output_len, Path(tmp) / "extensions"))
                     runs["after"].append(measure(ROOT, a.model, n, a.output_len))
                 for i, case in enumerate(runs["after"][0]):
                     before = statistics.median(r[i]["host_ms_per_step"] for r in runs["before"])
