@@ -84,6 +84,8 @@ class ReasoningText:
 
     `mark` is told each token's role once its text is in `text`; `take` hands out the deltas of
     the text up to a point (the output processor holds back a tail that may become a stop string).
+    Offsets count from the output's start; `text` may be a tail of it that starts at `base`
+    (at or before what was taken), so a long stream need not keep all of its text.
     """
 
     def __init__(self, prompt_opens: bool):
@@ -93,21 +95,28 @@ class ReasoningText:
         self.emitted = 0
         self.reasoning, self.answer = _Part(), _Part()
 
-    def mark(self, role: str, text: str) -> None:
+    def mark(self, role: str, text: str, base: int = 0) -> None:
+        end = base + len(text)
         if role == OPEN:  # what came before (blank) and the tag itself are neither part
-            self.reasoning_from, self.answer_from = len(text), None
+            self.reasoning_from, self.answer_from = end, None
         elif role == CLOSE:
-            self.reasoning_to = len(text) - len(CLOSE_TAG) if text.endswith(CLOSE_TAG) else len(text)
-            self.answer_from = len(text)
+            self.reasoning_to = end - len(CLOSE_TAG) if text.endswith(CLOSE_TAG) else end
+            self.answer_from = end
 
-    def take(self, text: str, upto: int, final: bool) -> tuple[str, str]:
-        """(reasoning, answer) deltas of text[:upto] since the last take; final ends both parts."""
+    def take(self, text: str, upto: int, final: bool, base: int = 0) -> tuple[str, str]:
+        """(reasoning, answer) deltas of the text up to offset upto since the last take; final
+        ends both parts."""
         start, self.emitted = self.emitted, upto
         reasoning = answer = ""
         if self.reasoning_from is not None:
             end = upto if self.reasoning_to is None else min(upto, self.reasoning_to)
             closed = final or (self.reasoning_to is not None and upto >= self.reasoning_to)
-            reasoning = self.reasoning.take(text[max(start, self.reasoning_from) : end], closed)
+            reasoning = self.reasoning.take(_between(text, base, max(start, self.reasoning_from), end), closed)
         if self.answer_from is not None:
-            answer = self.answer.take(text[max(start, self.answer_from) : upto], final)
+            answer = self.answer.take(_between(text, base, max(start, self.answer_from), upto), final)
         return reasoning, answer
+
+
+def _between(text: str, base: int, start: int, end: int) -> str:
+    """The output's characters [start, end) from text, its tail from offset base (start >= base)."""
+    return text[start - base : max(end - base, 0)]

@@ -6,14 +6,17 @@ from __future__ import annotations
 import pytest
 
 from r1.engine.interface import TokenUpdate
-from r1.engine.output_processor import OutputProcessor
+from r1.engine.output_processor import TEXT_KEPT, OutputProcessor
 from r1.reasoning import ReasoningTracker
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import Tokenizer
 
 THINK, END_THINK = 151648, 151649
 
+LONG = "".join(f"Step {i}: 数学 {i * i} 🫠. " for i in range(900))  # 20,000 characters
+
 OUTPUTS = [  # (output text, whether the prompt opened the reasoning block)
+    (LONG + "\n</think>\n\n" + LONG, True),
     ("Okay, 2+2 is 4. 👍🏽\n</think>\n\nThe answer is **4**.", True),
     ("\n<think>\nLet me see: 数学 🫠.\n</think>\n\n42", True),
     ("Hmm, still thinking about ℕ⊆ℤ", True),
@@ -41,6 +44,8 @@ def run(tokenizer, ids, opened, stream, params, finish="length"):
         reason = finish if n == len(ids) else None
         update = TokenUpdate("r", token_id, role, logprobs, reason, 7, n, 0, tracker.num_tokens)
         out = processor.process(update)
+        if "r" in processor.outputs:  # a long stream keeps only the tail it may still need
+            assert len(processor.outputs["r"].text) < TEXT_KEPT + 200
         if out is not None:
             outputs.append(out)
             if out.finished:  # a stop string: the core finishes the request
@@ -75,13 +80,15 @@ def test_a_request_that_does_not_stream_gets_the_streamed_outputs_joined(r1, tex
     assert joined(final)[0] == r1.decode(ids)
 
 
-def test_a_request_with_stop_strings_is_cut_whether_or_not_it_streams(r1):
-    ids = r1.encode("Okay.\n</think>\n\nThe answer is 4. DONE and more", add_special_tokens=False)
-    params = SamplingParams(stop=["DONE"])
+@pytest.mark.parametrize("reasoning", ["Okay.", LONG])
+def test_a_request_with_stop_strings_is_cut_whether_or_not_it_streams(r1, reasoning):
+    ids = r1.encode(reasoning + "\n</think>\n\n" + LONG + "The answer is 4. DONE and more", add_special_tokens=False)
+    params = SamplingParams(stop=["DONE", "never"])
     for stream in (True, False):
         outputs = run(r1, ids, True, stream, params)
         assert outputs[-1].finish_reason == "stop"
-        assert "".join(o.delta_answer for o in outputs) == "The answer is 4."
+        assert "".join(o.delta_reasoning for o in outputs) == reasoning.strip()
+        assert "".join(o.delta_answer for o in outputs) == LONG + "The answer is 4."
 
 
 def test_an_aborted_request_that_does_not_stream_keeps_its_tokens(r1):

@@ -21,6 +21,8 @@ from r1.reasoning import CLOSE, OPEN, ReasoningText
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import IncrementalDetokenizer, Tokenizer
 
+TEXT_KEPT = 4096  # characters already handed out that a streaming request's text may keep
+
 
 @dataclass
 class _Output:
@@ -28,7 +30,11 @@ class _Output:
     detokenizer: IncrementalDetokenizer
     split: ReasoningText
     streams: bool  # whether each step's tokens are detokenized as they come
-    text: str = ""  # everything detokenized so far; the tail may be held back for stop strings
+    # The text detokenized so far from offset `base` on: the part a stop string or the reasoning
+    # split can still reach (the end may be held back for stop strings). Dropping what is older
+    # keeps a long stream's appends from copying all of its text every token.
+    text: str = ""
+    base: int = 0
     num_emitted_chars: int = 0
     holdback: int = 0  # characters of the text held back: a stop string's length, less one
     arrival: float = field(default_factory=time.perf_counter)
@@ -68,17 +74,22 @@ class OutputProcessor:
         reason = update.finish_reason
         if update.token_id is not None:
             out.text += out.detokenizer.add(update.token_id)
-            out.split.mark(update.role, out.text)
+            out.split.mark(update.role, out.text, out.base)
             if self._cut_at_stop_string(out):
                 reason = "stop"
             elif reason is not None:  # bytes held back for an unfinished character come out now
                 out.text += out.detokenizer.flush()
+        end = out.base + len(out.text)
         if reason is not None:
-            final = self._output(update, out, new_ids, len(out.text), reason)
+            final = self._output(update, out, new_ids, end, reason)
             del self.outputs[update.request_id]
             return final
         # Hold back a tail that could still grow into a stop string.
-        return self._output(update, out, new_ids, max(out.num_emitted_chars, len(out.text) - out.holdback), None)
+        output = self._output(update, out, new_ids, max(out.num_emitted_chars, end - out.holdback), None)
+        keep_from = out.num_emitted_chars - out.holdback  # where the next stop-string search starts
+        if keep_from - out.base > TEXT_KEPT:
+            out.text, out.base = out.text[keep_from - out.base :], keep_from
+        return output
 
     def _gather(self, update: TokenUpdate, out: _Output) -> RequestOutput | None:
         """Keep a token of a request that does not stream; at its end, its one output."""
@@ -108,7 +119,7 @@ class OutputProcessor:
         stops = out.params.stop
         if not stops:
             return False
-        search_from = max(0, out.num_emitted_chars - max(len(s) for s in stops) + 1)
+        search_from = max(0, out.num_emitted_chars - max(len(s) for s in stops) + 1) - out.base
         hits = [(i, s) for s in stops if (i := out.text.find(s, search_from)) >= 0]
         if not hits:
             return False
@@ -119,9 +130,9 @@ class OutputProcessor:
     def _output(
         self, update: TokenUpdate, out: _Output, new_ids: list[int], upto: int, reason: str | None
     ) -> RequestOutput:
-        delta = out.text[out.num_emitted_chars : upto]
+        delta = out.text[out.num_emitted_chars - out.base : upto - out.base]
         out.num_emitted_chars = upto
-        reasoning, answer = out.split.take(out.text, upto, final=reason is not None)
+        reasoning, answer = out.split.take(out.text, upto, reason is not None, out.base)
         return self._record(update, out, new_ids, delta, reasoning, answer, reason, update.logprobs)
 
     @staticmethod
