@@ -116,7 +116,7 @@ def host_table(tokenizer: Tokenizer, sizes=(1, 16, 64, 256), output_len: int = 6
 
 
 def sampler_ms(rows: int = 256, vocab: int = 151936, sampled: bool = True, repeats: int = 5, seed: int = 0) -> float:
-    """Median ms of sample_next over rows of a real-width vocabulary at R1's settings (or greedy),
+    """Median ms of sample_next over rows of vocab logits at R1's settings (or greedy),
     on logits peaked as a trained model's: a few dozen tokens hold nearly all of the mass."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=g)
