@@ -247,14 +247,20 @@ def test_metrics_histograms_and_gauges():
         )
     )
     seen: dict = {}
-    for out in (output("a", 1, 0.5, 0.0), output("a", 1, 0.5, 0.1), output("a", 2, 0.5, 0.3, True, "length")):
+    for out in (
+        output("a", 1, 0.5, 0.0),
+        output("a", 1, 0.5, 0.1),
+        output("a", 2, 0.5, 0.3, True, "length"),
+        output("b", 5, 0.2, 0.4, True, "stop"),  # a request that did not stream: one output
+    ):
         m.observe(out, seen)
     m.count_http("/v1/chat/completions", 200)
     m.count_http("/wp-admin/../etc/passwd", 404)
     text = m.render().decode()
-    assert "r1_time_to_first_token_seconds_count 1.0" in text
-    assert "r1_inter_token_latency_seconds_count 3.0" in text  # 0.1, then 0.1 twice (0.2 over 2 tokens)
-    assert "r1_generation_tokens_total 4.0" in text
+    assert "r1_time_to_first_token_seconds_count 2.0" in text
+    # a: 0.1, then 0.1 twice (0.2 over 2 tokens); b: 0.1 four times (0.4 over the 4 after its first)
+    assert "r1_inter_token_latency_seconds_count 7.0" in text
+    assert "r1_generation_tokens_total 9.0" in text
     assert 'r1_requests_finished_total{finish_reason="length"} 1.0' in text
     assert 'r1_http_requests_total{route="other",status="404"} 1.0' in text
     for line in (

@@ -70,9 +70,12 @@ class Metrics:
         if n:
             self.generation_tokens.inc(n)
             previous = last_decode.get(out.request_id)
-            if previous is None:
+            if previous is None:  # the first token: its wait is the time to it
                 self.ttft.observe(out.time_to_first_token)
-            elif out.decode_seconds > previous:
+                # The rest of an output of several (a request that does not stream gets one
+                # output) came over its decode seconds.
+                previous, n = 0.0, n - 1
+            if n and out.decode_seconds > previous:
                 gap = (out.decode_seconds - previous) / n
                 for _ in range(n):
                     self.itl.observe(gap)
