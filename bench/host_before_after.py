@@ -32,7 +32,8 @@ from r1.llm import load_tokenizer
 from r1.loaders import open_model_files
 tok = load_tokenizer(None, open_model_files(sys.argv[1]))
 n, output_len = int(sys.argv[2]), int(sys.argv[3])
-print(json.dumps([bench_host.host_step_ms(tok, n, output_len, sampled=s, stream=t) for s in (False, True) for t in (True, False)]))
+modes = [(sampled, stream) for sampled in (False, True) for stream in (True, False)]
+print(json.dumps([bench_host.host_step_ms(tok, n, output_len, sampled=s, stream=t) for s, t in modes]))
 """
 
 

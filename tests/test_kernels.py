@@ -256,7 +256,9 @@ def test_filter_draw_draws_what_the_pytorch_filters_draw():
     rows = 600
     logits = logit_rows(rows, 3000) * torch.linspace(0.2, 3.0, rows)[:, None]  # peaked to flat rows
     values, ids = kernels.op("softmax_topk")(logits, torch.full((rows,), 0.6), 64)
-    top_p = torch.where(torch.rand(rows, generator=g) < 0.7, 0.5 + 0.5 * torch.rand(rows, generator=g), torch.ones(rows))
+    top_p = torch.where(
+        torch.rand(rows, generator=g) < 0.7, 0.5 + 0.5 * torch.rand(rows, generator=g), torch.ones(rows)
+    )
     min_p = torch.where(torch.rand(rows, generator=g) < 0.5, 0.2 * torch.rand(rows, generator=g), torch.zeros(rows))
     min_p[(top_p == 1) & (min_p == 0)] = 0.05  # every row filters
     u = torch.rand(rows, generator=g)

@@ -206,7 +206,8 @@ def plan(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         return {
             name: "triton" if name in _gpu_ops() else f"pytorch ({why})"
             for name in names
-            if name not in ("int4_matmul", "int6_matmul", "int4_quantize", "softmax_topk", "filter_draw", "decode_attention")
+            if name
+            not in ("int4_matmul", "int6_matmul", "int4_quantize", "softmax_topk", "filter_draw", "decode_attention")
         }
     reason = unavailable_reason()
     if reason is not None:

@@ -123,7 +123,9 @@ class Serving:
         samples = expand_samples(params)
         stream = await self._add(
             [
-                EngineRequest(f"{id_}-{p * len(samples) + j}", ids, sample, cache_salt=req.cache_salt, stream=req.stream)
+                EngineRequest(
+                    f"{id_}-{p * len(samples) + j}", ids, sample, cache_salt=req.cache_salt, stream=req.stream
+                )
                 for p, ids in enumerate(encoded)
                 for j, sample in enumerate(samples)
             ]
