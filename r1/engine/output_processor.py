@@ -74,8 +74,9 @@ class OutputProcessor:
         reason = update.finish_reason
         if update.token_id is not None:
             out.text += out.detokenizer.add(update.token_id)
-            out.split.mark(update.role, out.text, out.base)
-            if self._cut_at_stop_string(out):
+            if update.role in (OPEN, CLOSE):
+                out.split.mark(update.role, out.text, out.base)
+            if out.params.stop and self._cut_at_stop_string(out):
                 reason = "stop"
             elif reason is not None:  # bytes held back for an unfinished character come out now
                 out.text += out.detokenizer.flush()
@@ -117,8 +118,6 @@ class OutputProcessor:
     def _cut_at_stop_string(out: _Output) -> bool:
         """Cut the text at the first stop string that appeared; True if one did."""
         stops = out.params.stop
-        if not stops:
-            return False
         search_from = max(0, out.num_emitted_chars - max(len(s) for s in stops) + 1) - out.base
         hits = [(i, s) for s in stops if (i := out.text.find(s, search_from)) >= 0]
         if not hits:
