@@ -27,6 +27,7 @@ HOST_VOCAB = 512  # the preset logits' columns: real token ids of any Qwen2 voca
 POOL_ROWS = 4096  # distinct preset rows, cycled
 BLOCK_SIZE = 16
 TOKEN_BUDGET = 2048  # tokens a step: a GPU's default
+MIN_OUTPUT_LEN = 8  # decode steps enough for a median, after the prompts' and before the last
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
 
 
@@ -72,6 +73,8 @@ def host_step_ms(
 ) -> dict:
     """Host ms of the steps in which every one of num_seqs R1 chat requests decodes a token (their
     median), the requests streaming their outputs or reading only the final one."""
+    if output_len < MIN_OUTPUT_LEN:
+        raise ValueError(f"the host bench needs an output length of at least {MIN_OUTPUT_LEN}, got {output_len}")
     prompts = [tokenizer.encode_chat([{"role": "user", "content": f"{prompt} ({i})"}]) for i in range(num_seqs)]
     engine = host_engine(tokenizer, num_seqs, max(map(len, prompts)) + output_len)
     settings = R1_SAMPLING if sampled else {"temperature": 0.0}

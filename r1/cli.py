@@ -506,6 +506,16 @@ def cmd_bench(a: argparse.Namespace) -> None:
     out.print(summary)
 
 
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def cmd_bench_host(a: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -515,8 +525,7 @@ def cmd_bench_host(a: argparse.Namespace) -> None:
 
     machine = bench.machine()
     tokenizer = load_tokenizer(None, open_model_files(a.model))
-    sizes = [int(n) for n in a.sizes.split(",")]
-    rows = bench_host.host_table(tokenizer, sizes, a.output_len)
+    rows = bench_host.host_table(tokenizer, a.sizes, a.output_len)
     result = {
         "bench": "host",
         "model": a.model,
@@ -706,8 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
         "then the sampler alone over the real vocabulary. See bench/README.md.",
     )
     bh.add_argument("--model", default="demo", help="whose tokenizer the requests use (no weights are loaded)")
-    bh.add_argument("--sizes", default="1,16,64,256", help="sequences decoding at once (comma-separated)")
-    bh.add_argument("--output-len", type=int, default=64, help="tokens each sequence generates")
+    bh.add_argument(
+        "--sizes", type=_positive_ints, default="1,16,64,256", help="sequences decoding at once (comma-separated)"
+    )
+    bh.add_argument("--output-len", type=int, default=64, help="tokens each sequence generates (at least 8)")
     bh.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     bh.add_argument("--save", default=None, metavar="PATH", help="also write the result as JSON")
     bh.set_defaults(func=cmd_bench_host)

@@ -180,10 +180,19 @@ def test_the_host_bench_runs_the_real_engine_on_preset_logits(tiny_model_folder)
 
 
 def test_bench_host_prints_each_size_and_mode(tiny_model_folder, capsys):
-    out = _run_json(capsys, "host", "--model", str(tiny_model_folder), "--sizes", "1,3", "--output-len", "6", "--json")
+    out = _run_json(capsys, "host", "--model", str(tiny_model_folder), "--sizes", "1,3", "--output-len", "8", "--json")
     rows = out["rows"]
     assert [(r["num_seqs"], r["sampled"], r["stream"]) for r in rows] == [
         (n, s, t) for n in (1, 3) for s in (False, True) for t in (True, False)
     ]
     assert all(r["decode_steps"] >= 3 and r["host_ms_per_step"] > 0 for r in rows)
     assert out["sampler_256_rows_ms"]["greedy"] > 0
+
+
+def test_bench_host_refuses_sizes_and_lengths_it_cannot_measure(tiny_model_folder, capsys):
+    for sizes in ("0", "4,x", ""):
+        with pytest.raises(SystemExit):
+            main(["bench", "host", "--model", str(tiny_model_folder), "--sizes", sizes])
+        assert "comma-separated positive integers" in capsys.readouterr().err
+    assert main(["bench", "host", "--model", str(tiny_model_folder), "--sizes", "1", "--output-len", "3"]) == 1
+    assert "an output length of at least 8" in capsys.readouterr().err
