@@ -31,9 +31,7 @@ from r1 import bench_host
 from r1.llm import load_tokenizer
 from r1.loaders import open_model_files
 tok = load_tokenizer(None, open_model_files(sys.argv[1]))
-n, output_len = int(sys.argv[2]), int(sys.argv[3])
-modes = [(sampled, stream) for sampled in (False, True) for stream in (True, False)]
-print(json.dumps([bench_host.host_step_ms(tok, n, output_len, sampled=s, stream=t) for s, t in modes]))
+print(json.dumps(bench_host.host_table(tok, [int(sys.argv[2])], int(sys.argv[3]))))
 """
 
 

@@ -98,13 +98,14 @@ def host_step_ms(
     # and the last step, which finishes them all.
     prefill_steps = -(-sum(map(len, prompts)) // TOKEN_BUDGET) + 1
     decode_ms = step_ms[prefill_steps:-1]
+    median_ms = statistics.median(decode_ms)
     return {
         "num_seqs": num_seqs,
         "sampled": sampled,
         "stream": stream,
         "decode_steps": len(decode_ms),
-        "host_ms_per_step": round(statistics.median(decode_ms), 3),
-        "host_us_per_seq": round(statistics.median(decode_ms) / num_seqs * 1e3, 2),
+        "host_ms_per_step": round(median_ms, 3),
+        "host_us_per_seq": round(median_ms / num_seqs * 1e3, 2),
     }
 
 

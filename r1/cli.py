@@ -460,6 +460,19 @@ def cmd_memory(a: argparse.Namespace) -> None:
         err.print(f"[dim]plot written to {escape(a.plot)}[/dim]")
 
 
+def _saved_or_printed_json(a: argparse.Namespace, result: dict, machine: dict) -> bool:
+    """Save a bench result where --save says; with --json print it as the only stdout and say so."""
+    from r1 import bench
+
+    if a.save:
+        path = bench.save(a.save, result, machine)
+        if not a.json:
+            err.print(f"[dim]saved {escape(str(path))}[/dim]")
+    if a.json:
+        print(json.dumps(result))
+    return a.json
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from r1 import bench
 
@@ -495,12 +508,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
             f"   guesses kept {result['spec_acceptance_rate']:.0%}, "
             f"{result['spec_mean_accepted']:.2f} tokens a verifying step"
         )
-    if a.save:
-        path = bench.save(a.save, result, machine)
-        if not a.json:
-            err.print(f"[dim]saved {escape(str(path))}[/dim]")
-    if a.json:
-        print(json.dumps(result))
+    if _saved_or_printed_json(a, result, machine):
         return
     out.print(f"{a.bench}: {escape(a.model)}, {result['quant']}, {result['dtype']}, {result['threads']} threads")
     out.print(summary)
@@ -538,12 +546,7 @@ def cmd_bench_host(a: argparse.Namespace) -> None:
             "sampled_host_vocab": bench_host.sampler_ms(vocab=bench_host.HOST_VOCAB),
         },
     }
-    if a.save:
-        path = bench.save(a.save, result, machine)
-        if not a.json:
-            err.print(f"[dim]saved {escape(str(path))}[/dim]")
-    if a.json:
-        print(json.dumps(result))
+    if _saved_or_printed_json(a, result, machine):
         return
     t = Table(title=f"host ms per decode step, {escape(machine['cpu'])}", title_justify="left")
     for name in ("sequences", "sampling", "outputs", "ms a step", "us a sequence"):

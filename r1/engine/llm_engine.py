@@ -75,9 +75,8 @@ class LLMEngine:
         if len(set(ids)) < len(ids):
             raise ValueError(f"request ids repeat within the group: {ids}")
         prepared = [self._prepare(r) for r in requests]
-        streams = {r.request_id: r.stream for r in requests}
-        for req in prepared:
-            self.output.add(req.request_id, req.params, req.reasoning.in_reasoning, streams[req.request_id])
+        for r, req in zip(requests, prepared):
+            self.output.add(req.request_id, req.params, req.reasoning.in_reasoning, r.stream)
         self.core.add(prepared)
 
     def _prepare(self, r: EngineRequest) -> CoreRequest:
