@@ -13,8 +13,10 @@ row on the CPU, a full topk on the GPU): a token drawn from the softmax, min-p's
 accepted if top-p keeps it, which one sum over the row tells (the mass of the likelier tokens).
 Every step draws TRIES + 1 uniform numbers per row, so a seed gives the same tokens whichever
 rows share the batch; a row rejected TRIES times (a chance of at most (1 - top_p) ** TRIES) is
-filtered exactly by sorting. On a GPU the only wait on the device is for which rows were settled
-among the candidates (penalties add torch.unique's). `greedy_tokens` stands in for argmax, a
+filtered exactly by sorting. `draw_tokens` does a step's draw without waiting on the device: the
+rows whose kept run may reach past the candidates come back marked unsettled, and `settle_rows`
+draws them once the caller has read which they are (the engine reads that with the tokens, so a
+GPU step has no wait but that read; penalties add torch.unique's). `greedy_tokens` stands in for argmax, a
 scalar loop on the CPU too. It does not own which rows are in the batch, stopping, or filling model
 defaults into the params (SamplingParams.with_defaults).
 """
@@ -59,11 +61,31 @@ def sample_drawn(
 ) -> torch.Tensor:
     """sample_next with the rows' uniform numbers drawn already (step_uniforms), so that a row
     sampled again draws what it drew the first time."""
+    tokens, unsettled = draw_tokens(logits, params, prompt_ids, output_ids, u)
+    if unsettled is not None:
+        rows = unsettled.nonzero().squeeze(1).tolist()  # a wait on the device
+        if rows:
+            tokens[_on(rows, torch.int64, tokens.device)] = settle_rows(logits, params, prompt_ids, output_ids, u, rows)
+    return tokens
+
+
+def draw_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    u: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's draw without waiting on the device: (tokens (B,), unsettled (B,) bool or None).
+
+    A row whose kept tokens may reach past its candidates is unsettled: its token is the
+    candidates' draw, a stand-in, until `settle_rows` draws it over the whole vocabulary once the
+    caller has read which rows those are (with the tokens, in one copy). None: no row can be."""
     if any(p.temperature is None or p.top_p is None or p.top_k is None for p in params):
         raise ValueError("sample_next needs concrete params: call SamplingParams.with_defaults first")
     logits = apply_penalties(logits.float(), prompt_ids, output_ids, params)
     if all(p.greedy for p in params):  # no row index to copy over: nothing waits on the device
-        return greedy_tokens(logits)
+        return greedy_tokens(logits), None
     device, vocab = logits.device, logits.shape[1]
 
     def rows(index: list[int]) -> torch.Tensor:  # whole batches, the usual case, are not copied
@@ -87,20 +109,54 @@ def sample_drawn(
     def drawn(index: list[int]) -> torch.Tensor:
         return u if len(index) == len(params) else u[_on(index, torch.int64, device)]
 
-    parts = []  # (rows, their tokens)
+    parts = []  # (rows, their tokens, which of them are unsettled or None)
     if greedy:
-        parts.append((greedy, greedy_tokens(rows(greedy))))
+        parts.append((greedy, greedy_tokens(rows(greedy)), None))
     for group in filtered_groups:
-        parts.append((group, _sample_filtered(rows(group), [params[i] for i in group], drawn(group))))
+        parts.append((group, *_sample_filtered(rows(group), [params[i] for i in group], drawn(group))))
     if unfiltered:
         scaled = apply_temperature(rows(unfiltered), [params[i].temperature for i in unfiltered])
-        parts.append((unfiltered, draw(scaled.softmax(dim=1), drawn(unfiltered)[:, 0])))
+        parts.append((unfiltered, draw(scaled.softmax(dim=1), drawn(unfiltered)[:, 0]), None))
     if len(parts) == 1:
-        return parts[0][1]
+        return parts[0][1:]
     tokens = torch.empty(len(params), dtype=torch.int64, device=device)
-    for index, part in parts:
-        tokens[_on(index, torch.int64, device)] = part
-    return tokens
+    unsettled = None
+    for index, part, part_unsettled in parts:
+        index = _on(index, torch.int64, device)
+        tokens[index] = part
+        if part_unsettled is not None:
+            if unsettled is None:
+                unsettled = torch.zeros(len(params), dtype=torch.bool, device=device)
+            unsettled[index] = part_unsettled
+    return tokens, unsettled
+
+
+def settle_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    u: torch.Tensor,
+    rows: list[int],
+) -> torch.Tensor:
+    """The tokens of draw_tokens' unsettled `rows` (by index), drawn over the whole vocabulary
+    from the same logits, settings and uniform numbers: what sampling them at once gives."""
+    pick = _on(rows, torch.int64, logits.device)
+    sub = apply_penalties(
+        logits[pick].float(),
+        [prompt_ids[i] for i in rows],
+        [output_ids[i] for i in rows],
+        [params[i] for i in rows],
+    )
+    chosen = [params[i] for i in rows]
+    (k, p, m, t), _ = _filter_settings(
+        sub,
+        [x.top_k for x in chosen],
+        [x.top_p for x in chosen],
+        [x.min_p for x in chosen],
+        [x.temperature for x in chosen],
+    )
+    return _sample_wide(sub, k, p, m, t, u[rows].to(logits.device), min_p=any(x.min_p > 0 for x in chosen))
 
 
 def verify_proposed(
@@ -240,9 +296,12 @@ def _filter_settings(
     return tuple(x.to(logits.device, non_blocking=True) for x in settings), width
 
 
-def _sample_filtered(logits: torch.Tensor, params: Sequence[SamplingParams], u: torch.Tensor) -> torch.Tensor:
-    """Tokens (R,) for rows that each enable a filter, from their uniform numbers u (R, TRIES + 1):
-    the candidates' draw where the row's kept tokens all lie among them, otherwise `_sample_wide`'s."""
+def _sample_filtered(
+    logits: torch.Tensor, params: Sequence[SamplingParams], u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens (R,), unsettled (R,) bool or None) for rows that each enable a filter, from their
+    uniform numbers u (R, TRIES + 1): the candidates' draw, settled where the row's kept tokens
+    all lie among them; the others are settle_rows'. None: the candidates are the vocabulary."""
     vocab = logits.shape[1]
     (k, p, m, t), width = _filter_settings(
         logits,
@@ -258,15 +317,7 @@ def _sample_filtered(logits: torch.Tensor, params: Sequence[SamplingParams], u: 
     else:
         kept, settled = _filter_sorted(values, k, p, m)
         tokens = ids.gather(1, draw(kept, u[:, 0]).unsqueeze(1)).squeeze(1)
-    if width == vocab:
-        return tokens
-    wide = (~settled).nonzero().squeeze(1)  # the one wait on the device
-    if len(wide):
-        rows = slice(None) if len(wide) == len(logits) else wide  # flat rows, often all of them
-        tokens[rows] = _sample_wide(
-            logits[rows], k[rows], p[rows], m[rows], t[rows], u[rows], min_p=any(x.min_p > 0 for x in params)
-        )
-    return tokens
+    return tokens, None if width == vocab else ~settled
 
 
 def _sample_wide(

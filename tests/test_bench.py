@@ -109,7 +109,9 @@ def test_latency_times_a_chunked_prefill_to_its_first_token(tiny_model_folder):
     steps = []
     runner = llm.engine.core.runner
     run = runner.run
-    runner.run = lambda scheduled: steps.append(sum(s.num_new_tokens for s in scheduled)) or run(scheduled)
+    runner.run = lambda scheduled, *rest: (
+        steps.append(sum(s.num_new_tokens for s in scheduled)) or run(scheduled, *rest)
+    )
     result = bench.latency(llm, prompt_len=40, output_len=4)
     assert result["prompt_tokens"] == 40 and result["prefill_tok_s"] > 0
     assert max(steps) == 16  # the prompts went in chunks of the budget

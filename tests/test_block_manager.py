@@ -272,3 +272,46 @@ def test_prefix_caching_disabled():
     admit_and_compute(bm, seq_of(range(9), 0))
     assert bm.lookup_prefix(seq_of(range(9), 1)) == []
     assert bm.prefix_hits == 0
+
+
+def test_block_tables_array_follows_every_table_change():
+    # The array the model runner gathers from must hold each sequence's table exactly, zeros
+    # after it, through admissions with cached prefixes, growth, trims, frees and re-admissions,
+    # and as it grows past its first rows and columns.
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=400, block_size=BS)
+    bm.tables = type(bm.tables)(rows=2, width=3)
+    shared = list(range(1000, 1000 + 3 * BS))
+    holding: list[Sequence] = []
+    for step in range(300):
+        action = rng.random()
+        if action < 0.3 or not holding:
+            seq = seq_of(shared[: rng.choice([BS, 3 * BS])] + [step] * rng.randint(1, 9), seq_id=step)
+            admit_and_compute(bm, seq)
+            holding.append(seq)
+        elif action < 0.6:
+            seq = rng.choice(holding)
+            if bm.allocate(seq, rng.randint(1, 4 * BS)):
+                seq.num_computed_tokens = len(seq.block_table) * BS
+        elif action < 0.75:
+            seq = rng.choice(holding)
+            bm.trim(seq, max(1, seq.num_computed_tokens - rng.randint(0, 3 * BS)))
+            seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.block_table) * BS)
+        else:
+            seq = holding.pop(rng.randrange(len(holding)))
+            bm.free(seq)
+            assert seq.table_row is None
+        rows = [s.table_row for s in holding]
+        assert len(set(rows)) == len(rows)
+        for s in holding:
+            row = bm.tables.array[s.table_row].tolist()
+            assert row[: len(s.block_table)] == s.block_table and not any(row[len(s.block_table) :])
+        if holding:
+            gathered = bm.tables.gather(holding)
+            assert gathered.shape == (len(holding), max(len(s.block_table) for s in holding))
+    assert bm.tables.array.shape[0] > 2 and bm.tables.array.shape[1] > 3
+    assert not bm.tables.array[
+        [r for r in range(len(bm.tables.array)) if r not in {s.table_row for s in holding}]
+    ].any()

@@ -8,6 +8,7 @@ tables with stale entries, and the handoff between graph and eager steps.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_engine import _assert_no_leaks, _prompts
@@ -87,7 +88,10 @@ def test_padding_rows_write_only_the_scratch_block(tiny_model_folder, quant):
     runner.kv_cache.normal_()
     before = runner.kv_cache.clone()
     slots = [5 * 16 + 2, 7 * 16 + 3, 2 * 16 + 15]
-    hidden = graphs.run(torch.tensor([11, 12, 13]), [2, 19, 15], slots, [3, 20, 16], [[5], [9, 7], [2]])
+    tables = np.array([[5, 0], [9, 7], [2, 0]])
+    hidden = graphs.run(
+        torch.tensor([11, 12, 13]), np.array([2, 19, 15]), np.array(slots), np.array([3, 20, 16]), tables
+    )
     assert hidden.shape == (3, llm.config.hidden_size) and torch.isfinite(hidden).all()
     written = (runner.kv_cache != before).any(-1).any(-1).any(1).any(0)  # (blocks, block_size): each slot
     assert set(written.flatten().nonzero().flatten().tolist()) == {*slots, scratch * 16}

@@ -166,11 +166,11 @@ def test_a_failed_launch_ahead_leaves_no_pending_tokens(tiny_model_folder, alone
     engine, prompt = llm.engine, _prompts(1)[0]
     run, failures = engine.core.runner.run, []
 
-    def failing_once(scheduled, sampled=None):
+    def failing_once(scheduled, tables, sampled=None):
         if sampled is not None and not failures:
             failures.append(1)
             raise RuntimeError("CUDA out of memory (simulated)")
-        return run(scheduled, sampled)
+        return run(scheduled, tables, sampled)
 
     engine.core.runner.run = failing_once
     engine.add_requests([EngineRequest("0", prompt, GREEDY)])
@@ -296,3 +296,26 @@ def test_config_record_says_what_shapes_the_outputs(make_llm):
     assert record["kernels"] == kernels.plan(torch.device("cpu"), torch.float32)
     # fp32 keys and values: layers x 2 x blocks x block_size x kv heads x head_dim x 4 bytes
     assert record["kv_cache_bytes"] == 3 * 2 * record["num_blocks"] * 4 * 2 * 16 * 4
+
+
+def test_rows_settled_after_the_read_sample_as_sync_steps_do(tiny_model_folder):
+    # The tiny random model's distributions are flat, so top-p keeps far more than the
+    # candidates and every sampled row is settled over the whole vocabulary after the tokens are
+    # read. With async scheduling the next step was launched with a stand-in for those tokens:
+    # it must be dropped and the token run again, leaving every output as a sync run gives it.
+    params = [SamplingParams(temperature=0.6, top_p=0.95, max_tokens=12, seed=i, ignore_eos=True) for i in range(5)]
+    prompts = _prompts(5, seed=4)
+    sync = [c.token_ids for c in _llm(tiny_model_folder).generate(prompts, params)]
+    llm = _llm(tiny_model_folder, async_scheduling=True)
+    core, stale = llm.engine.core, []
+    settle = core._settle
+
+    def counting(sample, token_ids):
+        out = settle(sample, token_ids)
+        stale.extend(s for s in (core._ahead or ((),))[0] if s.stale)
+        return out
+
+    core._settle = counting
+    assert [c.token_ids for c in llm.generate(prompts, params)] == sync
+    assert len(stale) > 10
+    _assert_no_leaks(llm)

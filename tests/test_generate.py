@@ -173,8 +173,8 @@ def test_async_scheduling_gives_the_same_outputs(small_gguf, r1_header):
     sync, sync_logprobs = outputs(False)
     launched_ahead = []
     run = r1.engine.core.runner.run
-    r1.engine.core.runner.run = lambda scheduled, sampled=None: (
-        launched_ahead.append(sampled is not None) or run(scheduled, sampled)
+    r1.engine.core.runner.run = lambda scheduled, tables, sampled=None: (
+        launched_ahead.append(sampled is not None) or run(scheduled, tables, sampled)
     )
     got, got_logprobs = outputs(True)
     assert got == sync

@@ -206,14 +206,14 @@ def test_a_stream_of_16_closed_early_frees_its_blocks(live, http):
 
 
 def test_a_request_whose_sampling_fails_fails_alone(live, http, beside, monkeypatch):
-    real = sampler.sample_drawn
+    real = sampler.draw_tokens
 
     def failing_for_seed_666(logits, params, *args):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("injected sampling failure")
         return real(logits, params, *args)
 
-    monkeypatch.setattr(sampler, "sample_drawn", failing_for_seed_666)
+    monkeypatch.setattr(sampler, "draw_tokens", failing_for_seed_666)
     r = post(http, "/v1/chat/completions", {**CHAT, "seed": 666, "temperature": 0.6})
     assert r.status_code == 500, r.text
     error = r.json()["error"]

@@ -15,10 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from r1 import kernels, sampling
 from r1.sampling import (
     CANDIDATES,
+    TRIES,
     apply_penalties,
     apply_temperature,
     compute_logprobs,
     draw,
+    draw_tokens,
     filter_candidates,
     greedy_tokens,
     make_generator,
@@ -580,3 +582,21 @@ def test_a_large_top_k_widens_only_its_own_rows(monkeypatch):
     sample_next(logits, ps, [[]] * 3, [[]] * 3, [make_generator(i) for i in range(3)])
     # Both narrow rows among 64 candidates; the top_k=500 row alone among 501.
     assert widths[:2] == [(2, CANDIDATES), (1, 501)]
+
+
+def test_the_draw_needs_no_device_value_on_the_host():
+    # On a GPU a step's draw must not wait for the device: the meta device has no values at all,
+    # so the draw running there shows that no branch or size depends on one. Rows at R1's
+    # settings, greedy, top-k, min-p and plain temperature, in one batch.
+    settings = [
+        dict(temperature=0.6, top_p=0.95),
+        dict(temperature=0),
+        dict(temperature=0.7, top_k=20),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=0.8),
+    ]
+    ps = [SamplingParams(**s, seed=i).with_defaults({}) for i, s in enumerate(settings)]
+    logits = torch.empty(len(ps), 151936, device="meta")
+    u = uniforms([make_generator(i) for i in range(len(ps))], TRIES + 1)
+    tokens, unsettled = draw_tokens(logits, ps, [[]] * len(ps), [[]] * len(ps), u)
+    assert tokens.device.type == unsettled.device.type == "meta" and tokens.shape == unsettled.shape == (len(ps),)

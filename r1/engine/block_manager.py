@@ -14,6 +14,8 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from r1.engine.sequence import Sequence
 
 DIGEST_SIZE = 32  # bytes: a 256-bit chain, so no two prefixes ever share a digest in practice
@@ -48,12 +50,58 @@ class Block:
     hash: bytes | None = None
 
 
+class BlockTables:
+    """The block tables of the sequences that hold blocks, as rows of one int64 array that the
+    block manager keeps in step with seq.block_table: a step's tables are then one gather rather
+    than a padded list a sequence, and its cache slots one lookup for the whole batch. A sequence
+    holds a row (seq.table_row) from admission until its blocks are freed; entries past the end of
+    its table are 0. The array grows, in rows and columns, as it is asked for more."""
+
+    def __init__(self, rows: int = 16, width: int = 64):
+        self.array = np.zeros((rows, width), dtype=np.int64)
+        self._free_rows = list(range(rows - 1, -1, -1))  # popped from the end: lowest first
+
+    def assign(self, seq: Sequence) -> None:
+        """Give seq a row holding its block table."""
+        if not self._free_rows:
+            rows = len(self.array)
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        seq.table_row = self._free_rows.pop()
+        self.write(seq, 0)
+
+    def write(self, seq: Sequence, start: int) -> None:
+        """Copy seq's table entries from index start on into its row."""
+        table, width = seq.block_table, self.array.shape[1]
+        if len(table) > width:
+            wider = np.zeros((len(self.array), max(2 * width, len(table))), dtype=np.int64)
+            wider[:, :width] = self.array
+            self.array = wider
+        self.array[seq.table_row, start : len(table)] = table[start:]
+
+    def clear(self, seq: Sequence, start: int) -> None:
+        """Zero seq's entries from index start on (its table is about to lose them)."""
+        self.array[seq.table_row, start : len(seq.block_table)] = 0
+
+    def release(self, seq: Sequence) -> None:
+        """Take back seq's row, its table about to be emptied."""
+        self.clear(seq, 0)
+        self._free_rows.append(seq.table_row)
+        seq.table_row = None
+
+    def gather(self, seqs: list[Sequence]) -> np.ndarray:
+        """The tables of seqs (B, longest table), zero-padded."""
+        width = max(len(seq.block_table) for seq in seqs)
+        return self.array[[seq.table_row for seq in seqs], :width]
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
+        self.tables = BlockTables()
         # Blocks no sequence holds, oldest freed first: allocation takes (and evicts) from the
         # front, so cached blocks freed recently survive longest.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -113,6 +161,7 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
         seq.block_table = list(cached_blocks)
         seq.block_table.extend(self._take_free_block() for _ in range(num_new_blocks))
+        self.tables.assign(seq)
         self.prefix_queries += seq.num_tokens
         self.prefix_hits += num_cached_tokens
         return True
@@ -124,7 +173,9 @@ class BlockManager:
             return True
         if needed > len(self._free):
             return False
+        start = len(seq.block_table)
         seq.block_table.extend(self._take_free_block() for _ in range(needed))
+        self.tables.write(seq, start)
         return True
 
     def cache_full_blocks(self, seq: Sequence, num_computed_before: int) -> None:
@@ -152,6 +203,7 @@ class BlockManager:
         """Give back seq's blocks past the first num_tokens tokens (those only rejected proposed
         tokens used: held by seq alone, never cached)."""
         keep = self.blocks_needed(num_tokens)
+        self.tables.clear(seq, keep)
         for block_id in seq.block_table[keep:]:
             if self._release(block_id):  # nothing cached in it: the first to be reused
                 self._free.move_to_end(block_id, last=False)
@@ -163,6 +215,8 @@ class BlockManager:
         # are likelier to share and without which the tail can never be hit anyway.
         for block_id in reversed(seq.block_table):
             self._release(block_id)
+        if seq.table_row is not None:
+            self.tables.release(seq)
         seq.block_table = []
 
     def _release(self, block_id: int) -> bool:

@@ -12,7 +12,9 @@ the next inputs take it from the device, and the GPU runs the forward while the 
 tokens and the output processor works, time it would otherwise sit idle. The price is a sequence
 that stops unforeseen (an eos, a stop string) runs one more token, whose row is dropped; one that
 reaches its length is left out of the next step, since that end is known ahead. Sampling still
-follows the update, so penalties, structured output and the budget see every token first.
+follows the update, so penalties, structured output and the budget see every token first. A row
+whose token is settled over the whole vocabulary after the read (sampler.py) went into the next
+step as a stand-in: that step's work for it is dropped (ScheduledSeq.stale) and the token runs again.
 
 A failure stays with its request where it can be traced to one: a request whose sampling or
 constraint raises fails alone (an update with its error), and the others go on. A failed forward
@@ -32,7 +34,7 @@ import torch
 
 from r1.engine.interface import StepError, TokenConstraint, TokenUpdate, is_device_fault
 from r1.engine.model_runner import ModelRunner
-from r1.engine.sampler import sample_rows, token_logprobs
+from r1.engine.sampler import StepSample, sample_rows, token_logprobs
 from r1.engine.scheduler import ScheduledSeq, Scheduler
 from r1.engine.sequence import Sequence, SequenceStatus
 from r1.engine.speculative import Speculator
@@ -112,7 +114,7 @@ class EngineCore:
 
     def step(self) -> list[TokenUpdate]:
         updates, self._pending = self._pending, []
-        if self._ahead is not None and not all(s.seq.is_finished for s in self._ahead[0]):
+        if self._ahead is not None and not all(s.seq.is_finished or s.stale for s in self._ahead[0]):
             (scheduled, logits), self._ahead = self._ahead, None  # launched by the last step
         else:
             self._ahead = None  # everything it ran has ended
@@ -124,7 +126,7 @@ class EngineCore:
             try:
                 if self.speculator is not None:
                     self.speculator.propose(scheduled)
-                logits = self.runner.run(scheduled)
+                logits = self.runner.run(scheduled, self.scheduler.block_manager.tables)
             except Exception as e:
                 if not is_device_fault(e):
                     updates += [self._fail(self.requests[s.seq.seq_id], e) for s in scheduled]
@@ -132,12 +134,12 @@ class EngineCore:
         self.scheduler.update_after_step(scheduled)
         # The rows of logits: one per sampling sequence, 1 + num_spec for one with guesses. A
         # sequence that ended while its step ran (a stop found a step late, an abort) has no
-        # request left; its rows are dropped.
+        # request left, and a stale one ran a stand-in token; their rows are dropped.
         plain, guessed, row = [], [], 0
         for s in scheduled:
             if not s.samples:
                 continue
-            if not s.seq.is_finished:
+            if not s.seq.is_finished and not s.stale:
                 (guessed if s.num_spec else plain).append((s, row))
             row += 1 + s.num_spec
         for s, first in guessed:
@@ -146,16 +148,15 @@ class EngineCore:
             return updates
         if len(plain) < row:
             logits = logits[torch.tensor([first for _, first in plain], device=logits.device)]
-        reqs = [self.requests[s.seq.seq_id] for s, _ in plain]
-        reqs, tokens, logprobs, failures = sample_rows(logits, reqs)
-        updates += [self._fail(req, e) for req, e in failures]
-        if not reqs:
-            raise StepError(failures[0][1], updates)
+        sample = sample_rows(logits, [self.requests[s.seq.seq_id] for s, _ in plain])
+        updates += [self._fail(req, e) for req, e in sample.failures]
+        if not sample.reqs:
+            raise StepError(sample.failures[0][1], updates)
         try:
-            token_ids = self._read_tokens(tokens, reqs)
+            token_ids = self._read_tokens(sample)
         except Exception as e:  # the next step's launch: its sequences were rewound, not failed
             raise StepError(e, updates) from e
-        for req, token_id, lp in zip(reqs, token_ids, logprobs):
+        for req, token_id, lp in zip(sample.reqs, token_ids, sample.logprobs):
             try:
                 updates.append(self._append_token(req, token_id, lp))
             except Exception as e:  # its constraint: its failure alone
@@ -193,11 +194,14 @@ class EngineCore:
             self.scheduler.accept_proposed(seq, accepted)
         return updates
 
-    def _read_tokens(self, tokens: torch.Tensor, reqs: list[CoreRequest]) -> list[int]:
-        """The sampled ids as numbers; with async scheduling, once the next step is launched."""
+    def _read_tokens(self, sample: StepSample) -> list[int]:
+        """The sampled ids as numbers, unsettled rows settled; with async scheduling, once the
+        next step is launched. An unsettled row reads as -1, so one copy tells which to settle."""
+        tokens, reqs = sample.tokens, sample.reqs
+        marked = tokens if sample.unsettled is None else tokens.masked_fill(sample.unsettled, -1)
         if not self.async_scheduling:
-            return tokens.tolist()
-        read = self.runner.start_reading(tokens)  # queued ahead of the next forward
+            return self._settle(sample, marked.tolist())
+        read = self.runner.start_reading(marked)  # queued ahead of the next forward
         # Each sequence that goes on counts its coming token as pending, so that the scheduler
         # sees it one token further on; the runner takes the token from its row of `tokens`.
         rows = {r.seq.seq_id: row for row, r in enumerate(reqs) if not self._reaches_length(r.seq, 1)}
@@ -207,7 +211,7 @@ class EngineCore:
         try:
             scheduled = self.scheduler.schedule()
             if scheduled:
-                self._ahead = scheduled, self.runner.run(scheduled, (tokens, rows))
+                self._ahead = scheduled, self.runner.run(scheduled, self.scheduler.block_manager.tables, (tokens, rows))
         except Exception:
             # A failed launch (out of memory, say) loses these tokens unread: each sequence still
             # running computes its last token again next step, to sample anew.
@@ -219,7 +223,23 @@ class EngineCore:
         finally:
             for seq in going_on:
                 seq.num_pending_tokens = 0
-        return read()
+        return self._settle(sample, read())
+
+    def _settle(self, sample: StepSample, token_ids: list[int]) -> list[int]:
+        """token_ids with each unsettled row's (-1) drawn; a step launched ahead with a stand-in
+        for one has that sequence's rows dropped, and the sequence runs its token next step."""
+        if sample.unsettled is None:
+            return token_ids
+        rows = [i for i, token in enumerate(token_ids) if token < 0]
+        if not rows:
+            return token_ids
+        for row, token in zip(rows, sample.settle(rows)):
+            token_ids[row] = token
+        if self._ahead is not None:
+            redrawn = {sample.reqs[row].seq.seq_id for row in rows}
+            for s in self._ahead[0]:
+                s.stale = s.seq.seq_id in redrawn
+        return token_ids
 
     def _reaches_length(self, seq: Sequence, new_tokens: int) -> bool:
         """Whether seq is at its length (max_tokens, or the context) with new_tokens more."""

@@ -16,6 +16,7 @@ the tests check the padding and the buffers that way.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from r1.model.attention import AttentionMetadata
@@ -80,31 +81,29 @@ class DecodeGraphs:
     def run(
         self,
         input_ids: torch.Tensor,
-        positions: list[int],
-        slots: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
+        positions: np.ndarray,
+        slots: np.ndarray,
+        seq_lens: np.ndarray,
+        block_tables: np.ndarray,
     ) -> torch.Tensor:
         """Hidden states (n, hidden) of n <= max_batch sequences that decode one token each; their
         n input ids are on the device (the last step's samples may be among them, unread)."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        pad = size - n
-        width = max(len(t) for t in block_tables)
+        width = block_tables.shape[1]
 
-        def fill(buffer: torch.Tensor, values: list) -> None:
-            buffer.copy_(torch.tensor(values, dtype=torch.long), non_blocking=True)
+        def fill(buffer: torch.Tensor, values: np.ndarray) -> None:
+            buffer.copy_(torch.from_numpy(values), non_blocking=True)
 
         self.input_ids[:n].copy_(input_ids)
         fill(self.positions[:n], positions)
         # Padding rows write their key and value to the scratch slot and attend to it alone.
-        fill(self.slot_mapping[:size], slots + [self.scratch_slot] * pad)
-        fill(self.seq_lens[:size], seq_lens + [1] * pad)
-        scratch = self.scratch_block
-        fill(
-            self.block_tables[:size, :width],
-            [t + [scratch] * (width - len(t)) for t in block_tables] + [[scratch] * width] * pad,
-        )
+        fill(self.slot_mapping[:n], slots)
+        self.slot_mapping[n:size].fill_(self.scratch_slot)
+        fill(self.seq_lens[:n], seq_lens)
+        self.seq_lens[n:size].fill_(1)
+        fill(self.block_tables[:n, :width], block_tables)
+        self.block_tables[n:size, :width].fill_(self.scratch_block)
         if size in self.graphs:
             self.graphs[size].replay()
         else:

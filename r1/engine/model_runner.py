@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import numpy as np
 import torch
 
+from r1.engine.block_manager import BlockTables
 from r1.engine.cuda_graphs import DecodeGraphs
 from r1.engine.scheduler import ScheduledSeq
 from r1.model.attention import AttentionMetadata, allocate_kv_cache, triton_decode_runs
@@ -63,71 +65,76 @@ class ModelRunner:
                 self.model, self.kv_cache, self.block_size, self.scratch_block, max_num_seqs, max_model_len
             )
 
-    def prepare(self, scheduled: list[ScheduledSeq], pending_rows: dict[int, int]):
-        """The flat inputs of a step as lists: token ids, positions, cache slots, new and cached
-        tokens per sequence, block tables, which rows to sample, and (flat row, sampled row) of
-        each token still on the device (a sequence's pending token, at pending_rows[seq_id]).
+    def prepare(self, scheduled: list[ScheduledSeq], tables: BlockTables, pending_rows: dict[int, int]):
+        """The flat inputs of a step: token ids (a list), positions, cache slots and sequence
+        lengths (arrays), new tokens per sequence (a list), block tables (B, width), which rows
+        to sample, and (flat row, sampled row) of each token still on the device (a sequence's
+        pending token, at pending_rows[seq_id]).
 
         A sequence samples its last row, or with proposed tokens (speculative decoding) every row
         from its last known token on: the verification reads each position's distribution."""
-        chunks, sample_rows, pending, rows = [], [], [], 0
+        token_ids, starts, query_lens, sample_rows, pending = [], [], [], [], []
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             known_end = start + s.num_new_tokens - s.num_spec
             ids = seq.token_ids[start:known_end]
             if seq.num_pending_tokens and known_end == seq.num_tokens:  # only a sequence's last token can be pending
-                pending.append((rows + len(ids), pending_rows[seq.seq_id]))
+                pending.append((len(token_ids) + len(ids), pending_rows[seq.seq_id]))
                 ids.append(0)  # a place for the id, filled on the device
             if s.num_spec:
                 ids += seq.spec_token_ids[: s.num_spec]
-            chunks.append((ids, start, seq.block_table))
-            rows += len(ids)
-            if s.samples:
-                sample_rows += range(rows - 1 - s.num_spec, rows)
-        tables = [s.seq.block_table for s in scheduled]
-        return *self._flatten(chunks), tables, sample_rows, pending
-
-    def _flatten(self, chunks: list[tuple[list[int], int, list[int]]]):
-        """(token ids, positions, cache slots, query_lens, seq_lens) as flat lists, of chunks of
-        (token ids, position of the first, block table)."""
-        token_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
-        bs = self.block_size
-        for ids, start, table in chunks:
-            end = start + len(ids)
             token_ids += ids
-            if len(ids) == 1:  # a decode: most chunks of most steps
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                positions += range(start, end)
-                slots += (table[p // bs] * bs + p % bs for p in range(start, end))
+            starts.append(start)
             query_lens.append(len(ids))
-            seq_lens.append(end)
-        return token_ids, positions, slots, query_lens, seq_lens
+            if s.samples:
+                sample_rows += range(len(token_ids) - 1 - s.num_spec, len(token_ids))
+        block_tables = tables.gather([s.seq for s in scheduled])
+        positions, slots, seq_lens = self._flatten(starts, query_lens, block_tables)
+        return token_ids, positions, slots, query_lens, seq_lens, block_tables, sample_rows, pending
+
+    def _flatten(
+        self, starts: list[int], query_lens: list[int], block_tables: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, cache slots, seq_lens) of sequences that each run query_lens[i] tokens from
+        position starts[i], their blocks in block_tables' rows: one lookup for the whole batch."""
+        starts_np, lens_np = np.asarray(starts), np.asarray(query_lens)
+        if len(lens_np) == int(lens_np.sum()):  # one token each: a decode step
+            rows, positions = np.arange(len(starts_np)), starts_np
+        else:
+            rows = np.repeat(np.arange(len(starts_np)), lens_np)
+            first_row = np.cumsum(lens_np) - lens_np
+            positions = starts_np[rows] + np.arange(len(rows)) - first_row[rows]
+        bs = self.block_size
+        slots = block_tables[rows, positions // bs] * bs + positions % bs
+        return positions, slots, starts_np + lens_np
 
     @torch.inference_mode()
     def run(
-        self, scheduled: list[ScheduledSeq], sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+        self,
+        scheduled: list[ScheduledSeq],
+        tables: BlockTables,
+        sampled: tuple[torch.Tensor, dict[int, int]] | None = None,
     ) -> torch.Tensor:
-        """Run one step; float32 logits (M, vocab) of the M rows prepare() samples.
+        """Run one step, the scheduled sequences' blocks in `tables`; float32 logits
+        (M, vocab) of the M rows prepare() samples.
 
         `sampled` holds the last step's tokens, and the row of each sequence whose input still
         counts its token as pending (async scheduling): they go from there into the inputs on
         the device, unread.
         """
         tokens, pending_rows = sampled if sampled is not None else (None, {})
-        token_ids, positions, slots, query_lens, seq_lens, tables, sample_rows, pending = self.prepare(
-            scheduled, pending_rows
+        token_ids, positions, slots, query_lens, seq_lens, block_tables, sample_rows, pending = self.prepare(
+            scheduled, tables, pending_rows
         )
         tensor = self._tensor
         input_ids = tensor(token_ids)
         if pending:
             rows, sources = zip(*pending)
             input_ids[tensor(rows)] = tokens[tensor(sources)]
-        if self.graphs is not None and len(scheduled) <= self.graphs.max_batch and all(n == 1 for n in query_lens):
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+        if self.graphs is not None and len(scheduled) <= self.graphs.max_batch and len(token_ids) == len(scheduled):
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, block_tables)
         else:
-            hidden = self._forward(input_ids, positions, slots, query_lens, seq_lens, tables)
+            hidden = self._forward(input_ids, positions, slots, query_lens, seq_lens, block_tables)
         if len(sample_rows) < len(token_ids):  # a decode step samples every row: no gather
             hidden = hidden[tensor(sample_rows)]
         return self.model.compute_logits(hidden)
@@ -137,25 +144,26 @@ class ModelRunner:
         """Run each chunk (token ids, position of the first, block table) of a sequence whose
         earlier tokens are cached; float32 logits (len(chunks), vocab) of each chunk's last token.
         The draft model's forward (speculative.py), which keeps no bookkeeping of its own."""
-        token_ids, positions, slots, query_lens, seq_lens = self._flatten(chunks)
+        starts, query_lens = [start for _, start, _ in chunks], [len(ids) for ids, _, _ in chunks]
+        block_tables = np.zeros((len(chunks), max(len(table) for _, _, table in chunks)), dtype=np.int64)
+        for row, (_, _, table) in zip(block_tables, chunks):
+            row[: len(table)] = table
+        positions, slots, seq_lens = self._flatten(starts, query_lens, block_tables)
+        token_ids = [token for ids, _, _ in chunks for token in ids]
+        hidden = self._forward(self._tensor(token_ids), positions, slots, query_lens, seq_lens, block_tables)
         last_rows = torch.tensor(query_lens).cumsum(0) - 1
-        hidden = self._forward(
-            self._tensor(token_ids), positions, slots, query_lens, seq_lens, [table for _, _, table in chunks]
-        )
         return self.model.compute_logits(hidden[last_rows.to(self.device)])
 
-    def _forward(self, input_ids, positions, slots, query_lens, seq_lens, tables) -> torch.Tensor:
+    def _forward(self, input_ids, positions, slots, query_lens, seq_lens, block_tables) -> torch.Tensor:
         """The model's eager forward over a flat batch; hidden states (N, hidden)."""
         tensor = self._tensor
-        width = max(len(t) for t in tables)
-        meta = AttentionMetadata(
-            tensor(slots), tensor([t + [0] * (width - len(t)) for t in tables]), query_lens, seq_lens
-        )
+        meta = AttentionMetadata(tensor(slots), tensor(block_tables), query_lens, seq_lens.tolist())
         return self.model(input_ids, tensor(positions), self.kv_cache, meta)
 
-    def _tensor(self, x: list) -> torch.Tensor:
-        """Host ints on the device, non-blocking: an in-flight forward need not finish first."""
-        return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
+    def _tensor(self, x: list | np.ndarray) -> torch.Tensor:
+        """Host ints on the device as int64, non-blocking: an in-flight forward need not finish first."""
+        host = torch.from_numpy(np.asarray(x, dtype=np.int64))
+        return host.to(self.device, non_blocking=True)
 
     def start_reading(self, x: torch.Tensor) -> Callable[[], list]:
         """Start copying x to the host behind the work queued so far, ahead of any queued later;

@@ -45,6 +45,9 @@ class ScheduledSeq:
     # Whether this step reaches the end of the known tokens, so a token is sampled for it. Fixed
     # when scheduled, so it still reads true after update_after_step and append_token.
     samples: bool = field(init=False)
+    # Launched ahead (async scheduling) with a stand-in for the sequence's pending token, which
+    # settling then replaced: the step's work for it is dropped, and the token runs again.
+    stale: bool = field(default=False, init=False)
 
     def __post_init__(self):
         assert self.num_new_tokens > 0, f"{self.seq} scheduled with {self.num_new_tokens} tokens"
@@ -154,7 +157,7 @@ class Scheduler:
         """Record that the step computed its tokens, proposed ones aside (accept_proposed counts
         those that hold); call it before finishing any of them."""
         for s in scheduled:
-            if s.seq.is_finished:  # aborted while the step ran; its blocks are already freed
+            if s.seq.is_finished or s.stale:  # aborted while the step ran, or ran a stand-in token
                 continue
             num_computed_before = s.seq.num_computed_tokens
             s.seq.num_computed_tokens += s.num_new_tokens - s.num_spec

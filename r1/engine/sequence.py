@@ -45,6 +45,7 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         self.num_draft_computed_tokens = 0
         self.block_table: list[int] = []  # KV block ids, in token order
+        self.table_row: int | None = None  # its row in the block manager's BlockTables, while it holds blocks
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
 
     @property
