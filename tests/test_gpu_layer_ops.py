@@ -87,6 +87,34 @@ def test_rotary_agrees_with_pytorch(pytorch_path, dtype, head_dim):
     _agree(ours, ref)
 
 
+@pytest.mark.parametrize(
+    "dtype, cache_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+def test_rotary_write_kv_is_rotary_then_write_kv_in_one_kernel(dtype, cache_dtype):
+    # R1's 12 query, 2 key and 2 value heads: queries and keys rotate in place, the rotated keys
+    # and the values land at the tokens' slots in the cache, and no other slot changes.
+    from r1.model.attention import allocate_kv_cache, write_kv
+
+    positions = torch.tensor([0, 1, 7, 4000, 131071], device=DEVICE)
+    cos, sin = layers.rotary_cos_sin(positions, 128, 10000.0, dtype)
+    heads = _random(5, 16, 128, dtype=dtype)
+    cache = allocate_kv_cache(1, 8, 4, 2, 128, cache_dtype, DEVICE)[0]
+    cache.copy_(_random(*cache.shape, dtype=cache_dtype))
+    slots = torch.tensor([3, 17, 30, 8, 21], device=DEVICE)
+    before, ref_heads, ref_cache = cache.clone(), heads.clone(), cache.clone()
+    gpu_layer_ops.rotary_(ref_heads, 14, cos, sin)
+    write_kv(ref_cache, ref_heads[:, 12:14], ref_heads[:, 14:], slots)
+    gpu_layer_ops.rotary_write_kv_(heads, 12, cos, sin, cache, slots)
+    assert torch.equal(heads, ref_heads)
+    if ON_GPU or cache_dtype == dtype:
+        assert torch.equal(cache, ref_cache)
+    else:  # the interpreter truncates float32 to bf16 where PyTorch and a GPU round to nearest
+        _agree(cache, ref_cache)
+    changed = (cache != before).flatten(1, 2).any(-1).any(-1).any(0)  # (slots,)
+    assert set(changed.nonzero().flatten().tolist()) == set(slots.tolist())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("intermediate", [8960, 40])  # R1's (past the last 1024-column block), and a short row
 def test_silu_mul_agrees_with_pytorch(dtype, intermediate):
@@ -137,3 +165,40 @@ def test_model_logits_with_the_ops_match_pytorch(gpu_ops_on, monkeypatch):
     ref = logits()
     assert ((ours - ref).norm() / ref.norm()).item() < 2e-2  # bf16 through 3 layers
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(ON_GPU, reason="counted on a CPU, under Triton's interpreter; bench/gpu.py profiles a GPU")
+def test_a_batch_1_decode_step_launches_at_most_300_kernels_with_the_layer_ops():
+    # The GPU's code path, counted on the CPU (r1/step_kernels.py) for R1's widths at one and
+    # two layers: what a layer adds, times 28. With the layer ops a layer is its four matmuls and
+    # six Triton kernels; without them (the GPU's default until a GPU has timed them) it is 28.
+    from collections import Counter
+
+    from r1.config import ModelConfig
+    from r1.model.qwen2 import Qwen2ForCausalLM
+    from r1.step_kernels import decode_step_kernels
+
+    def counts(layers: int, layer_ops: bool) -> Counter:
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(ModelConfig(num_hidden_layers=layers, vocab_size=1024)).to(torch.bfloat16)
+        return decode_step_kernels(model, layer_ops)
+
+    def r1_step(layer_ops: bool) -> tuple[Counter, int]:
+        one, two = counts(1, layer_ops), counts(2, layer_ops)
+        per_layer = two - one
+        return per_layer, one.total() + 27 * per_layer.total()
+
+    per_layer, total = r1_step(layer_ops=True)
+    assert per_layer == Counter(
+        {
+            "aten.linear": 4,
+            "triton._add_rms_norm": 2,
+            "triton._rotary_write_kv": 1,
+            "triton._attend_split": 1,
+            "triton._combine_splits": 1,
+            "triton._silu_mul": 1,
+        }
+    )
+    assert total <= 300
+    per_layer_off, total_off = r1_step(layer_ops=False)
+    assert per_layer_off.total() == 28 and total_off > 2.5 * total

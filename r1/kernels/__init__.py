@@ -82,6 +82,8 @@ OPS = {
     "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
     "softmax_topk.cpp": ("softmax_topk", "filter_draw"),
 }
+# Ops that only gpu_layer_ops.py has (the CPU's write_kv_int8_ quantizes, which this does not).
+GPU_ONLY_OPS = ("rotary_write_kv_",)
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
 BUILD_ENV = "R1_KERNELS"
@@ -205,7 +207,7 @@ def plan(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         why = "the layer ops are off" if not _gpu_layer_ops_on() else "triton is not installed"
         return {
             name: "triton" if name in _gpu_ops() else f"pytorch ({why})"
-            for name in names
+            for name in (*names, *GPU_ONLY_OPS)
             if name
             not in ("int4_matmul", "int6_matmul", "int4_quantize", "softmax_topk", "filter_draw", "decode_attention")
         }

@@ -1,5 +1,6 @@
 """The decoder layer's small ops on a GPU, in Triton: RMSNorm with its residual add, rotary
-embedding, and SwiGLU's silu(gate) * up, one kernel each.
+embedding (alone, or with the new keys and values stored in the KV cache), and SwiGLU's
+silu(gate) * up, one kernel each.
 
 In PyTorch these take 5, 8 and 2 kernels (casts to float32 and back, the rotation's products,
 sums and concatenation): ~30 launches a layer, most of a batch-1 decode step's time on an H200
@@ -126,6 +127,92 @@ def _rotary(
     tl.store(first + half, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=inside)
 
 
+def rotary_write_kv_(
+    heads: torch.Tensor,
+    num_q: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layer_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """rotary_ of the query and key heads of heads (N, num_q + 2 * kv_heads, head_dim), in place,
+    then the keys and values stored at their cache slots as attention.write_kv stores them into
+    a (2, num_blocks, block_size, kv_heads, head_dim) cache of any float dtype: one kernel."""
+    n, total, head_dim = heads.shape
+    kv_heads, half = (total - num_q) // 2, head_dim // 2
+    _, num_blocks, block_size, _, _ = layer_cache.shape
+    cache = layer_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    _rotary_write_kv[(n,)](
+        heads,
+        cos,
+        sin,
+        cache,
+        slot_mapping,
+        heads.stride(0),
+        heads.stride(1),
+        cos.stride(0),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        num_q,
+        kv_heads,
+        half,
+        ROTATED_PAD=triton.next_power_of_2(num_q + kv_heads),
+        KV_PAD=triton.next_power_of_2(kv_heads),
+        HALF_PAD=triton.next_power_of_2(half),
+    )
+
+
+@triton.jit
+def _rotary_write_kv(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    cache_ptr,
+    slots_ptr,
+    x_stride_token,
+    x_stride_head,
+    angle_stride,
+    cache_stride_kv,
+    cache_stride_slot,
+    cache_stride_head,
+    num_q,
+    kv_heads,
+    half,
+    ROTATED_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slots_ptr + token)
+    dims = tl.arange(0, HALF_PAD)[None, :]
+    in_half = dims < half
+    cos = tl.load(cos_ptr + token * angle_stride + dims, mask=in_half, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * angle_stride + dims, mask=in_half, other=0.0).to(tl.float32)
+    # The query and key heads, rotated in place; the keys also go to the cache.
+    rows = tl.arange(0, ROTATED_PAD)[:, None]
+    rotated = (rows < num_q + kv_heads) & in_half
+    first = x_ptr + token * x_stride_token + rows * x_stride_head + dims  # each head's first half
+    x1 = tl.load(first, mask=rotated, other=0.0).to(tl.float32)
+    x2 = tl.load(first + half, mask=rotated, other=0.0).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty)
+    tl.store(first, y1, mask=rotated)
+    tl.store(first + half, y2, mask=rotated)
+    is_key = rotated & (rows >= num_q)
+    key_at = cache_ptr + slot * cache_stride_slot + (rows - num_q) * cache_stride_head + dims
+    tl.store(key_at, y1.to(cache_ptr.dtype.element_ty), mask=is_key)
+    tl.store(key_at + half, y2.to(cache_ptr.dtype.element_ty), mask=is_key)
+    # The value heads, as they are.
+    value_rows = tl.arange(0, KV_PAD)[:, None]
+    is_value = (value_rows < kv_heads) & in_half
+    value_from = x_ptr + token * x_stride_token + (num_q + kv_heads + value_rows) * x_stride_head + dims
+    value_to = cache_ptr + cache_stride_kv + slot * cache_stride_slot + value_rows * cache_stride_head + dims
+    for part in tl.static_range(2):  # each half of the head
+        v = tl.load(value_from + part * half, mask=is_value, other=0.0)
+        tl.store(value_to + part * half, v.to(cache_ptr.dtype.element_ty), mask=is_value)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for (N, 2 * intermediate) gate_up, gate's columns first."""
     n, width = gate_up.shape
@@ -145,4 +232,4 @@ def _silu_mul(gate_up_ptr, out_ptr, intermediate, gate_up_stride, BLOCK: tl.cons
     tl.store(out_ptr + row * intermediate + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-OPS = {"add_rms_norm": add_rms_norm, "rotary_": rotary_, "silu_mul": silu_mul}
+OPS = {"add_rms_norm": add_rms_norm, "rotary_": rotary_, "rotary_write_kv_": rotary_write_kv_, "silu_mul": silu_mul}

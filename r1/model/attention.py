@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from r1 import kernels
+from r1.model.layers import apply_rotary_
 
 # The most cached tokens decode_attention gathers at once (sequences x the longest one's length).
 DECODE_GATHER_TOKENS = 32768
@@ -154,6 +155,25 @@ def write_kv(
     flat = layer_cache.view(2, slots, kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))  # a bf16 cache of a float32 model rounds here
     flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def write_rotated_kv(
+    heads: torch.Tensor,
+    num_q: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layer_cache: torch.Tensor | Int8KVCache,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotate the query and key heads of heads (N, num_q + 2 * kv_heads, head_dim) in place and
+    store the new keys and values at their slots: one kernel where the GPU's layer ops run (an
+    int8 cache aside), else apply_rotary_ then write_kv."""
+    kv_heads = (heads.shape[1] - num_q) // 2
+    fused = None if isinstance(layer_cache, Int8KVCache) else kernels.op_for("rotary_write_kv_", heads)
+    if fused is not None:
+        return fused(heads, num_q, cos, sin, layer_cache, slot_mapping)
+    apply_rotary_(heads, num_q + kv_heads, cos, sin)  # queries and keys in one call
+    write_kv(layer_cache, heads[:, num_q : num_q + kv_heads], heads[:, num_q + kv_heads :], slot_mapping)
 
 
 def _gather_blocks(layer_cache: torch.Tensor | Int8KVCache, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

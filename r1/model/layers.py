@@ -8,6 +8,8 @@ its Triton ones (r1/kernels/gpu_layer_ops.py); elsewhere, in PyTorch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,10 +40,18 @@ class RMSNorm(nn.Module):
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos and sin of each position's rotation angles: two (N, head_dim // 2) tensors."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+    inv_freq = _inverse_frequencies(head_dim, theta, positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (N, head_dim/2), fp32 as HF
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@functools.cache
+def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """The rotation's frequencies (head_dim // 2,) in float32, computed once: on a GPU each step
+    would otherwise spend four kernels on them."""
+    with torch.inference_mode(False):  # usable by any later call, in inference mode or not
+        exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+        return 1.0 / (theta**exponents)
 
 
 def apply_rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from r1.config import ModelConfig
-from r1.model.attention import AttentionMetadata, paged_attention, write_kv
-from r1.model.layers import RMSNorm, SwiGLU, apply_rotary_, rotary_cos_sin
+from r1.model.attention import AttentionMetadata, paged_attention, write_rotated_kv
+from r1.model.layers import RMSNorm, SwiGLU, rotary_cos_sin
 
 
 def fused_linears(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
@@ -42,10 +42,8 @@ class Qwen2Attention(nn.Module):
     def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata):
         n, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
         heads = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)  # query, key, value heads
-        apply_rotary_(heads, h + kv, cos, sin)  # queries and keys in one call
-        q, k, v = heads[:, :h], heads[:, h : h + kv], heads[:, h + kv :]
-        write_kv(layer_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, layer_cache, meta, self.scale)  # (N, heads, head_dim)
+        write_rotated_kv(heads, h, cos, sin, layer_cache, meta.slot_mapping)
+        o = paged_attention(heads[:, :h], layer_cache, meta, self.scale)  # (N, heads, head_dim)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
 
 
