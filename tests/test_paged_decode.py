@@ -118,3 +118,71 @@ def test_a_gpu_decodes_on_the_kernel():
     assert attention.triton_decode_runs(torch.device("cuda", torch.cuda.current_device()), 128)
     assert not attention.triton_decode_runs(torch.device("cuda", torch.cuda.current_device()), 96)
     assert not attention.triton_decode_runs(torch.device("cpu"), 128)
+
+
+@pytest.mark.parametrize(
+    "dtype, cache_dtype, tolerance",
+    [
+        (torch.float32, torch.float32, 1e-6),
+        (torch.bfloat16, torch.bfloat16, 5e-3),
+        (torch.float32, torch.int8, 1e-4),  # the reference's decode row: r1's CPU kernel scales after the product
+    ],
+)
+def test_prefill_kernel_agrees_with_pytorch_on_a_mixed_step(dtype, cache_dtype, tolerance):
+    # One call for a whole step (r1/kernels/paged_prefill.py): a prompt with nothing cached, a
+    # chunk after cached tokens, a decode token, and a chunk spanning two of the kernel's tiles
+    # and three of its key chunks, each against PyTorch's per-sequence path.
+    from r1.kernels.paged_prefill import paged_prefill_attention
+
+    seq_lens, query_lens = [37, 65, 70, 150], [37, 20, 1, 50]
+    q, cache, meta, _, _ = scattered_batch(
+        seq_lens, query_lens, seed=8, cache_dtype=cache_dtype, heads=12, kv_heads=2, head_dim=128, block=16
+    )
+    if cache_dtype == torch.bfloat16:
+        cache = cache.to(dtype)
+    q = q.to(dtype)
+    want = attention.paged_attention(q, cache, meta, 128**-0.5)
+    if isinstance(cache, attention.Int8KVCache):
+        (keys, values), (key_scales, value_scales) = cache.values, cache.scales
+    else:
+        (keys, values), key_scales, value_scales = cache, None, None
+    got = paged_prefill_attention(
+        q.to(DEVICE),
+        *(x if x is None else x.to(DEVICE) for x in (keys, values, key_scales, value_scales)),
+        meta.block_tables.to(DEVICE),
+        query_lens,
+        seq_lens,
+        128**-0.5,
+    ).cpu()
+    assert got.dtype == dtype and got.shape == want.shape
+    for i, (start, n) in enumerate(zip([0, 37, 57, 58], query_lens)):
+        rows = slice(start, start + n)
+        error = ((got[rows].float() - want[rows].float()).norm() / want[rows].float().norm()).item()
+        assert error < tolerance, (i, error)
+
+
+def test_paged_attention_hands_a_mixed_step_to_the_prefill_kernel(monkeypatch):
+    # With r1's GPU kernels on, paged_attention makes the one call for a step with prefill chunks
+    # (routed here as it is for CUDA tensors), and its outputs are the per-chunk path's.
+    from r1 import kernels
+    from r1.kernels.paged_prefill import paged_prefill_attention
+
+    seq_lens, query_lens = [40, 9, 66], [40, 1, 30]
+    q, cache, meta, _, _ = scattered_batch(seq_lens, query_lens, seed=9, heads=12, kv_heads=2, head_dim=128, block=16)
+    q, cache, meta.block_tables = q.to(DEVICE), cache.to(DEVICE), meta.block_tables.to(DEVICE)
+    want = attention.paged_attention(q, cache, meta, 128**-0.5)
+    calls = []
+
+    def routed(name, x):
+        return (
+            (lambda *args: calls.append(name) or paged_prefill_attention(*args))
+            if name == "prefill_attention"
+            else None
+        )
+
+    monkeypatch.setattr(kernels, "op_for", routed)
+    monkeypatch.setattr(attention, "triton_decode_runs", lambda device, head_dim: True)
+    meta = attention.AttentionMetadata(meta.slot_mapping, meta.block_tables, query_lens, seq_lens)  # no cached group
+    got = attention.paged_attention(q, cache, meta, 128**-0.5)
+    assert calls == ["prefill_attention"]
+    assert ((got - want).norm() / want.norm()).item() < 1e-6

@@ -16,7 +16,8 @@ PyTorch's portable paths, and the reason is logged once.
 Two files here are for GPUs, in Triton (tests run them on a CPU under Triton's interpreter):
 `paged_decode.py`, decode attention, which r1/model/attention.py imports only on a GPU, and
 `gpu_layer_ops.py`, the norm, rotary and SwiGLU ops of layer_ops.cpp, which op_for hands out for
-CUDA tensors when asked for (opt-in until a GPU run has measured them; see that file).
+CUDA tensors when asked for (opt-in until a GPU run has measured them; see that file), with
+`paged_prefill.py`'s attention of a prefill or mixed step in one call, under the same switch.
 
 Which kernels run is chosen once, when a model is built (`select`, from EngineConfig's
 cpu_kernels and gpu_layer_ops; $R1_KERNELS and $R1_GPU_LAYER_OPS override it), and `plan` says
@@ -82,8 +83,9 @@ OPS = {
     "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
     "softmax_topk.cpp": ("softmax_topk", "filter_draw"),
 }
-# Ops that only gpu_layer_ops.py has (the CPU's write_kv_int8_ quantizes, which this does not).
-GPU_ONLY_OPS = ("rotary_write_kv_",)
+# Ops that only the GPU's Triton files have (the CPU's write_kv_int8_ quantizes, which
+# rotary_write_kv_ does not; paged_prefill.py's attention of a whole step).
+GPU_ONLY_OPS = ("rotary_write_kv_", "prefill_attention")
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
 BUILD_ENV = "R1_KERNELS"
@@ -228,9 +230,9 @@ def _gpu_ops() -> dict:
     """gpu_layer_ops.OPS when the layer ops are on and Triton is installed, else nothing."""
     if not _gpu_layer_ops_on() or importlib.util.find_spec("triton") is None:
         return {}
-    from r1.kernels import gpu_layer_ops  # imports Triton: only for CUDA tensors
+    from r1.kernels import gpu_layer_ops, paged_prefill  # import Triton: only for CUDA tensors
 
-    return gpu_layer_ops.OPS
+    return {**gpu_layer_ops.OPS, "prefill_attention": paged_prefill.paged_prefill_attention}
 
 
 @functools.cache

@@ -268,12 +268,22 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the new queries (N, heads, head_dim) to each sequence's cache.
 
-    Sequences that decode one token run together (decode_attention); each prefill chunk gets
-    its own scaled_dot_product_attention call.
+    Sequences that decode one token run together (decode_attention). A step with prefill chunks
+    is one call of r1's Triton kernel on a GPU with its kernels on (paged_prefill.py); otherwise
+    each chunk gets its own scaled_dot_product_attention call.
     """
     group = meta.decode_group(layer_cache.shape[2])
     if group is not None and group.rows is None:
         return decode_attention(q, layer_cache, group, scale)
+    whole_step = kernels.op_for("prefill_attention", q) if triton_decode_runs(q.device, q.shape[-1]) else None
+    if whole_step is not None:
+        if isinstance(layer_cache, Int8KVCache):
+            (keys, values), (key_scales, value_scales) = layer_cache.values, layer_cache.scales
+        else:
+            (keys, values), key_scales, value_scales = layer_cache, None, None
+        return whole_step(
+            q, keys, values, key_scales, value_scales, meta.block_tables, meta.query_lens, meta.seq_lens, scale
+        )
     out = torch.empty_like(q)
     if group is not None:
         out[group.rows] = decode_attention(q[group.rows], layer_cache, group, scale)
