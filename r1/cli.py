@@ -96,7 +96,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-layer-ops",
         action="store_true",
-        help="on a GPU, run norms, rotary and SwiGLU on r1's Triton kernels ($R1_GPU_LAYER_OPS=on)",
+        help="on a GPU, run norms, rotary with the KV write, SwiGLU and prefill attention on r1's Triton kernels "
+        "($R1_GPU_LAYER_OPS=on)",
     )
 
 
