@@ -18,8 +18,9 @@ figures first, so that a run cut off at its time limit still has them:
    batch-1 decode against the roofline (bandwidth / weight bytes per token), `r1 bench
    throughput` at nano-vllm's sizes (256 sequences, 100-1024 in and out), both again without
    async scheduling (its A/B), and an eager decode step under the profiler: its kernels, and
-   the GPU time they take against the step's; then latency again with r1's Triton layer ops
-   (R1_GPU_LAYER_OPS=on), the A/B that decides them;
+   the GPU time they take against the step's; then latency, throughput and the eager profile
+   again with r1's Triton layer ops and prefill attention (R1_GPU_LAYER_OPS=on), the A/B that
+   decides them;
 5. quantized: --quant int8 and int4 with graphs: latency, and logits against bf16 weights;
 6. kernel: r1's Triton decode kernel (r1/kernels/paged_decode.py) against PyTorch's gathered
    path at R1's heads, bf16: relative error and median time, and the kernel's bytes per second;
@@ -295,16 +296,18 @@ def latency_and_throughput(
 ) -> dict:
     out = {}
     # graphs: the defaults (CUDA graphs, async scheduling); graphs_sync: each step run to its end,
-    # the A/B of async scheduling; graphs_layer_ops: r1's Triton layer ops (R1_GPU_LAYER_OPS=on,
-    # opt-in until this A/B says they pay).
+    # the A/B of async scheduling; *_layer_ops: r1's Triton layer ops and prefill attention
+    # (R1_GPU_LAYER_OPS=on, opt-in until this A/B says they pay), the eager one for the kernels a
+    # decode step launches with them (r1/step_kernels.py counts 290 on a CPU).
     variants = (
         ("graphs", False, {}),
         ("graphs_sync", False, {"async_scheduling": False}),
         ("eager", True, {}),
         ("graphs_layer_ops", False, {}),
+        ("eager_layer_ops", True, {}),
     )
     for name, eager, options in variants:
-        _gpu_layer_ops(name == "graphs_layer_ops")
+        _gpu_layer_ops(name.endswith("_layer_ops"))
         started = time.perf_counter()
         llm = _llm(folder, device, eager, kv_tokens, **options)
         out[f"engine_{name}"] = _engine_record(llm, started)
@@ -324,11 +327,12 @@ def latency_and_throughput(
             r["preemptions"] = llm.engine.stats().num_preemptions
             return r
 
-        _attempt(out, f"latency_{name}", latency)
-        if name in ("graphs", "graphs_sync"):
+        if name != "eager_layer_ops":
+            _attempt(out, f"latency_{name}", latency)
+        if name.startswith("graphs"):
             _attempt(out, f"throughput_{name}", throughput)
-        elif name == "eager":
-            _attempt(out, "decode_profile_eager", lambda: decode_profile(llm, device))
+        else:
+            _attempt(out, f"decode_profile_{name}", lambda: decode_profile(llm, device))
         _free(llm)
     _gpu_layer_ops(False)
     return out
@@ -529,12 +533,13 @@ def summary(steps: dict) -> str:
                 f"{key}: {r['num_seqs']} seqs, {r['output_tok_s']:.0f} output tok/s in {r['seconds']:.1f} s, "
                 f"{r['preemptions']} preemptions"
             )
-    if ok(bench_step.get("decode_profile_eager"), "kernels_per_step"):
-        p = bench_step["decode_profile_eager"]
-        lines.append(
-            f"eager decode step: {p['kernels_per_step']:.0f} kernels, {p['busy_us_per_step']:.0f} us busy; "
-            f"top: " + ", ".join(f"{t['kernel'][:40]} {t['us']:.0f} us" for t in p["top"][:3])
-        )
+    for key in ("decode_profile_eager", "decode_profile_eager_layer_ops"):
+        if ok(bench_step.get(key), "kernels_per_step"):
+            p = bench_step[key]
+            lines.append(
+                f"{key}: {p['kernels_per_step']:.0f} kernels, {p['busy_us_per_step']:.0f} us busy; "
+                f"top: " + ", ".join(f"{t['kernel'][:40]} {t['us']:.0f} us" for t in p["top"][:3])
+            )
     quant_step = steps.get("quantized") if isinstance(steps.get("quantized"), dict) else {}
     for mode, r in quant_step.items():
         if ok(r, "decode_tok_s"):
