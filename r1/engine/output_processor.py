@@ -21,7 +21,9 @@ from r1.reasoning import CLOSE, OPEN, ReasoningText
 from r1.sampling_params import SamplingParams
 from r1.tokenizer import IncrementalDetokenizer, Tokenizer
 
-TEXT_KEPT = 4096  # characters already handed out that a streaming request's text may keep
+# Characters already handed out that a streaming request's text may keep. Small, since each
+# token's append copies what is kept (docs/performance.md, "Host work per step").
+TEXT_KEPT = 256
 
 
 @dataclass
