@@ -193,7 +193,7 @@ def test_a_batch_1_decode_step_launches_at_most_300_kernels_with_the_layer_ops()
         {
             "aten.linear": 4,
             "triton._add_rms_norm": 2,
-            "triton._rotary_write_kv": 1,
+            "triton._rotary": 1,
             "triton._attend_split": 1,
             "triton._combine_splits": 1,
             "triton._silu_mul": 1,

@@ -86,45 +86,7 @@ def _add_rms_norm(
 def rotary_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate the first `heads` heads of x (N, all heads, head_dim) in place by the half-split
     (NeoX) convention; cos and sin are (N, head_dim // 2)."""
-    n, _, head_dim = x.shape
-    half = head_dim // 2
-    _rotary[(n,)](
-        x,
-        cos,
-        sin,
-        x.stride(0),
-        x.stride(1),
-        cos.stride(0),
-        heads,
-        half,
-        HEADS_PAD=triton.next_power_of_2(heads),
-        HALF_PAD=triton.next_power_of_2(half),
-    )
-
-
-@triton.jit
-def _rotary(
-    x_ptr,
-    cos_ptr,
-    sin_ptr,
-    x_stride_token,
-    x_stride_head,
-    angle_stride,
-    heads,
-    half,
-    HEADS_PAD: tl.constexpr,
-    HALF_PAD: tl.constexpr,
-):
-    token = tl.program_id(0)
-    rows, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF_PAD)[None, :]
-    inside = (rows < heads) & (dims < half)
-    first = x_ptr + token * x_stride_token + rows * x_stride_head + dims  # each head's first half
-    x1 = tl.load(first, mask=inside, other=0.0).to(tl.float32)
-    x2 = tl.load(first + half, mask=inside, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + token * angle_stride + dims, mask=dims < half, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * angle_stride + dims, mask=dims < half, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=inside)
-    tl.store(first + half, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=inside)
+    _launch_rotary(x, heads, 0, cos, sin, None, None)
 
 
 def rotary_write_kv_(
@@ -138,18 +100,35 @@ def rotary_write_kv_(
     """rotary_ of the query and key heads of heads (N, num_q + 2 * kv_heads, head_dim), in place,
     then the keys and values stored at their cache slots as attention.write_kv stores them into
     a (2, num_blocks, block_size, kv_heads, head_dim) cache of any float dtype: one kernel."""
-    n, total, head_dim = heads.shape
-    kv_heads, half = (total - num_q) // 2, head_dim // 2
-    _, num_blocks, block_size, _, _ = layer_cache.shape
+    _, total, head_dim = heads.shape
+    _, num_blocks, block_size, kv_heads, _ = layer_cache.shape
     cache = layer_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    _rotary_write_kv[(n,)](
-        heads,
+    _launch_rotary(heads, num_q, (total - num_q) // 2, cos, sin, cache, slot_mapping)
+
+
+def _launch_rotary(
+    x: torch.Tensor,
+    num_q: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor | None,
+    slots: torch.Tensor | None,
+) -> None:
+    """Rotate x's first num_q + kv_heads heads; with a cache (2, slots, kv_heads, head_dim), store
+    the last kv_heads of those (the keys) and the kv_heads after them (the values) at `slots`."""
+    n, _, head_dim = x.shape
+    half, write_kv = head_dim // 2, cache is not None
+    if not write_kv:  # the pointers are never read without WRITE_KV; any tensor will do
+        cache, slots = x, cos
+    _rotary[(n,)](
+        x,
         cos,
         sin,
         cache,
-        slot_mapping,
-        heads.stride(0),
-        heads.stride(1),
+        slots,
+        x.stride(0),
+        x.stride(1),
         cos.stride(0),
         cache.stride(0),
         cache.stride(1),
@@ -158,13 +137,14 @@ def rotary_write_kv_(
         kv_heads,
         half,
         ROTATED_PAD=triton.next_power_of_2(num_q + kv_heads),
-        KV_PAD=triton.next_power_of_2(kv_heads),
+        KV_PAD=triton.next_power_of_2(max(kv_heads, 1)),
         HALF_PAD=triton.next_power_of_2(half),
+        WRITE_KV=write_kv,
     )
 
 
 @triton.jit
-def _rotary_write_kv(
+def _rotary(
     x_ptr,
     cos_ptr,
     sin_ptr,
@@ -182,14 +162,14 @@ def _rotary_write_kv(
     ROTATED_PAD: tl.constexpr,
     KV_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    WRITE_KV: tl.constexpr,
 ):
     token = tl.program_id(0)
-    slot = tl.load(slots_ptr + token)
     dims = tl.arange(0, HALF_PAD)[None, :]
     in_half = dims < half
     cos = tl.load(cos_ptr + token * angle_stride + dims, mask=in_half, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * angle_stride + dims, mask=in_half, other=0.0).to(tl.float32)
-    # The query and key heads, rotated in place; the keys also go to the cache.
+    # The query and key heads, rotated in place.
     rows = tl.arange(0, ROTATED_PAD)[:, None]
     rotated = (rows < num_q + kv_heads) & in_half
     first = x_ptr + token * x_stride_token + rows * x_stride_head + dims  # each head's first half
@@ -199,18 +179,20 @@ def _rotary_write_kv(
     y2 = (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty)
     tl.store(first, y1, mask=rotated)
     tl.store(first + half, y2, mask=rotated)
-    is_key = rotated & (rows >= num_q)
-    key_at = cache_ptr + slot * cache_stride_slot + (rows - num_q) * cache_stride_head + dims
-    tl.store(key_at, y1.to(cache_ptr.dtype.element_ty), mask=is_key)
-    tl.store(key_at + half, y2.to(cache_ptr.dtype.element_ty), mask=is_key)
-    # The value heads, as they are.
-    value_rows = tl.arange(0, KV_PAD)[:, None]
-    is_value = (value_rows < kv_heads) & in_half
-    value_from = x_ptr + token * x_stride_token + (num_q + kv_heads + value_rows) * x_stride_head + dims
-    value_to = cache_ptr + cache_stride_kv + slot * cache_stride_slot + value_rows * cache_stride_head + dims
-    for part in tl.static_range(2):  # each half of the head
-        v = tl.load(value_from + part * half, mask=is_value, other=0.0)
-        tl.store(value_to + part * half, v.to(cache_ptr.dtype.element_ty), mask=is_value)
+    if WRITE_KV:
+        # The rotated keys and the values, as they are, at the token's slot.
+        slot = tl.load(slots_ptr + token)
+        is_key = rotated & (rows >= num_q)
+        key_at = cache_ptr + slot * cache_stride_slot + (rows - num_q) * cache_stride_head + dims
+        tl.store(key_at, y1.to(cache_ptr.dtype.element_ty), mask=is_key)
+        tl.store(key_at + half, y2.to(cache_ptr.dtype.element_ty), mask=is_key)
+        value_rows = tl.arange(0, KV_PAD)[:, None]
+        is_value = (value_rows < kv_heads) & in_half
+        value_from = x_ptr + token * x_stride_token + (num_q + kv_heads + value_rows) * x_stride_head + dims
+        value_to = cache_ptr + cache_stride_kv + slot * cache_stride_slot + value_rows * cache_stride_head + dims
+        for part in tl.static_range(2):  # each half of the head
+            v = tl.load(value_from + part * half, mask=is_value, other=0.0)
+            tl.store(value_to + part * half, v.to(cache_ptr.dtype.element_ty), mask=is_value)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
