@@ -166,36 +166,30 @@ def _attend_split(
     for chunk in range(first, last):
         positions = chunk * CHUNK + tokens  # (CHUNK,) token positions in the sequence
         cached = positions < seq_len
-        blocks = tl.load(tables_ptr + seq * table_stride + positions // BLOCK_SIZE, mask=cached, other=0)
-        offsets = positions % BLOCK_SIZE
-        k = tl.load(
-            k_ptr
-            + (blocks * k_stride_block + offsets * k_stride_token + kv_head * k_stride_head)[:, None]
-            + dims[None, :],
-            mask=cached[:, None],
-            other=0.0,
+        k, v = load_kv_chunk(
+            k_ptr,
+            v_ptr,
+            ks_ptr,
+            vs_ptr,
+            tables_ptr + seq * table_stride,
+            positions,
+            cached,
+            kv_head,
+            dims,
+            k_stride_block,
+            k_stride_token,
+            k_stride_head,
+            v_stride_block,
+            v_stride_token,
+            v_stride_head,
+            s_stride_block,
+            s_stride_token,
+            BLOCK_SIZE,
+            INT8,
         )
-        v = tl.load(
-            v_ptr
-            + (blocks * v_stride_block + offsets * v_stride_token + kv_head * v_stride_head)[:, None]
-            + dims[None, :],
-            mask=cached[:, None],
-            other=0.0,
+        running_max, running_sum, acc = softmax_step(
+            q, k, v, cached[None, :], scale, running_max, running_sum, acc, PRECISION
         )
-        if INT8:
-            scales_at = blocks * s_stride_block + offsets * s_stride_token + kv_head
-            k = k.to(tl.float32) * tl.load(ks_ptr + scales_at, mask=cached, other=0.0)[:, None]
-            v = v.to(tl.float32) * tl.load(vs_ptr + scales_at, mask=cached, other=0.0)[:, None]
-        # Products in float32 on the tensor cores' tf32: exact for bf16 and fp16 keys (their
-        # mantissas fit tf32's), so as exact as a bf16 product and finer for the probabilities.
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale  # (GROUP_PAD, CHUNK)
-        scores = tl.where(cached[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        probs = tl.exp(scores - new_max[:, None])
-        correction = tl.exp(running_max - new_max)
-        running_sum = running_sum * correction + tl.sum(probs, 1)
-        acc = acc * correction[:, None] + tl.dot(probs, v.to(tl.float32), input_precision=PRECISION)
-        running_max = new_max
 
     # A split past the context's end saw nothing: weight zero in the combine, not 0/0.
     seen = running_sum > 0
@@ -205,6 +199,65 @@ def _attend_split(
     valid = rows < GROUP
     tl.store(parts_ptr + at[:, None] * HEAD_DIM + dims[None, :], out, mask=valid[:, None])
     tl.store(lse_ptr + at, lse, mask=valid)
+
+
+@triton.jit
+def load_kv_chunk(
+    k_ptr,
+    v_ptr,
+    ks_ptr,
+    vs_ptr,
+    table_ptr,
+    positions,
+    cached,
+    kv_head,
+    dims,
+    k_stride_block,
+    k_stride_token,
+    k_stride_head,
+    v_stride_block,
+    v_stride_token,
+    v_stride_head,
+    s_stride_block,
+    s_stride_token,
+    BLOCK_SIZE: tl.constexpr,
+    INT8: tl.constexpr,
+):
+    """One kv head's keys and values (CHUNK, HEAD_DIM) in float32 at a sequence's `positions`,
+    read where its block table (table_ptr) puts them; 0 where not `cached`."""
+    blocks = tl.load(table_ptr + positions // BLOCK_SIZE, mask=cached, other=0)
+    offsets = positions % BLOCK_SIZE
+    k = tl.load(
+        k_ptr + (blocks * k_stride_block + offsets * k_stride_token + kv_head * k_stride_head)[:, None] + dims[None, :],
+        mask=cached[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr + (blocks * v_stride_block + offsets * v_stride_token + kv_head * v_stride_head)[:, None] + dims[None, :],
+        mask=cached[:, None],
+        other=0.0,
+    )
+    if INT8:
+        scales_at = blocks * s_stride_block + offsets * s_stride_token + kv_head
+        k = k.to(tl.float32) * tl.load(ks_ptr + scales_at, mask=cached, other=0.0)[:, None]
+        v = v.to(tl.float32) * tl.load(vs_ptr + scales_at, mask=cached, other=0.0)[:, None]
+    return k.to(tl.float32), v.to(tl.float32)
+
+
+@triton.jit
+def softmax_step(q, k, v, visible, scale, running_max, running_sum, acc, PRECISION: tl.constexpr):
+    """One chunk of keys and values into an online softmax: (running max, running sum, output
+    accumulator) of the rows of q over the keys `visible` to each. Products in float32 on the
+    tensor cores' tf32: exact for bf16 and fp16 keys (their mantissas fit tf32's), so as exact
+    as a bf16 product and finer for the probabilities."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (rows, CHUNK)
+    scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    probs = tl.exp(scores - new_max[:, None])
+    correction = tl.exp(running_max - new_max)
+    running_sum = running_sum * correction + tl.sum(probs, 1)
+    acc = acc * correction[:, None] + tl.dot(probs, v, input_precision=PRECISION)
+    return new_max, running_sum, acc
 
 
 @triton.jit

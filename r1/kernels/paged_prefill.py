@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1.kernels.paged_decode import load_kv_chunk, softmax_step
+
 BLOCK_M = 32  # new tokens a program attends for
 CHUNK = 64  # cached tokens a program reads per loop iteration
 
@@ -144,36 +146,32 @@ def _attend(
         for start in range(0, end, CHUNK):
             positions = start + tokens
             cached = positions < end
-            blocks = tl.load(tables_ptr + seq * table_stride + positions // BLOCK_SIZE, mask=cached, other=0)
-            offsets = positions % BLOCK_SIZE
-            k = tl.load(
-                k_ptr
-                + (blocks * k_stride_block + offsets * k_stride_token + kv_head * k_stride_head)[:, None]
-                + dims[None, :],
-                mask=cached[:, None],
-                other=0.0,
+            k, v = load_kv_chunk(
+                k_ptr,
+                v_ptr,
+                ks_ptr,
+                vs_ptr,
+                tables_ptr + seq * table_stride,
+                positions,
+                cached,
+                kv_head,
+                dims,
+                k_stride_block,
+                k_stride_token,
+                k_stride_head,
+                v_stride_block,
+                v_stride_token,
+                v_stride_head,
+                s_stride_block,
+                s_stride_token,
+                BLOCK_SIZE,
+                INT8,
             )
-            v = tl.load(
-                v_ptr
-                + (blocks * v_stride_block + offsets * v_stride_token + kv_head * v_stride_head)[:, None]
-                + dims[None, :],
-                mask=cached[:, None],
-                other=0.0,
-            )
-            if INT8:
-                scales_at = blocks * s_stride_block + offsets * s_stride_token + kv_head
-                k = k.to(tl.float32) * tl.load(ks_ptr + scales_at, mask=cached, other=0.0)[:, None]
-                v = v.to(tl.float32) * tl.load(vs_ptr + scales_at, mask=cached, other=0.0)[:, None]
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale  # (BLOCK_M, CHUNK)
             # Causal: every query row sees position 0 in the first chunk, so its max is finite.
             visible = cached[None, :] & (positions[None, :] <= query_pos[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            probs = tl.exp(scores - new_max[:, None])
-            correction = tl.exp(running_max - new_max)
-            running_sum = running_sum * correction + tl.sum(probs, 1)
-            acc = acc * correction[:, None] + tl.dot(probs, v.to(tl.float32), input_precision=PRECISION)
-            running_max = new_max
+            running_max, running_sum, acc = softmax_step(
+                q, k, v, visible, scale, running_max, running_sum, acc, PRECISION
+            )
         out = acc / running_sum[:, None]
         tl.store(
             out_ptr + (first_row + query)[:, None] * out_stride_token + head * out_stride_head + dims[None, :],
