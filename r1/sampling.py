@@ -63,10 +63,24 @@ def sample_drawn(
     sampled again draws what it drew the first time."""
     tokens, unsettled = draw_tokens(logits, params, prompt_ids, output_ids, u)
     if unsettled is not None:
-        rows = unsettled.nonzero().squeeze(1).tolist()  # a wait on the device
-        if rows:
-            tokens[_on(rows, torch.int64, tokens.device)] = settle_rows(logits, params, prompt_ids, output_ids, u, rows)
+        settle_now(tokens, unsettled, logits, params, prompt_ids, output_ids, u)
     return tokens
+
+
+def settle_now(
+    tokens: torch.Tensor,
+    unsettled: torch.Tensor,
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    u: torch.Tensor,
+) -> None:
+    """Draw draw_tokens' unsettled rows into tokens, in place, waiting on the device to learn
+    which they are."""
+    rows = unsettled.nonzero().squeeze(1).tolist()
+    if rows:
+        tokens[_on(rows, torch.int64, tokens.device)] = settle_rows(logits, params, prompt_ids, output_ids, u, rows)
 
 
 def draw_tokens(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from r1.engine.interface import is_device_fault
-from r1.sampling import compute_logprobs, draw_tokens, settle_rows, step_uniforms
+from r1.sampling import compute_logprobs, draw_tokens, settle_now, settle_rows, step_uniforms
 
 
 @dataclass
@@ -75,29 +75,21 @@ def _sample(logits: torch.Tensor, reqs: list, u: torch.Tensor | None, settle: bo
             allowed = reqs[i].constraint.allowed_tokens().to(logits.device)
             logits[i, : allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
             logits[i, allowed.shape[0] :] = float("-inf")  # the model's padding rows
-    tokens, unsettled = draw_tokens(
-        logits,
-        [r.params for r in reqs],
-        [r.seq.prompt_token_ids for r in reqs],
-        [r.seq.output_token_ids for r in reqs],
-        u,
-    )
+    params = [r.params for r in reqs]
+    prompt_ids, output_ids = [r.seq.prompt_token_ids for r in reqs], [r.seq.output_token_ids for r in reqs]
+    tokens, unsettled = draw_tokens(logits, params, prompt_ids, output_ids, u)
     forced = [i for i, r in enumerate(reqs) if r.reasoning.budget_spent(r.params.max_reasoning_tokens)]
     for i in forced:
         tokens[i] = reqs[i].reasoning.end_id  # thinking budget spent: close it, the answer follows
     if unsettled is not None and forced:
         unsettled[forced] = False
-    sample = StepSample(reqs, tokens, [], [], unsettled, logits, u)
-    wanted = [r.params.logprobs for r in reqs]
+    wanted = [p.logprobs for p in params]
     # Logprobs need the settled tokens, and reading them waits on the device anyway.
     if unsettled is not None and (settle or any(w is not None for w in wanted)):
-        rows = unsettled.nonzero().squeeze(1).tolist()
-        if rows:
-            tokens[rows] = torch.tensor(sample.settle(rows), device=tokens.device)
-        sample.unsettled = None
+        settle_now(tokens, unsettled, logits, params, prompt_ids, output_ids, u)
+        unsettled = None
     # Logprobs are read before the next step is launched, which reading would wait for.
-    sample.logprobs = _logprobs(raw_logits, tokens, wanted)
-    return sample
+    return StepSample(reqs, tokens, _logprobs(raw_logits, tokens, wanted), [], unsettled, logits, u)
 
 
 def token_logprobs(row: torch.Tensor, token_id: int, top_n: int | None) -> list[dict]:
