@@ -6,7 +6,9 @@ weights in Q6_K's structure (`matmul_tiles.h` holds what the two share); `int4_q
 group of weights is quantized to; `decode_attention.cpp`, one-token
 queries attending to a paged KV cache in place; `layer_ops.cpp`, RMSNorm with its residual add,
 rotary embedding, int8 KV cache writes and SwiGLU, one call each; `softmax_topk.cpp`, the
-likeliest tokens a sampler draws from, and the draw among them; `vec.h`, the vector operations they share. They are
+likeliest tokens a sampler draws from, and the draw among them; `decode_step.cpp`, a whole
+decode step calling those ops from C++ (`ops.h` declares them; r1/model/cpu_decode.py builds it,
+and `cpu_class` hands out its classes); `vec.h`, the vector operations they share. They are
 compiled together for the widest instruction set this CPU has (BUILDS: AMX, which only int4_matmul
 uses past 32 rows; else AVX-512 VNNI; else AVX2); a build the compiler fails on gives way to the
 next. `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has
@@ -82,6 +84,7 @@ OPS = {
     "decode_attention.cpp": ("decode_attention",),
     "layer_ops.cpp": ("add_rms_norm", "rotary_", "write_kv_int8_", "silu_mul"),
     "softmax_topk.cpp": ("softmax_topk", "filter_draw"),
+    "decode_step.cpp": (),  # no ops: the classes Linear and DecodeStack (cpu_class)
 }
 # Ops that only the GPU's Triton files have (the CPU's write_kv_int8_ quantizes, which
 # rotary_write_kv_ does not; paged_prefill.py's attention of a whole step).
@@ -190,6 +193,12 @@ def _available_ops() -> frozenset[str]:
 def op(name: str):
     """torch.ops.r1.<name>, or None when it cannot run here."""
     return getattr(torch.ops.r1, name) if name in _available_ops() else None
+
+
+def cpu_class(name: str):
+    """torch.classes.r1.<name> (decode_step.cpp's Linear, DecodeStack), or None when r1's CPU
+    kernels cannot run here."""
+    return getattr(torch.classes.r1, name) if _available_ops() else None
 
 
 def op_for(name: str, x: torch.Tensor):

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 
 #include "vec.h"
+#include "ops.h"
 
 namespace {
 
@@ -327,6 +328,10 @@ void attend_span(const float* q, const Int8Queries* int8_q, int64_t d, const T* 
   }
 }
 
+}  // namespace
+
+namespace r1_ops {
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
@@ -436,10 +441,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
-}  // namespace
+}  // namespace r1_ops
 
 TORCH_LIBRARY_FRAGMENT(r1, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? key_scales, Tensor? value_scales, "
         "Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
-  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
+  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(r1_ops::decode_attention));
 }

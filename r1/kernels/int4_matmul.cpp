@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "matmul_tiles.h"
+#include "ops.h"
 
 namespace {
 
@@ -330,6 +331,10 @@ at::Tensor tiled_matmul(const at::Tensor& x, const uint8_t* w, const uint8_t* sc
                    });
 }
 
+}  // namespace
+
+namespace r1_ops {
+
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows,
                        const at::Tensor& steps, int64_t group, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
@@ -356,9 +361,9 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
              : tiled_matmul(x, w, sc, lo, steps.const_data_ptr<float>(), steps.size(1), tiles, group, bias_ptr);
 }
 
-}  // namespace
+}  // namespace r1_ops
 
 TORCH_LIBRARY(r1, m) {
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor lows, Tensor steps, int group, Tensor? bias) -> Tensor");
-  m.impl("int4_matmul", c10::DispatchKey::CPU, TORCH_FN(int4_matmul));
+  m.impl("int4_matmul", c10::DispatchKey::CPU, TORCH_FN(r1_ops::int4_matmul));
 }

@@ -24,6 +24,7 @@
 #include <optional>
 
 #include "matmul_tiles.h"
+#include "ops.h"
 
 namespace {
 
@@ -129,6 +130,10 @@ constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kern
 constexpr TileFn kTileFns[kMaxRows] = {tile_kernel<1>, tile_kernel<2>, tile_kernel<3>, tile_kernel<4>};
 #endif
 
+}  // namespace
+
+namespace r1_ops {
+
 at::Tensor int6_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& high, const at::Tensor& scales,
                        const at::Tensor& d, const std::optional<at::Tensor>& bias) {
   const int64_t tiles = packed.size(0), N = tiles * kTileRows;
@@ -164,9 +169,9 @@ at::Tensor int6_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
                    });
 }
 
-}  // namespace
+}  // namespace r1_ops
 
 TORCH_LIBRARY_FRAGMENT(r1, m) {
   m.def("int6_matmul(Tensor x, Tensor packed, Tensor high, Tensor scales, Tensor d, Tensor? bias) -> Tensor");
-  m.impl("int6_matmul", c10::DispatchKey::CPU, TORCH_FN(int6_matmul));
+  m.impl("int6_matmul", c10::DispatchKey::CPU, TORCH_FN(r1_ops::int6_matmul));
 }

@@ -19,10 +19,15 @@
 #include <tuple>
 
 #include "vec.h"
+#include "ops.h"
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;  // a decode step's few rows run on one thread
+
+}  // namespace
+
+namespace r1_ops {
 
 // (normed, sum): sum = x + residual (a copy of x without one), normed = sum / rms(sum) * weight,
 // both (N, H) float32; HF's Qwen2RMSNorm in float32.
@@ -164,15 +169,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-}  // namespace
+}  // namespace r1_ops
 
 TORCH_LIBRARY_FRAGMENT(r1, m) {
   m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(r1_ops::add_rms_norm));
   m.def("rotary_(Tensor(a!) x, int heads, Tensor cos, Tensor sin) -> ()");
-  m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
+  m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(r1_ops::rotary_));
   m.def("write_kv_int8_(Tensor k, Tensor v, Tensor slot_mapping, Tensor(a!) values, Tensor(b!) scales) -> ()");
-  m.impl("write_kv_int8_", c10::DispatchKey::CPU, TORCH_FN(write_kv_int8_));
+  m.impl("write_kv_int8_", c10::DispatchKey::CPU, TORCH_FN(r1_ops::write_kv_int8_));
   m.def("silu_mul(Tensor gate_up) -> Tensor");
-  m.impl("silu_mul", c10::DispatchKey::CPU, TORCH_FN(silu_mul));
+  m.impl("silu_mul", c10::DispatchKey::CPU, TORCH_FN(r1_ops::silu_mul));
 }

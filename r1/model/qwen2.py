@@ -7,10 +7,13 @@ own loading (loaders/), sampling (sampling.py) or which tokens run together (the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from r1.config import ModelConfig
+from r1.model import cpu_decode
 from r1.model.attention import AttentionMetadata, paged_attention, write_rotated_kv
 from r1.model.layers import RMSNorm, SwiGLU, rotary_cos_sin
 
@@ -77,6 +80,14 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Decode steps on the CPU in one C++ call where they can (cpu_decode.py); False runs the
+        # Python layers always (the tests compare the two).
+        self.cpu_decode = True
+
+    @functools.cached_property
+    def cpu_decode_step(self) -> cpu_decode.CpuDecodeStep | None:
+        """The decode step in one C++ call, built at its first use; None where it cannot run."""
+        return cpu_decode.build(self)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -88,6 +99,11 @@ class Qwen2ForCausalLM(nn.Module):
         """
         x, residual = self.model.embed_tokens(input_ids), None  # (N, hidden)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if self.cpu_decode and x.device.type == "cpu" and cpu_decode.runs_on(kv_cache):
+            group = meta.decode_group(kv_cache.shape[3])
+            step = self.cpu_decode_step if group is not None and group.rows is None else None
+            if step is not None:
+                return step(x, cos, sin, kv_cache, meta.slot_mapping, group)
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, kv_cache[i], meta)
         return self.model.norm(x, residual)[0]
