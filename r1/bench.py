@@ -181,16 +181,9 @@ def speculation(llm) -> dict:
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's name, with its family and model numbers: a VM may call every EPYC "AMD EPYC",
     and family 25 (Zen 4) and 26 (Zen 5) differ 2x in vector arithmetic."""
-    fields = {}
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first CPU's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    from r1 import kernels
+
+    fields = kernels.cpuinfo_fields(cpuinfo)
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:

@@ -357,6 +357,23 @@ def test_a_cpu_gets_the_widest_build_it_can_run(monkeypatch, flags, build):
     assert kernels.this_cpus_build().name == build
 
 
+@pytest.mark.parametrize(
+    "cpu, prefetch",
+    [
+        ({"vendor_id": "AuthenticAMD", "cpu family": "25"}, 0),  # Zen 4: the hardware prefetcher alone
+        ({"vendor_id": "AuthenticAMD", "cpu family": "26"}, 4096),
+        ({"vendor_id": "GenuineIntel", "cpu family": "6"}, 4096),
+        ({}, 4096),  # no /proc/cpuinfo
+    ],
+)
+def test_the_weight_kernels_prefetch_by_cpu(monkeypatch, cpu, prefetch):
+    monkeypatch.delenv(kernels.PREFETCH_ENV, raising=False)
+    monkeypatch.setattr(kernels, "cpuinfo_fields", lambda: cpu)
+    assert kernels.prefetch_bytes() == prefetch
+    monkeypatch.setenv(kernels.PREFETCH_ENV, "1024")
+    assert kernels.prefetch_bytes() == 1024
+
+
 def test_a_build_that_does_not_compile_gives_way_to_the_next(monkeypatch):
     # A compiler too old for AMX's flags (GCC before 11) must still give an AMX CPU the VNNI build.
     monkeypatch.delenv(kernels.BUILD_ENV, raising=False)

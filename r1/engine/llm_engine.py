@@ -156,6 +156,7 @@ class LLMEngine:
             "cuda_graphs": runner.graphs is not None,
             "cuda_graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
             "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None,
+            "cpu_prefetch_bytes": kernels.prefetch_bytes() if kernels.op("add_rms_norm") is not None else None,
             "cpu_decode_step": runner.device.type == "cpu" and runner.model.cpu_decode_step is not None,
             "kernels": kernels.plan(runner.device, runner.model.model.embed_tokens.weight.dtype),
         }

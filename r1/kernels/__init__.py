@@ -11,9 +11,10 @@ decode step calling those ops from C++ (`ops.h` declares them; r1/model/cpu_deco
 and `cpu_class` hands out its classes); `vec.h`, the vector operations they share. They are
 compiled together for the widest instruction set this CPU has (BUILDS: AMX, which only int4_matmul
 uses past 32 rows; else AVX-512 VNNI; else AVX2); a build the compiler fails on gives way to the
-next. `op(name)` returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has
-none of the instruction sets, or every build fails; the model and r1/quant.py then take
-PyTorch's portable paths, and the reason is logged once.
+next; how far ahead the weight kernels prefetch is set per CPU (`prefetch_bytes`). `op(name)`
+returns `torch.ops.r1.<name>`, or None when this build lacks it, the CPU has none of the
+instruction sets, or every build fails; the model and r1/quant.py then take PyTorch's portable
+paths, and the reason is logged once.
 
 Two files here are for GPUs, in Triton (tests run them on a CPU under Triton's interpreter):
 `paged_decode.py`, decode attention, which r1/model/attention.py imports only on a GPU, and
@@ -92,6 +93,8 @@ GPU_ONLY_OPS = ("rotary_write_kv_", "prefill_attention")
 # Names one build (R1_KERNELS=avx2 on an AVX-512 machine: the tests check that build there), or
 # "off" for PyTorch's paths everywhere (to compare, or to rule the kernels out); overrides select().
 BUILD_ENV = "R1_KERNELS"
+# Bytes the weight kernels prefetch ahead, 0 for none; overrides prefetch_bytes()'s choice for this CPU.
+PREFETCH_ENV = "R1_PREFETCH_BYTES"
 # "on" runs the layer ops of CUDA tensors on r1's Triton kernels, anything else PyTorch's; overrides select().
 GPU_OPS_ENV = "R1_GPU_LAYER_OPS"
 
@@ -125,16 +128,33 @@ def _gpu_layer_ops_on() -> bool:
     return _selected.gpu_layer_ops if env is None else env == "on"
 
 
+def prefetch_bytes() -> int:
+    """How far ahead the weight kernels ask for weights (matmul_tiles.h), set at build time: none
+    on AMD's family 25 (Zen 4), whose hardware prefetcher streams int4's weights 5-7% and int6's
+    15-20% faster without the instructions (docs/performance.md); 4 KB on every other CPU.
+    $R1_PREFETCH_BYTES overrides it (to measure another CPU both ways)."""
+    if PREFETCH_ENV in os.environ:
+        return int(os.environ[PREFETCH_ENV])
+    fields = cpuinfo_fields()
+    return 0 if fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25" else 4096
+
+
+def cpuinfo_fields(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first CPU's lines of /proc/cpuinfo, by name (empty where there is none)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n")[0].splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags (Linux; empty elsewhere, which selects the portable kernels)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+    return set(cpuinfo_fields().get("flags", "").split())
 
 
 def this_cpus_builds() -> list[Build]:
@@ -260,7 +280,7 @@ def _build(build: Build) -> str | None:
         load(
             name=f"r1_kernels_{build.name}",
             sources=sources,
-            extra_cflags=list(build.compiler_flags),
+            extra_cflags=[*build.compiler_flags, f"-DR1_PREFETCH_BYTES={prefetch_bytes()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )

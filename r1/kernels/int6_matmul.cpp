@@ -42,8 +42,8 @@ void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, in
   __m512 block_d = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g) {
     const int64_t k = g * kGroup;
-    _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(high + g * 64 + kPrefetchBytes / 2), _MM_HINT_T0);
+    prefetch_ahead(w + k * 8);
+    prefetch_ahead(high + g * 64, kPrefetchBytes / 2);
     if (k % kSuperBlock == 0)
       block_d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + k / kSuperBlock * kTileRows)));
     const __m512i a = _mm512_loadu_si512(w + k * 8), b = _mm512_loadu_si512(w + k * 8 + 64);
@@ -85,8 +85,8 @@ void tile_kernel(const uint8_t* w, const uint8_t* high, const int8_t* scales, in
   __m256 block_d[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < K / kGroup; ++g) {
     const int64_t k = g * kGroup;
-    _mm_prefetch(reinterpret_cast<const char*>(w + k * 8 + kPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(high + g * 64 + kPrefetchBytes / 2), _MM_HINT_T0);
+    prefetch_ahead(w + k * 8);
+    prefetch_ahead(high + g * 64, kPrefetchBytes / 2);
     for (int h = 0; h < 2; ++h) {
       if (k % kSuperBlock == 0)
         block_d[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + k / kSuperBlock * kTileRows + 8 * h)));
