@@ -4,8 +4,9 @@ kernels' effective read bandwidth, and what is left outside the ops (Python and 
     python bench/profile_step.py --model demo --quant int4 --save bench/results/profile_step_demo_CPU.json
 
 The model decodes one token at a time after a `--context`-token prompt. Steps are timed bare
-(min and median of --steps), then profiled: each op's self time per step, the weight kernels'
-bytes over their time, and the step's time outside any op.
+(min and median of --steps), in one C++ call where it runs (r1/model/cpu_decode.py) and through
+the Python layers alternately, then profiled through the Python layers: each op's self time per
+step, the weight kernels' bytes over their time, and the step's time outside any op.
 """
 
 from __future__ import annotations
@@ -46,13 +47,18 @@ def main(argv: list[str] | None = None) -> dict:
         runner.run_chunks([([1234], position, table)])
         position += 1
 
+    model = llm.model
     for _ in range(3):
         step()
-    seconds = []
+    # Steps in one C++ call (r1/model/cpu_decode.py, where it runs) and through the Python layers,
+    # alternately; the profile below sees the ops only through the Python layers.
+    seconds, python_seconds = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+        for fused, times in ((True, seconds), (False, python_seconds)):
+            model.cpu_decode = fused
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
     profiled = 10
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -67,8 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "settings": bench.engine_settings(llm, args.model),
         "context": args.context,
+        "cpu_decode_step": model.cpu_decode_step is not None,
         "step_ms_min": round(1e3 * min(seconds), 2),
         "step_ms_median": round(1e3 * statistics.median(seconds), 2),
+        "python_layers_step_ms_min": round(1e3 * min(python_seconds), 2),
+        "python_layers_step_ms_median": round(1e3 * statistics.median(python_seconds), 2),
         "profiled_step_ms": round(1e3 * wall, 2),
         "ops_ms": round(op_ms, 2),
         "outside_ops_ms": round(1e3 * wall - op_ms, 2),
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ops": {k: {"ms": round(ms, 3), "calls": n} for k, (ms, n) in list(per_step.items())[:16]},
     }
     print(
-        f"step: min {result['step_ms_min']} ms, median {result['step_ms_median']} ms; profiled "
+        f"step: min {result['step_ms_min']} ms, median {result['step_ms_median']} ms; through the Python layers "
+        f"min {result['python_layers_step_ms_min']}, median {result['python_layers_step_ms_median']}, profiled "
         f"{result['profiled_step_ms']} ms = ops {result['ops_ms']} + outside {result['outside_ops_ms']}"
     )
     print(
