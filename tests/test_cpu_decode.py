@@ -13,8 +13,10 @@ from r1.model.attention import AttentionMetadata, allocate_kv_cache
 from r1.quant import Int4KernelLinear, Int6KernelLinear, StackedLinear
 
 BLOCK = 4
-TABLES = [[9, 2, 30, 17, 5], [7, 8, 40, 1, 0]]  # two sequences' scattered blocks
-PROMPTS = (13, 6)  # their prompt lengths; they then decode side by side
+TABLES = [[9, 2, 30, 17, 5, 44, 12, 60], [7, 8, 40, 1, 0, 33, 21, 50]]  # two sequences' scattered blocks
+# Their prompt lengths (a step of more than MAX_TOKEN_QUERIES tokens a sequence: the Python layers
+# run it either way); they then decode side by side.
+PROMPTS = (21, 6)
 
 pytestmark = pytest.mark.skipif(
     kernels.op("add_rms_norm") is None, reason=f"r1's kernels cannot run here: {kernels.unavailable_reason()}"
@@ -67,6 +69,35 @@ def test_the_cpp_step_equals_the_python_layers(tiny_hf, quant, monkeypatch):
         assert torch.equal(fused_logits, python_logits)
         assert torch.equal(fused_cache, python_cache)
         calls.clear()
+
+
+@torch.inference_mode()
+def test_a_verification_step_runs_in_cpp_as_one_query_a_token(tiny_hf, monkeypatch):
+    # Speculative decoding's k + 1 tokens a sequence: each attends to its sequence up to itself,
+    # on decode_attention's kernel where the Python layers take SDPA (so close, not equal).
+    folder, _ = tiny_hf
+    model = load_model(open_model_files(str(folder)), torch.float32, "cpu", progress=False)
+    calls = []
+    run = cpu_decode.CpuDecodeStep.__call__
+    monkeypatch.setattr(cpu_decode.CpuDecodeStep, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
+    cfg, new = model.config, [3, 5]
+    results = []
+    for fused in (True, False):
+        model.cpu_decode = fused
+        cache = allocate_kv_cache(
+            cfg.num_hidden_layers, 64, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
+        )
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen) for n in PROMPTS]
+        model(torch.cat(prompts), torch.cat([torch.arange(n) for n in PROMPTS]), cache, _meta([0, 0], list(PROMPTS)))
+        ids = torch.randint(0, cfg.vocab_size, (sum(new),), generator=gen)
+        positions = torch.cat([torch.arange(n, n + q) for n, q in zip(PROMPTS, new)])
+        hidden = model(ids, positions, cache, _meta(list(PROMPTS), new))
+        results.append((model.compute_logits(hidden), cache.clone()))
+    assert len(calls) == 1
+    (fused_logits, fused_cache), (python_logits, python_cache) = results
+    assert (fused_logits - python_logits).abs().max() < 1e-4
+    assert (fused_cache - python_cache).abs().max() < 1e-5  # layer 1 on: keys of differently rounded inputs
 
 
 @torch.inference_mode()

@@ -24,6 +24,9 @@ from r1.model.layers import apply_rotary_
 
 # The most cached tokens decode_attention gathers at once (sequences x the longest one's length).
 DECODE_GATHER_TOKENS = 32768
+# The most new tokens of a sequence that token_queries runs as one-token queries (a verification
+# step's k + 1 for k up to 15); more run as a prefill chunk.
+MAX_TOKEN_QUERIES = 16
 
 
 @dataclass
@@ -87,6 +90,21 @@ class AttentionMetadata:
                 block_size=block_size,
             )
         return self._decode_group
+
+    def token_queries(self, block_size: int) -> DecodeGroup | None:
+        """Every new token as a one-token query of its own, attending to its sequence's tokens up
+        to its own position: a decode step's group, or a verification step's k + 1 tokens a
+        sequence (speculative decoding) as k + 1 rows. None where a sequence runs more than
+        MAX_TOKEN_QUERIES new tokens (a prefill: each row would read the whole cache again)."""
+        if all(n == 1 for n in self.query_lens):
+            return self.decode_group(block_size)
+        if self.seq_lens is None or max(self.query_lens) > MAX_TOKEN_QUERIES:
+            return None
+        lens = [end - n + 1 + j for n, end in zip(self.query_lens, self.seq_lens) for j in range(n)]
+        device = self.block_tables.device
+        tables = self.block_tables[:, : -(-max(self.seq_lens) // block_size)]
+        rows = tables.repeat_interleave(torch.tensor(self.query_lens, device=device), dim=0)
+        return DecodeGroup(None, rows.contiguous(), torch.tensor(lens, device=device), block_size)
 
 
 class Int8KVCache:

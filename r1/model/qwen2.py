@@ -100,10 +100,10 @@ class Qwen2ForCausalLM(nn.Module):
         x, residual = self.model.embed_tokens(input_ids), None  # (N, hidden)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if self.cpu_decode and x.device.type == "cpu" and cpu_decode.runs_on(kv_cache):
-            group = meta.decode_group(kv_cache.shape[3])
-            step = self.cpu_decode_step if group is not None and group.rows is None else None
+            queries = meta.token_queries(kv_cache.shape[3])
+            step = self.cpu_decode_step if queries is not None and queries.rows is None else None
             if step is not None:
-                return step(x, cos, sin, kv_cache, meta.slot_mapping, group)
+                return step(x, cos, sin, kv_cache, meta.slot_mapping, queries)
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, kv_cache[i], meta)
         return self.model.norm(x, residual)[0]
