@@ -1,13 +1,14 @@
 // A whole decode step of the Qwen2 decoder in one call, on the CPU: every layer's norms, linears,
 // rotary embedding, KV cache write, attention and SwiGLU, then the final norm, for a batch in
-// which each sequence runs one new token (r1/model/cpu_decode.py builds it; r1/model/qwen2.py
+// which each new token is a one-token query: a decode step, or a speculative verification step's
+// k + 1 tokens a sequence as k + 1 rows (r1/model/cpu_decode.py builds it; r1/model/qwen2.py
 // calls it).
 //
 // Why: at batch 1 the weights stream at the memory bus's speed, and what is left of a step is the
 // ~400 calls around them, each through Python, nn.Module and PyTorch's dispatcher: a few
 // microseconds apiece, ~10% of a step on two cores (docs/performance.md). Here they are plain C++
-// calls of the same ops (ops.h) in the same order as the Python layers make them, so the step's
-// numbers are the same to the bit (tests/test_cpu_decode.py).
+// calls of the same ops (ops.h) in the same order as the Python layers make them, so a decode
+// step's numbers are the same to the bit (tests/test_cpu_decode.py).
 
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
@@ -79,8 +80,10 @@ struct DecodeStack : torch::CustomClassHolder {
   }
 
   // Hidden states (N, hidden) after the final norm, for x the N new tokens' embeddings, cos and
-  // sin their rotation (N, head_dim / 2), slots their cache slots (N,), and each sequence's
-  // block table (N, blocks) and length, its new token included (N,).
+  // sin their rotation (N, head_dim / 2), slots their cache slots (N,), and per token its
+  // sequence's block table (N, blocks) and the length it attends to, itself included (N,). Every
+  // token's key and value are written before any attends, so tokens of one sequence see each
+  // other as far as their lengths reach.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& cache,
                      const std::optional<at::Tensor>& cache_scales, const at::Tensor& slots,
                      const at::Tensor& block_tables, const at::Tensor& seq_lens) const {

@@ -4,9 +4,12 @@ without a trip through Python and PyTorch's dispatcher for each of a step's ~400
 
 It runs where the Python layers would run r1's CPU kernels for every op: float32 on the CPU, each
 linear on r1's int4 or int6 kernel or a float32 weight (stacked or not), a float32, bf16 or int8
-cache, and a step in which every sequence decodes one token. Elsewhere (prefill, other dtypes,
-int8 weights, PyTorch's paths) the Python layers run. The stack holds the layers' tensors, not
-copies: it is built at the first decode step, after loading has set every weight.
+cache, and a step whose new tokens can each be a one-token query (AttentionMetadata.token_queries):
+a decode step, equal to the Python layers' to the bit, or a speculative verification step's
+k + 1 tokens a sequence, on decode attention where the Python layers take SDPA. Elsewhere
+(prefill chunks, other dtypes, int8 weights, PyTorch's paths) the Python layers run. The stack
+holds the layers' tensors, not copies: it is built at the first such step, after loading has set
+every weight.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class CpuDecodeStep:
         slot_mapping: torch.Tensor,
         group: DecodeGroup,
     ) -> torch.Tensor:
-        """Hidden states (N, hidden) after the final norm, for N sequences' embedded new tokens."""
+        """Hidden states (N, hidden) after the final norm, for N embedded new tokens, each a
+        one-token query of group's (its sequence's block table and its length up to itself)."""
         values, scales = (kv_cache.values, kv_cache.scales) if isinstance(kv_cache, Int8KVCache) else (kv_cache, None)
         return self.stack.forward(x, cos, sin, values, scales, slot_mapping, group.block_tables, group.seq_lens)
 

@@ -80,8 +80,8 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Decode steps on the CPU in one C++ call where they can (cpu_decode.py); False runs the
-        # Python layers always (the tests compare the two).
+        # Decode and verification steps on the CPU in one C++ call where they can (cpu_decode.py);
+        # False runs the Python layers always (the tests compare the two).
         self.cpu_decode = True
 
     @functools.cached_property
