@@ -142,6 +142,7 @@ class LLMEngine:
     def config_record(self) -> dict[str, Any]:
         """The engine's settings that shape its outputs or its speed, for bench records and manifests."""
         cfg, runner = self.core.scheduler.config, self.core.runner
+        cpu_kernels = kernels.op("add_rms_norm") is not None
         return {
             "max_model_len": cfg.max_model_len,
             "block_size": cfg.block_size,
@@ -155,8 +156,8 @@ class LLMEngine:
             "kv_cache_bytes": runner.kv_cache.nbytes,
             "cuda_graphs": runner.graphs is not None,
             "cuda_graph_sizes": sorted(runner.graphs.graphs) if runner.graphs else [],
-            "cpu_kernels": kernels.running_build().name if kernels.op("add_rms_norm") is not None else None,
-            "cpu_prefetch_bytes": kernels.prefetch_bytes() if kernels.op("add_rms_norm") is not None else None,
+            "cpu_kernels": kernels.running_build().name if cpu_kernels else None,
+            "cpu_prefetch_bytes": kernels.prefetch_bytes() if cpu_kernels else None,
             "cpu_decode_step": runner.device.type == "cpu" and runner.model.cpu_decode_step is not None,
             "kernels": kernels.plan(runner.device, runner.model.model.embed_tokens.weight.dtype),
         }
